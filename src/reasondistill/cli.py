@@ -1,0 +1,194 @@
+"""`reasondistill` command line: one command per stage, `run RECIPE`, `demo`, `testbed build`.
+
+Stage commands are generated from the stage's pydantic config, so a CLI option and a recipe key are
+the same thing with the same help text (`--max-new-tokens` ↔ `max_new_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import click
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from .errors import UserError, describe_validation_error
+from .stages import Stage, all_stages
+from .ui import console
+
+DEMO_RECIPE = "demo.yaml"
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
+    for noisy in ("transformers", "datasets", "accelerate", "httpx", "torch", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning() if debug else hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
+
+
+def _unwrap_optional(annotation):
+    """`X | None` → X; anything else unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner
+    return annotation
+
+
+def _flag(location: tuple) -> str:
+    """A config key as the CLI option the user typed: ('max_new_tokens',) → --max-new-tokens."""
+    return "--" + ".".join(str(part) for part in location).replace("_", "-")
+
+
+def _option(name: str, field: FieldInfo) -> click.Option:
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    flag = _flag((name,))
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    help_text = (field.description or "") + ("" if default in (None, [], {}) else f"  [default: {default}]")
+    if annotation is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=help_text)
+    if origin is Literal:
+        return click.Option(
+            [flag], type=click.Choice([str(a) for a in typing.get_args(annotation)]), help=help_text
+        )
+    if origin is list:
+        return click.Option([flag], help=help_text + "  (comma-separated)", metavar="A,B,…")
+    if origin is dict:
+        return click.Option([flag], help=help_text + "  (JSON object)", metavar="JSON")
+    click_type = {int: click.INT, float: click.FLOAT}.get(annotation, click.STRING)
+    return click.Option([flag], type=click_type, required=field.is_required(), help=help_text)
+
+
+def _parse_option(value, field: FieldInfo):
+    origin = typing.get_origin(_unwrap_optional(field.annotation))
+    if origin is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if origin is dict:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise UserError(f"expected a JSON object ({err.msg})") from None
+    return value
+
+
+def _stage_command(stage: Stage) -> click.Command:
+    fields = stage.config.model_fields
+
+    def callback(run_dir: str, overwrite: bool, **options) -> None:
+        from .rundir import RunDir
+
+        values = {}
+        for name, value in options.items():
+            if value is None:
+                continue
+            try:
+                values[name] = _parse_option(value, fields[name])
+            except UserError as err:
+                raise UserError(f"{_flag((name,))}: {err}") from None
+        try:
+            config = stage.config.model_validate(values)
+        except ValidationError as err:
+            raise UserError(
+                describe_validation_error(err, f"reasondistill {stage.name}", key=_flag)
+            ) from None
+        run = RunDir(run_dir)
+        run.root.mkdir(parents=True, exist_ok=True)
+        stage.run(config, run, overwrite)
+
+    params = [
+        click.Option(["--run-dir"], required=True, help="run directory (created if missing)"),
+        click.Option(
+            ["--overwrite"], is_flag=True, help="recompute outputs made earlier with other settings"
+        ),
+        *[_option(name, field) for name, field in fields.items()],
+    ]
+    return click.Command(stage.name, callback=callback, params=params, help=stage.summary)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="show full tracebacks and library logs")
+@click.version_option(package_name="reasondistill")
+def cli(debug: bool) -> None:
+    """Distil reasoning from a teacher model into a small student: generate → verify → curate → train → eval → report."""
+    _setup_logging(debug)
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(path_type=Path), help="override the recipe's run_dir")
+@click.option("--overwrite", is_flag=True, help="recompute steps whose settings changed since they ran")
+def run_command(recipe: Path, run_dir: Path | None, overwrite: bool) -> None:
+    """Run the steps of a YAML recipe in order (finished steps are skipped)."""
+    from .recipe import run_recipe
+
+    run_recipe(recipe, run_dir, overwrite)
+
+
+@cli.command()
+@click.option("--run-dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--overwrite", is_flag=True, help="recompute steps whose settings changed since they ran")
+def demo(run_dir: Path, overwrite: bool) -> None:
+    """Quickstart: testbed teacher → traces → verify → distilled and answer-only students → eval → report."""
+    from .recipe import run_recipe
+
+    with resources.as_file(resources.files("reasondistill") / "recipes" / DEMO_RECIPE) as recipe:
+        run = run_recipe(recipe, run_dir, overwrite)
+    console.print(
+        f"\n[bold green]done[/bold green]: open {run.root / 'report.html'} (or read {run.root / 'report.md'})"
+    )
+
+
+@cli.group()
+def testbed() -> None:
+    """The embedded testbed: tokenizer, tiny teacher and student models."""
+
+
+@testbed.command("build")
+@click.option("--force", is_flag=True, help="rebuild even if a cached build exists")
+def testbed_build(force: bool) -> None:
+    """Build (or rebuild) the testbed tokenizer, student initialisation and trained teacher."""
+    from .testbed.models import build_testbed
+
+    root = build_testbed(force=force)
+    console.print(f"testbed models in {root}: {root / 'teacher'}, {root / 'student'}")
+
+
+for _stage in all_stages().values():
+    cli.add_command(_stage_command(_stage))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="reasondistill", standalone_mode=False)
+    except UserError as err:
+        if "--debug" in args:
+            raise
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("interrupted; rerun the same command to continue where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

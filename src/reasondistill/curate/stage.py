@@ -1,0 +1,84 @@
+"""`curate`: turn graded traces into a training set, recording what was kept and dropped.
+
+Operators here: rejection sampling by label, a cap of traces per problem, and stripping the
+reasoning to build an answer-only baseline set from the very same traces.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Literal
+
+from pydantic import Field
+
+from ..records import GradedTrace, Label, TrainingExample, read_records, write_records
+from ..rundir import RunDir
+from ..stages import Stage, StageConfig
+from ..tasks.stage import problems_by_id
+from ..ui import note
+
+
+class CurateConfig(StageConfig):
+    name: str = Field(description="output name: curated/<name>")
+    traces: str = Field(description="graded traces to select from (graded/<name>)")
+    keep: list[Label] = Field(
+        ["correct"], min_length=1, description="labels to keep (rejection sampling keeps correct)"
+    )
+    reasoning: Literal["keep", "drop"] = Field(
+        "keep", description="drop: train on the final answer only, without the reasoning block"
+    )
+    max_per_problem: int | None = Field(None, ge=1, description="keep at most this many traces per problem")
+
+
+def curate(
+    graded: list[GradedTrace], problems: dict, cfg: CurateConfig
+) -> tuple[list[TrainingExample], dict]:
+    kept: list[TrainingExample] = []
+    per_problem: Counter = Counter()
+    dropped: dict[str, Counter] = defaultdict(Counter)
+    for trace in graded:
+        if trace.label not in cfg.keep:
+            dropped[f"label {trace.label}"][trace.task] += 1
+            continue
+        if cfg.max_per_problem and per_problem[trace.problem_id] >= cfg.max_per_problem:
+            dropped["over max_per_problem"][trace.task] += 1
+            continue
+        per_problem[trace.problem_id] += 1
+        completion = trace.final if cfg.reasoning == "drop" else trace.completion
+        problem = problems[trace.problem_id]
+        kept.append(
+            TrainingExample(
+                problem_id=trace.problem_id, task=trace.task, messages=problem.messages, completion=completion
+            )
+        )
+    stats = {
+        "input": len(graded),
+        "kept": dict(Counter(e.task for e in kept)),
+        "dropped": {reason: dict(counts) for reason, counts in dropped.items()},
+        "problems": len(per_problem),
+    }
+    return kept, stats
+
+
+def run_curate(cfg: CurateConfig, run: RunDir, overwrite: bool) -> None:
+    inputs = {"graded": run.finished_step(f"verify:{cfg.traces}")["fingerprint"]}
+
+    def body(_fingerprint: str) -> dict:
+        examples, stats = curate(read_records(run.graded(cfg.traces), GradedTrace), problems_by_id(run), cfg)
+        write_records(run.curated(cfg.name), examples, TrainingExample)
+        return stats
+
+    stats = run.step(f"curate:{cfg.name}", cfg, inputs, body, overwrite=overwrite)["stats"]
+    note(
+        f"curate:{cfg.name}: kept {sum(stats['kept'].values())} of {stats['input']} traces {stats['kept']}, dropped {stats['dropped']}"
+    )
+
+
+STAGE = Stage(
+    "curate",
+    CurateConfig,
+    run_curate,
+    "select graded traces into a training set",
+    produces=lambda cfg: [f"curate:{cfg.name}"],
+    requires=lambda cfg: {"traces": f"verify:{cfg.traces}"},
+)

@@ -1,0 +1,77 @@
+"""Model references in recipes and on the command line.
+
+A reference is, in order: `testbed:teacher` / `testbed:student` (built and cached on first use);
+the name of a model trained in this run (`checkpoints/<name>`); a local model folder; or a Hub id
+such as `Qwen/Qwen2.5-1.5B-Instruct`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .rundir import RunDir, fingerprint
+from .testbed.models import TESTBED_PREFIX, build_fingerprint, resolve_testbed_model
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # short name for outputs: traces/<name>, eval/<name>
+    path: str  # what from_pretrained receives
+    fingerprint: str  # identifies the weights, so outputs made from other weights are not reused
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Config plus the size and modification time of every weight file (hashing GBs of weights is too slow)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def reference_name(reference: str) -> str:
+    """The short name of a model reference, without loading or building anything."""
+    return reference.removeprefix(TESTBED_PREFIX).rstrip("/").split("/")[-1]
+
+
+def trained_in_run(reference: str) -> bool:
+    """A bare name (no `testbed:` prefix, no path separator) refers to a model trained in the run."""
+    return (
+        not reference.startswith(TESTBED_PREFIX)
+        and "/" not in reference
+        and not Path(reference).expanduser().is_dir()
+    )
+
+
+def required_steps(option: str, references: list[str]) -> dict[str, str]:
+    return {
+        f"{option}[{i}]" if len(references) > 1 else option: f"train:{r}"
+        for i, r in enumerate(references)
+        if trained_in_run(r)
+    }
+
+
+def resolve_model(reference: str, run: RunDir) -> ResolvedModel:
+    if reference.startswith(TESTBED_PREFIX):
+        path = resolve_testbed_model(reference)
+        return ResolvedModel(
+            reference_name(reference), str(path), f"testbed-{build_fingerprint()}-{path.name}"
+        )
+    if trained_in_run(reference) and run.checkpoint(reference).is_dir():
+        trained = run.finished_step(f"train:{reference}")
+        return ResolvedModel(reference, str(run.checkpoint(reference)), trained["fingerprint"])
+    folder = Path(reference).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise UserError(f"model {reference!r}: {folder} has no config.json; expected a model folder")
+        return ResolvedModel(
+            reference_name(str(folder.resolve())), str(folder.resolve()), _folder_fingerprint(folder)
+        )
+    if _HUB_ID.match(reference):
+        return ResolvedModel(reference_name(reference), reference, fingerprint(reference))
+    raise UserError(
+        f"model {reference!r}: not a testbed model ({TESTBED_PREFIX}teacher, {TESTBED_PREFIX}student), "
+        f"a model trained in {run.root}, a model folder, or a Hub id"
+    )

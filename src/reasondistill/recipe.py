@@ -1,0 +1,109 @@
+"""Recipes: a YAML list of stage steps run in order against one run directory.
+
+    description: what this recipe shows
+    run_dir: runs/demo          # relative to the current directory
+    seed: 0                     # default `seed` of every step that has one and does not set it
+    steps:
+      - problems: {tasks: [arithmetic], train: 200, test: 100}
+      - generate: {model: "testbed:teacher", n: 4, temperature: 0.8}
+      - ...
+
+Everything is validated before the first step runs: unknown keys, wrong types, unknown stages, and
+inputs that no earlier step makes and the run directory does not hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError, describe_validation_error
+from .rundir import RunDir
+from .stages import Stage, StageConfig, all_stages
+from .ui import note
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    run_dir: str = Field(description="run directory, relative to the current directory")
+    seed: int | None = Field(None, description="default seed for steps that do not set one")
+    steps: list[Any] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: Stage
+    config: StageConfig
+    where: str  # "recipe.yaml: steps[3].train", for error messages
+
+
+def load_recipe(path: Path) -> tuple[Recipe, list[Step]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with run_dir and steps, got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(describe_validation_error(err, str(path))) from None
+
+    stages = all_stages()
+    steps = []
+    for i, entry in enumerate(recipe.steps):
+        where = f"{path}: steps[{i}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise UserError(
+                f"{where}: expected one stage name with its options, e.g. `- generate: {{model: ...}}`"
+            )
+        ((name, options),) = entry.items()
+        if name not in stages:
+            raise UserError(f"{where}: unknown stage {name!r}; stages: {', '.join(stages)}")
+        options = dict(options or {})
+        stage = stages[name]
+        if recipe.seed is not None and "seed" in stage.config.model_fields:
+            options.setdefault("seed", recipe.seed)
+        try:
+            config = stage.config.model_validate(options)
+        except ValidationError as err:
+            raise UserError(describe_validation_error(err, f"{where}.{name}")) from None
+        steps.append(Step(stage, config, f"{where}.{name}"))
+    return recipe, steps
+
+
+def check_references(steps: list[Step], run: RunDir) -> None:
+    """Every input of every step is made by an earlier step or already finished in the run directory."""
+    available = set(run.manifest()["steps"])
+    for step in steps:
+        for option, key in step.stage.requires(step.config).items():
+            if key not in available:
+                kind, _, name = key.partition(":")
+                made_by = f"a `{kind}` step" + (f" named {name!r}" if name else "")
+                raise UserError(
+                    f"{step.where}.{option}: needs {made_by}, which no earlier step makes and {run.root} does not hold"
+                )
+        available.update(step.stage.produces(step.config))
+
+
+def run_recipe(path: Path, run_dir: Path | None = None, overwrite: bool = False) -> RunDir:
+    recipe, steps = load_recipe(path)
+    run = RunDir(run_dir or recipe.run_dir)
+    check_references(steps, run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.update_manifest(recipe={"path": str(path), "content": Path(path).read_text()})
+    for i, step in enumerate(steps, start=1):
+        note(f"[bold]step {i}/{len(steps)}: {step.stage.name}[/bold]")
+        step.stage.run(step.config, run, overwrite)
+    return run

@@ -1,0 +1,157 @@
+"""The records every stage exchanges, and their parquet / JSONL storage.
+
+One row per record; the columns are the pydantic fields below. Rows are validated when read, so a
+malformed row fails with `<file> row <i>: <field>: <what was expected>` instead of deep inside a stage.
+Writes are atomic: the file appears complete under its final name or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import UserError, describe_validation_error
+
+Label = Literal["correct", "incorrect", "unparseable"]
+FinishReason = Literal["stop", "length"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(Record):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Problem(Record):
+    id: str
+    task: str
+    messages: list[Message]
+    answer: str
+    solution: str | None = None
+    difficulty: int | None = None
+    meta: str = "{}"  # a JSON object as text, so that all tasks share one parquet schema
+
+
+class Trace(Record):
+    problem_id: str
+    task: str
+    sample_idx: int
+    source: str  # JSON: model, backend, sampling parameters and their hash
+    completion: str
+    reasoning: str | None  # text inside <think>…</think>; None when the completion has no reasoning block
+    final: str  # text after the reasoning block: where the answer is graded
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+class GradedTrace(Trace):
+    label: Label
+    extracted: str | None
+    grader: str  # grader id: name@version+config-hash
+
+
+class TrainingExample(Record):
+    """One SFT example: the chat prompt and the assistant completion the loss is computed on."""
+
+    problem_id: str
+    task: str
+    messages: list[Message]
+    completion: str
+
+
+RecordT = TypeVar("RecordT", bound=Record)
+
+_SCALARS = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def _arrow_type(annotation) -> pa.DataType:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return _SCALARS[type(typing.get_args(annotation)[0])]
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _arrow_type(inner)
+    if origin is list:
+        return pa.list_(_arrow_type(typing.get_args(annotation)[0]))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([(name, _arrow_type(f.annotation)) for name, f in annotation.model_fields.items()])
+    return _SCALARS[annotation]
+
+
+def arrow_schema(record_type: type[Record]) -> pa.Schema:
+    """A fixed parquet schema per record type, so shards written at different times always concatenate."""
+    return pa.schema([(name, _arrow_type(f.annotation)) for name, f in record_type.model_fields.items()])
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_records(path: Path, records: Iterable[Record], record_type: type[Record]) -> int:
+    """Write records as one parquet file, atomically; returns the number of rows."""
+    rows = [r.model_dump() for r in records]
+    table = pa.Table.from_pylist(rows, schema=arrow_schema(record_type))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return len(rows)
+
+
+def _validate_rows(located_rows: Iterable[tuple[str, dict]], record_type: type[RecordT]) -> list[RecordT]:
+    records = []
+    for where, row in located_rows:
+        try:
+            records.append(record_type.model_validate(row))
+        except ValidationError as err:
+            raise UserError(describe_validation_error(err, where)) from None
+    return records
+
+
+def read_records(path: Path, record_type: type[RecordT]) -> list[RecordT]:
+    """Read and validate a parquet file, or a JSON Lines file (`.jsonl`) of the same columns."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if path.suffix == ".jsonl":
+        return _validate_rows(_read_jsonl(path), record_type)
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a readable parquet file ({err})") from None
+    return _validate_rows(((f"{path} row {i}", row) for i, row in enumerate(rows)), record_type)
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row

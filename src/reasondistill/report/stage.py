@@ -1,0 +1,172 @@
+"""`report`: report.md and a self-contained report.html from the run's manifest and eval results."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt
+from pydantic import Field
+
+from ..records import atomic_write_bytes
+from ..rundir import RunDir, environment
+from ..stages import Stage, StageConfig
+from ..ui import note
+
+Table = tuple[list[str], list[list[str]]]
+
+
+class ReportConfig(StageConfig):
+    title: str = Field("reasondistill report", description="report heading")
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def load_results(run: RunDir) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run.root / "eval").glob("*/*.json"))]
+
+
+def results_table(results: list[dict]) -> Table:
+    ks = sorted(
+        {key for r in results for key in r.get("sampled", {}) if key.startswith("pass@")},
+        key=lambda k: int(k[5:]),
+    )
+    headers = [
+        "task",
+        "model",
+        "parameters",
+        "greedy acc.",
+        "greedy tokens",
+        "sampled acc. (pass@1)",
+        *ks[1:],
+        "sampled tokens",
+    ]
+    rows = []
+    for r in sorted(results, key=lambda r: (r["task"], -(r.get("greedy") or r["sampled"])["accuracy"])):
+        greedy, sampled = r.get("greedy", {}), r.get("sampled", {})
+        rows.append([
+            r["task"], r["model"], f"{r['parameters'] / 1e6:.2f}M",
+            _percent(greedy.get("accuracy")), f"{greedy['mean_completion_tokens']:.0f}" if greedy else "–",
+            _percent(sampled.get("accuracy")), *[_percent(sampled.get(k)) for k in ks[1:]],
+            f"{sampled['mean_completion_tokens']:.0f}" if sampled else "–",
+        ])  # fmt: skip
+    return headers, rows
+
+
+def pipeline_table(manifest: dict) -> Table:
+    rows = []
+    for key, step in manifest.get("steps", {}).items():
+        stats = step.get("stats", {})
+        if key.startswith("generate:"):
+            detail = f"{stats['traces']} traces of {stats['problems']} problems, {stats['completion_tokens']} completion tokens, finish {stats['finish_reasons']}"
+        elif key.startswith("verify:"):
+            detail = "; ".join(
+                f"{task}: {c.get('correct', 0)}/{sum(c.values())} correct"
+                for task, c in stats["labels"].items()
+            )
+        elif key.startswith("curate:"):
+            detail = f"kept {sum(stats['kept'].values())} of {stats['input']} ({stats['kept']}), dropped {stats['dropped']}"
+        elif key.startswith("train:"):
+            detail = (f"{stats['examples']} examples, {stats['completion_tokens']} completion tokens, {stats['steps']} steps, "
+                      f"loss {stats['train_loss']:.3f}, {stats['parameters'] / 1e6:.2f}M parameters")  # fmt: skip
+        else:
+            continue
+        rows.append([key, detail, f"{step['seconds']:.0f}s"])
+    return ["step", "result", "time"], rows
+
+
+def plot_accuracy_vs_tokens(results: list[dict], path: Path) -> None:
+    """One panel per task: each model's accuracy against its mean completion tokens."""
+    tasks = sorted({r["task"] for r in results})
+    models = sorted({r["model"] for r in results})
+    markers = {model: "osD^v<>pP*"[i % 10] for i, model in enumerate(models)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for r in (r for r in results if r["task"] == task):
+            for mode, filled in (("greedy", True), ("sampled", False)):
+                if mode in r:
+                    ax.scatter(
+                        r[mode]["mean_completion_tokens"], 100 * r[mode]["accuracy"], s=60, marker=markers[r["model"]],
+                        facecolors=None if filled else "none", edgecolors="C" + str(models.index(r["model"])),
+                        color="C" + str(models.index(r["model"])), label=f"{r['model']} ({mode})",
+                    )  # fmt: skip
+        ax.set_title(task)
+        ax.set_xlabel("mean completion tokens")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.05 * (len(labels) // 3), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(table: Table) -> str:
+    headers, rows = table
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def html_table(table: Table) -> str:
+    headers, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def render(run: RunDir, cfg: ReportConfig) -> dict:
+    manifest, results = run.manifest(), load_results(run)
+    figure = run.root / "figures" / "accuracy_vs_tokens.png"
+    sections = [("Results", results_table(results)), ("Pipeline", pipeline_table(manifest))]
+    graders = sorted({(r["task"], r["grader"]) for r in results})
+    env = environment()
+    intro = (
+        f"Run directory `{run.root}`. Accuracy is graded by each task's grader "
+        f"({', '.join(f'{t}: `{g}`' for t, g in graders)}); sampled accuracy is pass@1 averaged over all samples, "
+        f"pass@k uses the unbiased estimator."
+    )
+    footer = f"reasondistill {env['packages']['reasondistill']}, torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, Python {env['python']}"
+    if results:
+        plot_accuracy_vs_tokens(results, figure)
+
+    md = [f"# {cfg.title}", "", intro, ""]
+    page = [f"<h1>{html.escape(cfg.title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for heading, table in sections:
+        md += [f"## {heading}", "", markdown_table(table), ""]
+        page += [f"<h2>{heading}</h2>", html_table(table)]
+        if heading == "Results" and results:
+            md += ["![accuracy against mean completion tokens](figures/accuracy_vs_tokens.png)", ""]
+            encoded = base64.b64encode(figure.read_bytes()).decode()
+            page.append(
+                f'<img alt="accuracy against mean completion tokens" src="data:image/png;base64,{encoded}">'
+            )
+    md.append(f"_{footer}_")
+    page.append(f"<p><small>{html.escape(footer)}</small></p>")
+    atomic_write_bytes(run.root / "report.md", ("\n".join(md) + "\n").encode())
+    document = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.title)}</title><style>{_CSS}</style></head><body>{''.join(page)}</body></html>"
+    atomic_write_bytes(run.root / "report.html", document.encode())
+    return {"results": len(results), "models": sorted({r["model"] for r in results})}
+
+
+def run_report(cfg: ReportConfig, run: RunDir, overwrite: bool) -> None:
+    # The report reads everything the run has produced, so it is redrawn on every call: cheap, and
+    # never stale.
+    stats = render(run, cfg)
+    note(f"report: {run.root / 'report.md'} and {run.root / 'report.html'} ({stats['results']} results)")
+
+
+STAGE = Stage("report", ReportConfig, run_report, "write report.md and a self-contained report.html")

@@ -1,0 +1,158 @@
+"""The run directory: where every stage reads its inputs and writes its outputs.
+
+    <run>/manifest.json                 provenance: environment, recipe, every finished step
+    <run>/problems/<task>/<split>.parquet
+    <run>/traces/<name>/shard-*.parquet  + index.json of finished shards (resumable)
+    <run>/graded/<name>.parquet
+    <run>/curated/<name>.parquet
+    <run>/checkpoints/<name>/            a Hub-style model folder
+    <run>/eval/<model>/<task>.json       + <task>.samples.parquet
+    <run>/report.md  report.html  figures/
+
+A *step* is one stage producing one named output (`generate:teacher`). Its fingerprint hashes its
+configuration and the fingerprints of everything it read, so a rerun with the same settings skips a
+finished step, and a rerun with different settings stops instead of mixing stale and new outputs
+(`overwrite=True` recomputes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .errors import UserError
+from .records import atomic_write_json
+from .ui import note
+
+TRACKED_PACKAGES = (
+    "reasondistill", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "math-verify", "pyarrow",
+)  # fmt: skip
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def environment() -> dict:
+    versions = {}
+    for package in TRACKED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+
+
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def problems(self, task: str, split: str) -> Path:
+        return self.root / "problems" / task / f"{split}.parquet"
+
+    def traces(self, name: str) -> Path:
+        return self.root / "traces" / name
+
+    def graded(self, name: str) -> Path:
+        return self.root / "graded" / f"{name}.parquet"
+
+    def curated(self, name: str) -> Path:
+        return self.root / "curated" / f"{name}.parquet"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.root / "checkpoints" / name
+
+    def eval_dir(self, model: str) -> Path:
+        return self.root / "eval" / model
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    # ---- manifest -------------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": {}}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{self.manifest_path}: not valid JSON ({err.msg}); the run directory is damaged"
+            ) from None
+
+    def update_manifest(self, **fields) -> None:
+        manifest = self.manifest()
+        manifest.update(fields)
+        atomic_write_json(self.manifest_path, manifest)
+
+    def finished_step(self, key: str) -> dict:
+        """The manifest record of a finished step that this step reads from."""
+        record = self.manifest()["steps"].get(key)
+        if record is None:
+            stage = key.split(":")[0]
+            raise UserError(f"{self.root}: step {key!r} has not run; run the `{stage}` stage first")
+        return record
+
+    def step(
+        self,
+        key: str,
+        config: BaseModel,
+        inputs: dict[str, str],
+        body: Callable[[str], dict],
+        *,
+        overwrite: bool = False,
+    ) -> dict:
+        """Run `body(fingerprint)` unless this step already finished with the same fingerprint.
+
+        `inputs` maps what the step reads to those inputs' fingerprints. `body` does the work,
+        writing its outputs atomically, and returns statistics for the manifest.
+        """
+        step_fingerprint = fingerprint(
+            {"key": key, "config": config.model_dump(mode="json"), "inputs": inputs}
+        )
+        previous = self.manifest()["steps"].get(key)
+        if previous and previous["fingerprint"] == step_fingerprint:
+            note(f"{key}: finished earlier with the same settings, skipped")
+            return {"skipped": True, **previous}
+        if previous and not overwrite:
+            changed = _changed_settings(previous, config.model_dump(mode="json"), inputs)
+            raise UserError(
+                f"{self.root}: step {key!r} already ran with other settings ({changed}); "
+                "pass --overwrite to recompute it, or use another run directory"
+            )
+        started = time.time()
+        stats = body(step_fingerprint)
+        record = {
+            "fingerprint": step_fingerprint,
+            "config": config.model_dump(mode="json"),
+            "inputs": inputs,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 2),
+            "environment": environment(),
+            "stats": stats,
+        }
+        manifest = self.manifest()
+        manifest["steps"][key] = record
+        atomic_write_json(self.manifest_path, manifest)
+        return {"skipped": False, **record}
+
+
+def _changed_settings(previous: dict, config: dict, inputs: dict) -> str:
+    changed = [
+        k for k in sorted(set(config) | set(previous["config"])) if config.get(k) != previous["config"].get(k)
+    ]
+    changed += [
+        f"input {k}"
+        for k in sorted(set(inputs) | set(previous["inputs"]))
+        if inputs.get(k) != previous["inputs"].get(k)
+    ]
+    return ", ".join(changed)

@@ -1,0 +1,41 @@
+"""Pipeline stages: each has a pydantic config (also its CLI options) and a run function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+from .rundir import RunDir
+
+
+class StageConfig(BaseModel):
+    """Options of one stage; unknown keys are errors, so a typo in a recipe cannot pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[StageConfig]
+    run: Callable[[StageConfig, RunDir, bool], None]  # (config, run directory, overwrite)
+    summary: str
+    # The step keys a configuration writes, and the ones it reads ({option: step key}): a recipe is
+    # checked with them before anything runs, so a typo fails in a second, not after an hour of work.
+    produces: Callable[[StageConfig], list[str]] = lambda cfg: []
+    requires: Callable[[StageConfig], dict[str, str]] = lambda cfg: {}
+
+
+def all_stages() -> dict[str, Stage]:
+    # Imported here so that `import reasondistill.stages` stays light for the stage modules themselves.
+    from .curate.stage import STAGE as curate
+    from .evaluate.stage import STAGE as evaluate
+    from .generate.stage import STAGE as generate
+    from .report.stage import STAGE as report
+    from .tasks.stage import STAGE as problems
+    from .train.stage import STAGE as train
+    from .verify.stage import STAGE as verify
+
+    return {s.name: s for s in (problems, generate, verify, curate, train, evaluate, report)}

@@ -1,0 +1,86 @@
+"""`problems`: write the train and test problems of the chosen tasks into the run directory."""
+
+from __future__ import annotations
+
+import shutil
+
+from pydantic import Field
+
+from ..errors import UserError
+from ..records import Problem, read_records, write_records
+from ..rundir import RunDir
+from ..stages import Stage, StageConfig
+from ..ui import note
+from . import TASKS, get_task
+
+
+class ProblemsConfig(StageConfig):
+    tasks: list[str] = Field(
+        default_factory=lambda: list(TASKS), description="tasks to generate problems for"
+    )
+    train: int = Field(200, ge=0, description="training problems per task")
+    train_per_task: dict[str, int] = Field(
+        default_factory=dict, description="training problems for some tasks, overriding train"
+    )
+    test: int = Field(100, ge=0, description="held-out test problems per task")
+    difficulty: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="difficulty levels per task, e.g. {arithmetic: [2, 3]}; others use defaults",
+    )
+    seed: int = Field(0, description="generation seed")
+
+
+class ProblemSelection(StageConfig):
+    tasks: list[str] | None = Field(None, description="tasks to use (default: every task in problems/)")
+    limit: int | None = Field(None, ge=1, description="at most this many problems per task")
+
+
+def load_problems(run: RunDir, selection: ProblemSelection, split: str) -> list[Problem]:
+    """Problems of `split` for the selected tasks, in a stable order."""
+    tasks = selection.tasks or sorted(p.name for p in (run.root / "problems").glob("*") if p.is_dir())
+    if not tasks:
+        raise UserError(f"{run.root}: no problems; run the `problems` stage first")
+    problems = []
+    for task in tasks:
+        get_task(task)
+        path = run.problems(task, split)
+        if not path.exists():
+            raise UserError(f"{path}: no {split} problems for task {task!r}; add it to the `problems` stage")
+        problems.extend(read_records(path, Problem)[: selection.limit])
+    return problems
+
+
+def problems_by_id(run: RunDir) -> dict[str, Problem]:
+    """Every problem of the run (all tasks and splits), by id: what graded traces are joined with."""
+    paths = sorted((run.root / "problems").glob("*/*.parquet"))
+    if not paths:
+        raise UserError(f"{run.root}: no problems; run the `problems` stage first")
+    return {p.id: p for path in paths for p in read_records(path, Problem)}
+
+
+def run_problems(cfg: ProblemsConfig, run: RunDir, overwrite: bool) -> None:
+    tasks = [get_task(name) for name in cfg.tasks]
+    for name in [*cfg.difficulty, *cfg.train_per_task]:
+        get_task(name)  # an unknown task name in an override is an error, not ignored
+
+    def body(_fingerprint: str) -> dict:
+        shutil.rmtree(run.root / "problems", ignore_errors=True)  # drop tasks an earlier setting had
+        counts = {}
+        for task in tasks:
+            for split, n in (("train", cfg.train_per_task.get(task.name, cfg.train)), ("test", cfg.test)):
+                problems = task.sample(split, n, cfg.seed, cfg.difficulty.get(task.name))
+                write_records(run.problems(task.name, split), problems, Problem)
+                counts[f"{task.name}/{split}"] = len(problems)
+        return {"problems": counts}
+
+    result = run.step("problems", cfg, {}, body, overwrite=overwrite)
+    note(f"problems: {', '.join(f'{k} {v}' for k, v in result['stats']['problems'].items())}")
+
+
+STAGE = Stage(
+    "problems",
+    ProblemsConfig,
+    run_problems,
+    "generate seeded train/test problems of the testbed tasks",
+    produces=lambda cfg: ["problems"],
+)

@@ -1,0 +1,171 @@
+"""Tiny Qwen2-architecture teacher and student for the testbed, built by the project and cached.
+
+`testbed:teacher` is trained with the project's own SFT trainer on gold step-by-step solutions of
+the testbed tasks; `testbed:student` is a smaller, randomly initialised model. Both are ordinary
+Hub-style folders (config.json, model.safetensors, tokenizer.json), loaded with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from ..errors import UserError
+from ..records import TrainingExample
+from ..tasks import TASKS
+from ..train.trainer import Hyperparameters, train_model
+from .tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+TESTBED_VERSION = "1"
+TESTBED_PREFIX = "testbed:"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int = 4
+
+
+TEACHER_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=3, intermediate_size=512)
+STUDENT_SHAPE = ModelShape(hidden_size=96, num_hidden_layers=3, intermediate_size=288)
+
+# Gold solutions the teacher learns from: problems per task and the difficulties they cover.
+TEACHER_DATA = {"arithmetic": (14000, (1, 2, 3)), "word_problems": (7000, (2, 3)), "logic": (7000, (1, 2))}
+TEACHER_HYPERPARAMETERS = Hyperparameters(
+    epochs=1,
+    learning_rate=3e-3,
+    warmup_ratio=0.05,
+    batch_size=8,
+    gradient_accumulation_steps=4,
+    max_length=384,
+    logging_steps=50,
+    save_steps=200,
+)
+MODEL_NAMES = ("teacher", "student")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("REASONDISTILL_CACHE", Path.home() / ".cache" / "reasondistill"))
+
+
+def build_fingerprint() -> str:
+    """Changes whenever anything that shapes the testbed models changes, so stale caches are rebuilt.
+
+    That includes the source of the task generators and of the testbed itself: a changed solution
+    format must not reuse a teacher trained on the old one.
+    """
+    package = Path(__file__).resolve().parents[1]
+    sources = sorted(
+        p
+        for p in [*(package / "tasks").glob("*.py"), *(package / "testbed").glob("*.py")]
+        if p.name != "stage.py"
+    )
+    spec = {
+        "version": TESTBED_VERSION,
+        "sources": {str(p.relative_to(package)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sources},
+        "teacher": asdict(TEACHER_SHAPE),
+        "student": asdict(STUDENT_SHAPE),
+        "data": TEACHER_DATA,
+        "hyperparameters": TEACHER_HYPERPARAMETERS.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def testbed_dir() -> Path:
+    return cache_root() / f"testbed-{build_fingerprint()}"
+
+
+def _model_config(shape: ModelShape, tokenizer) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def save_initial_model(shape: ModelShape, tokenizer_dir: Path, path: Path, seed: int) -> None:
+    """A randomly initialised model with the testbed tokenizer, saved like any Hub checkpoint."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(_model_config(shape, tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def teacher_training_examples() -> list[TrainingExample]:
+    examples = []
+    for name, (count, difficulties) in TEACHER_DATA.items():
+        for problem in TASKS[name].sample("train", count, seed=-2, difficulties=difficulties):
+            examples.append(
+                TrainingExample(
+                    problem_id=problem.id,
+                    task=problem.task,
+                    messages=problem.messages,
+                    completion=problem.solution,
+                )
+            )
+    return examples
+
+
+def build_testbed(force: bool = False) -> Path:
+    """Build (or reuse) the tokenizer, the student initialisation and the trained teacher."""
+    root = testbed_dir()
+    if (root / "DONE").exists() and not force:
+        return root
+    started = time.time()
+    log.info("building the testbed models in %s (a few minutes on 2 CPU cores, once)", root)
+    shutil.rmtree(root, ignore_errors=True)
+    # An interrupted build continues in its staging folder: every piece is deterministic, and the
+    # teacher's training resumes from its last checkpoint.
+    staging = root.with_name(f".{root.name}.building")
+    if not (staging / "tokenizer").exists():
+        build_tokenizer(staging / "tokenizer")
+    if not (staging / "student").exists():
+        save_initial_model(STUDENT_SHAPE, staging / "tokenizer", staging / "student", seed=1)
+    if not (staging / "teacher-init").exists():
+        save_initial_model(TEACHER_SHAPE, staging / "tokenizer", staging / "teacher-init", seed=2)
+    stats = train_model(
+        staging / "teacher-init",
+        teacher_training_examples(),
+        staging / "teacher",
+        TEACHER_HYPERPARAMETERS,
+        description="testbed teacher",
+        resume_key=build_fingerprint(),
+    )
+    shutil.rmtree(staging / "teacher-init")
+    (staging / "DONE").write_text(json.dumps({"seconds": time.time() - started, "teacher": stats}, indent=2))
+    staging.rename(root)
+    return root
+
+
+def resolve_testbed_model(reference: str) -> Path:
+    """`testbed:teacher` or `testbed:student` → the cached model folder, built on first use."""
+    name = reference.removeprefix(TESTBED_PREFIX)
+    if name not in MODEL_NAMES:
+        raise UserError(
+            f"unknown testbed model {reference!r}; use one of: {', '.join(TESTBED_PREFIX + n for n in MODEL_NAMES)}"
+        )
+    return build_testbed() / name

@@ -1,0 +1,70 @@
+import pytest
+from click.testing import CliRunner
+
+from reasondistill.cli import cli, main
+from reasondistill.stages import all_stages
+
+
+def test_every_stage_is_a_command_whose_options_are_its_config_keys():
+    runner = CliRunner()
+    top = runner.invoke(cli, ["--help"])
+    for name in (
+        "problems",
+        "generate",
+        "verify",
+        "curate",
+        "train",
+        "eval",
+        "report",
+        "run",
+        "demo",
+        "testbed",
+    ):
+        assert name in top.output
+    for stage in all_stages().values():
+        help_text = runner.invoke(cli, [stage.name, "--help"]).output
+        for field in stage.config.model_fields:
+            assert f"--{field.replace('_', '-')}" in help_text, (stage.name, field)
+    assert "[default: 0.8]" in runner.invoke(cli, ["generate", "--help"]).output
+
+
+def test_bad_option_values_are_one_line_errors_naming_the_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--run-dir", str(tmp_path), "--model", "testbed:teacher", "--top-p", "1.5"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: reasondistill generate: --top-p: Input should be less than or equal to 1 (got 1.5)"
+    )
+
+    with pytest.raises(SystemExit):
+        main(["problems", "--run-dir", str(tmp_path), "--difficulty", "{arithmetic: [2]}"])
+    assert capsys.readouterr().err.strip().startswith("error: --difficulty: expected a JSON object")
+
+    with pytest.raises(SystemExit):
+        main(["verify", "--run-dir", str(tmp_path), "--traces", "teacher"])
+    assert "step 'generate:teacher' has not run; run the `generate` stage first" in capsys.readouterr().err
+
+
+def test_a_stage_runs_from_the_command_line(tmp_path):
+    main(
+        [
+            "problems",
+            "--run-dir",
+            str(tmp_path),
+            "--tasks",
+            "logic",
+            "--train",
+            "3",
+            "--test",
+            "2",
+            "--difficulty",
+            '{"logic": [4]}',
+        ]
+    )
+    assert (tmp_path / "problems" / "logic" / "test.parquet").exists()
+    from reasondistill.records import Problem, read_records
+
+    assert [
+        p.difficulty for p in read_records(tmp_path / "problems" / "logic" / "train.parquet", Problem)
+    ] == [4, 4, 4]

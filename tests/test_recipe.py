@@ -1,0 +1,113 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from reasondistill.errors import UserError
+from reasondistill.recipe import check_references, load_recipe
+from reasondistill.rundir import RunDir
+
+VALID_STEPS = """
+steps:
+  - problems: {tasks: [arithmetic], train: 4, test: 2}
+  - generate: {model: "testbed:teacher", name: teacher, n: 2}
+  - verify: {traces: teacher}
+  - curate: {name: distill, traces: teacher}
+  - train: {name: student, init: "testbed:student", data: distill}
+  - eval: {models: ["testbed:teacher", student]}
+  - report: {}
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(tmp_path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        _, steps = load_recipe(path)
+        check_references(steps, RunDir(tmp_path / "run"))
+    message = str(err.value)
+    assert "\n" not in message
+    return message.replace(str(path), "recipe.yaml")
+
+
+def test_a_valid_recipe_loads_and_the_recipe_seed_fills_in_step_seeds(tmp_path):
+    recipe, steps = load_recipe(write(tmp_path, "run_dir: r\nseed: 3\n" + VALID_STEPS))
+    assert [s.stage.name for s in steps] == [
+        "problems",
+        "generate",
+        "verify",
+        "curate",
+        "train",
+        "eval",
+        "report",
+    ]
+    assert steps[1].config.seed == 3 and steps[4].config.seed == 3
+    check_references(steps, RunDir(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [
+        ("run_dir: r\nsteps: []\n", "recipe.yaml: steps: List should have at least 1 item"),
+        ("rundir: r\n" + VALID_STEPS, "recipe.yaml: rundir: unknown key"),
+        (
+            "run_dir: r\nsteps:\n  - generate: {model: m, temprature: 0.8}\n",
+            "recipe.yaml: steps[0].generate: temprature: unknown key",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - generate: {model: m, n: four}\n",
+            "recipe.yaml: steps[0].generate: n: Input should be a valid integer",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - generate: {n: 2}\n",
+            "recipe.yaml: steps[0].generate: model: missing required key",
+        ),
+        ("run_dir: r\nsteps:\n  - distill: {}\n", "recipe.yaml: steps[0]: unknown stage 'distill'"),
+        (
+            "run_dir: r\nsteps:\n  - verify: {traces: t}\n    curate: {}\n",
+            "recipe.yaml: steps[0]: expected one stage name",
+        ),
+        ("run_dir: r\nsteps: [\n", "recipe.yaml: invalid YAML at line"),
+        (
+            "run_dir: r\nsteps:\n  - train: {name: s, init: 'testbed:student', data: missing.jsonl}\n",
+            "recipe.yaml: steps[0].train.data: needs a `curate` step named 'missing.jsonl'",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - eval: {models: [student]}\n",
+            "recipe.yaml: steps[0].eval.problems: needs a `problems` step",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - problems: {}\n  - eval: {models: ['testbed:teacher', student]}\n",
+            "recipe.yaml: steps[1].eval.models[1]: needs a `train` step named 'student'",
+        ),
+    ],
+)
+def test_malformed_recipes_fail_before_anything_runs_with_one_line(tmp_path, recipe, expected):
+    assert error_of(tmp_path, recipe).startswith(expected)
+
+
+def test_a_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_the_cli_prints_one_line_and_no_traceback_unless_debug(tmp_path):
+    path = write(tmp_path, "run_dir: r\nsteps:\n  - generate: {model: m, temprature: 0.8}\n")
+    command = [sys.executable, "-m", "reasondistill.cli", "run", str(path)]
+    quiet = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip() == f"error: {path}: steps[0].generate: temprature: unknown key"
+    assert "Traceback" not in quiet.stderr
+    loud = subprocess.run(
+        [sys.executable, "-m", "reasondistill.cli", "--debug", *command[3:]],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "UserError" in loud.stderr

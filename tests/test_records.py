@@ -1,0 +1,52 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from reasondistill.errors import UserError
+from reasondistill.records import Problem, TrainingExample, read_records, write_records
+from reasondistill.tasks import get_task
+
+
+def test_parquet_round_trip_is_lossless_and_leaves_no_temporary_files(tmp_path):
+    problems = get_task("logic").sample("train", 20, seed=3)
+    path = tmp_path / "sub" / "problems.parquet"
+    assert write_records(path, problems, Problem) == 20
+    assert read_records(path, Problem) == problems
+    assert [p.name for p in path.parent.iterdir()] == ["problems.parquet"]
+
+
+def test_a_malformed_jsonl_row_names_the_file_line_and_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = {
+        "problem_id": "p1",
+        "task": "arithmetic",
+        "messages": [{"role": "user", "content": "1+1?"}],
+        "completion": "2",
+    }
+    bad = {**good, "messages": [{"role": "robot", "content": "hi"}]}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(UserError) as err:
+        read_records(path, TrainingExample)
+    assert str(err.value).startswith(f"{path} line 3: messages.0.role: ")
+    assert "\n" not in str(err.value)
+
+    path.write_text(json.dumps(good) + "\n" + "{not json\n")
+    with pytest.raises(UserError, match=r"line 2: invalid JSON"):
+        read_records(path, TrainingExample)
+
+    path.write_text(json.dumps({**good, "answer": "2"}) + "\n")
+    with pytest.raises(UserError, match=r"line 1: answer: unknown key"):
+        read_records(path, TrainingExample)
+
+
+def test_a_malformed_parquet_row_names_the_row_and_field(tmp_path):
+    path = tmp_path / "problems.parquet"
+    rows = [p.model_dump() for p in get_task("arithmetic").sample("train", 3, seed=0)]
+    rows[2]["answer"] = None
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(UserError, match=rf"^{path} row 2: answer: Input should be a valid string"):
+        read_records(path, Problem)
+    with pytest.raises(UserError, match="file not found"):
+        read_records(tmp_path / "missing.parquet", Problem)

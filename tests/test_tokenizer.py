@@ -1,0 +1,51 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from reasondistill.chat import prompt_ids
+from reasondistill.records import Message
+from reasondistill.tasks import TASKS
+
+
+def test_loads_with_autotokenizer_and_has_chat_and_reasoning_tokens(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+    for tag in ("<think>", "</think>", "<|im_start|>", "<|im_end|>"):
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1, tag
+    assert [
+        tokenizer.convert_ids_to_tokens(i) for i in tokenizer("2024", add_special_tokens=False)["input_ids"]
+    ] == list("2024")
+
+
+def test_chat_template_renders_chatml(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = [Message(role="system", content="Be brief."), Message(role="user", content="What is 2 + 3?")]
+    text = tokenizer.decode(prompt_ids(tokenizer, messages))
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_every_task_text_round_trips(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for task in TASKS.values():
+        for problem in task.sample("test", 30, seed=5, difficulties=task.difficulties):
+            for text in (problem.messages[0].content, problem.solution):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                assert tokenizer.decode(ids) == text
+    # the decoded completion keeps <think> tags but drops the end-of-turn token
+    ids = tokenizer("<think>\nok\n</think>\nThe answer is 3.<|im_end|>", add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\nok\n</think>\nThe answer is 3."
+
+
+@given(text=st.text(max_size=200))
+@settings(max_examples=100, deadline=None)
+def test_arbitrary_text_round_trips_through_byte_fallback(tokenizer_dir, text):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if any(tag in text for tag in ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")):
+        return
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

@@ -1,0 +1,168 @@
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
+
+from reasondistill.objectives import IGNORE_INDEX, completion_nll
+from reasondistill.train.data import CompletionCollator
+from reasondistill.train.trainer import DistillationTrainer
+
+
+def examples():
+    """Four examples with very different completion lengths, so per-micro-batch averaging would differ."""
+    rows = []
+    for i, (prompt, completion) in enumerate([(3, 1), (2, 9), (4, 2), (1, 6)]):
+        ids = [(7 * i + j) % 40 + 2 for j in range(prompt + completion)]
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return Dataset.from_list(rows)
+
+
+def weights_after_one_step(tmp_path, batch_size, accumulation, sort_within_step=False, strategy="sequential"):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=48,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"{batch_size}x{accumulation}-{strategy}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",  # the update is the gradient itself (Adam's first step would hide its scale)
+        lr_scheduler_type="constant",
+        train_sampling_strategy=strategy,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    trainer = DistillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples(),
+        data_collator=CompletionCollator(0),
+        objective=completion_nll,
+        sort_within_step=sort_within_step,
+    )
+    trainer.train()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(tmp_path):
+    full = weights_after_one_step(tmp_path, 4, 1)
+    assert torch.allclose(weights_after_one_step(tmp_path, 2, 2), full, atol=1e-6)
+    assert torch.allclose(weights_after_one_step(tmp_path, 1, 4), full, atol=1e-6)
+
+
+def test_each_step_is_a_random_draw_sorted_by_length():
+    import random
+
+    from reasondistill.train.data import SortedStepSampler
+
+    lengths = [random.Random(i).randint(10, 200) for i in range(1000)]
+    sampler = SortedStepSampler(lengths, examples_per_step=32, seed=0)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))  # every example exactly once per epoch
+    steps = [order[i : i + 32] for i in range(0, 1000, 32)]
+    assert all([lengths[i] for i in step] == sorted(lengths[i] for i in step) for step in steps)
+    unsorted = (
+        __import__("torch").randperm(1000, generator=__import__("torch").Generator().manual_seed(0)).tolist()
+    )
+    assert [sorted(step) for step in steps] == [
+        sorted(unsorted[i : i + 32]) for i in range(0, 1000, 32)
+    ]  # same draws
+    assert list(SortedStepSampler(lengths, 32, seed=0)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_sorting_within_a_step_does_not_change_the_update(tmp_path):
+    """The sampler reorders examples only inside a step; with the global normaliser the update is unchanged."""
+    full = weights_after_one_step(tmp_path, 4, 1)
+    assert torch.allclose(
+        weights_after_one_step(tmp_path, 2, 2, sort_within_step=True, strategy="random"), full, atol=1e-6
+    )
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tokenizer_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from reasondistill.records import TrainingExample
+    from reasondistill.tasks import get_task
+    from reasondistill.testbed.models import ModelShape, save_initial_model
+    from reasondistill.train.trainer import Hyperparameters, train_model
+
+    init = tmp_path / "init"
+    save_initial_model(
+        ModelShape(hidden_size=32, num_hidden_layers=1, intermediate_size=64), tokenizer_dir, init, seed=0
+    )
+    examples = [
+        TrainingExample(problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution)
+        for p in get_task("arithmetic").sample("train", 48, seed=0, difficulties=[2])
+    ]
+    hp = Hyperparameters(
+        epochs=1,
+        learning_rate=1e-3,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        save_steps=2,
+        trainer_args={"disable_tqdm": True},
+    )
+    train_model(init, examples, tmp_path / "uninterrupted", hp, resume_key="k")
+
+    original = DistillationTrainer.training_step
+
+    def crash_after_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "training_step", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(init, examples, tmp_path / "resumed", hp, resume_key="k")
+    assert (tmp_path / ".resumed.work" / "checkpoint-2").is_dir() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(DistillationTrainer, "training_step", original)
+
+    stats = train_model(init, examples, tmp_path / "resumed", hp, resume_key="k")
+    assert stats["steps"] == 6 and not (tmp_path / ".resumed.work").exists()
+    expected, got = (
+        load_file(tmp_path / name / "model.safetensors") for name in ("uninterrupted", "resumed")
+    )
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tokenizer_dir, caplog):
+    import logging
+
+    from reasondistill.records import TrainingExample
+    from reasondistill.testbed.models import ModelShape, save_initial_model
+    from reasondistill.train.trainer import Hyperparameters, train_model
+
+    init = tmp_path / "init"
+    save_initial_model(
+        ModelShape(hidden_size=32, num_hidden_layers=1, intermediate_size=64), tokenizer_dir, init, seed=0
+    )
+    stale = tmp_path / ".out.work" / "checkpoint-7"
+    stale.mkdir(parents=True)
+    (tmp_path / ".out.work" / "resume_key").write_text("other settings")
+    examples = [
+        TrainingExample(
+            problem_id="p", task="t", messages=[{"role": "user", "content": "1 + 1?"}], completion="2"
+        )
+    ]
+    with caplog.at_level(logging.INFO):
+        stats = train_model(
+            init,
+            examples,
+            tmp_path / "out",
+            Hyperparameters(epochs=1, trainer_args={"disable_tqdm": True}),
+            resume_key="new",
+        )
+    assert stats["steps"] == 1 and "discarding checkpoints" in caplog.text
