@@ -71,6 +71,10 @@ def test_every_stage_writes_its_documented_outputs(run):
     for step in manifest["steps"].values():
         assert step["fingerprint"] and step["environment"]["packages"]["torch"] and "config" in step
     assert manifest["steps"]["generate:teacher"]["config"]["seed"] == 5
+    steps = manifest["steps"]  # model paths, resolved from the references in the recipe
+    assert steps["generate:teacher"]["stats"]["model"].endswith("/teacher")
+    assert steps["train:student"]["stats"]["init"].endswith("/student")
+    assert steps["eval:student"]["stats"]["model"] == str(run.checkpoint("student"))
     assert "content" in manifest["recipe"]
 
     traces = [t for shard in trace_shards(run.traces("teacher")) for t in read_records(shard, Trace)]

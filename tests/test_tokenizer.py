@@ -21,11 +21,23 @@ def test_loads_with_autotokenizer_and_has_chat_and_reasoning_tokens(tokenizer_di
 def test_chat_template_renders_chatml(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     messages = [Message(role="system", content="Be brief."), Message(role="user", content="What is 2 + 3?")]
-    text = tokenizer.decode(prompt_ids(tokenizer, messages))
+    text = tokenizer.decode(prompt_ids(tokenizer, [messages])[0])
     assert (
         text
         == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_batched_prompt_ids_equal_the_chat_template_ids(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompts = [p.messages for task in TASKS.values() for p in task.sample("train", 20, seed=2)]
+    expected = [
+        tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for messages in prompts
+    ]
+    assert prompt_ids(tokenizer, prompts) == expected
 
 
 def test_every_task_text_round_trips(tokenizer_dir):

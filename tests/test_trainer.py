@@ -166,3 +166,19 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tokenizer_dir, 
             resume_key="new",
         )
     assert stats["steps"] == 1 and "discarding checkpoints" in caplog.text
+
+
+def test_trainer_args_cannot_silently_override_first_class_options(tmp_path, tokenizer_dir):
+    from reasondistill.errors import UserError
+    from reasondistill.records import TrainingExample
+    from reasondistill.train.trainer import Hyperparameters, train_model
+
+    examples = [
+        TrainingExample(problem_id="p", task="t", messages=[{"role": "user", "content": "q"}], completion="a")
+    ]
+    with pytest.raises(
+        UserError, match="trainer_args.learning_rate is set by reasondistill; use its own option"
+    ):
+        train_model(
+            tokenizer_dir, examples, tmp_path / "out", Hyperparameters(trainer_args={"learning_rate": 1.0})
+        )

@@ -9,9 +9,16 @@ from transformers import PreTrainedTokenizerBase
 from .records import Message
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
-    """Token ids of a chat prompt, ending with the assistant's turn header, ready for the reply."""
-    rendered = [m.model_dump() for m in messages]
-    return tokenizer.apply_chat_template(
-        rendered, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[Message]]) -> list[list[int]]:
+    """Token ids of chat prompts, each ending with the assistant's turn header, ready for the reply.
+
+    Rendered to text with the template and then encoded in one batch (same ids as
+    `apply_chat_template(tokenize=True)`, several times faster for many prompts).
+    """
+    texts = [
+        tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        for messages in prompts
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -55,7 +55,7 @@ def evaluate_model(model: ResolvedModel, problems: list[Problem], cfg: EvalConfi
         by_task[problem.task].append(problem)
     modes = _modes(cfg)
     out = run.eval_dir(model.name)
-    summary = {}
+    accuracy = {}
     total = sum(len(problems) * sampling.n for _, sampling in modes)
     with progress_bar(f"eval {model.name}", total=total, unit="completions") as bar:
         for task, task_problems in sorted(by_task.items()):
@@ -82,8 +82,8 @@ def evaluate_model(model: ResolvedModel, problems: list[Problem], cfg: EvalConfi
                     "labels": dict(Counter(g.label for g in graded)),
                 }
             atomic_write_json(out / f"{task}.json", result)
-            summary[task] = {mode: round(result[mode]["accuracy"], 4) for mode, _ in modes}
-    return summary
+            accuracy[task] = {mode: round(result[mode]["accuracy"], 4) for mode, _ in modes}
+    return {"model": model.path, "accuracy": accuracy}
 
 
 def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
@@ -107,7 +107,7 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
             lambda _fp, m=model: evaluate_model(m, problems, cfg, run),
             overwrite=overwrite,
         )
-        note(f"eval:{model.name}: accuracy {result['stats']}")
+        note(f"eval:{model.name}: accuracy {result['stats']['accuracy']}")
 
 
 STAGE = Stage(

@@ -58,7 +58,7 @@ class HFGenerator:
     def _generate_batch(
         self, prompts: Sequence[list[Message]], sampling: SamplingParams
     ) -> list[list[Completion]]:
-        encoded = [prompt_ids(self.tokenizer, messages) for messages in prompts]
+        encoded = prompt_ids(self.tokenizer, prompts)
         inputs = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(self.device)
         sampling_kwargs = (
             {"do_sample": False}

@@ -147,7 +147,7 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
                 )
                 tokens += sum(t.completion_tokens for t in traces)
                 bar.status(f"{tokens / (time.time() - started):.0f} tok/s")
-        return _trace_stats(out)
+        return {"model": model.path, **_trace_stats(out)}
 
     result = run.step(f"generate:{name}", cfg, inputs, body, overwrite=overwrite)
     stats = result["stats"]

@@ -21,21 +21,25 @@ class TokenizedExample:
     truncated: bool
 
 
-def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, example: TrainingExample, max_length: int
-) -> TokenizedExample:
-    """Prompt ids (labels ignored) followed by completion ids and EOS (labels = ids).
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[TrainingExample], max_length: int
+) -> list[TokenizedExample]:
+    """Prompt ids (labels ignored) followed by completion ids and EOS (labels = ids), per example.
 
     Prompt and completion are tokenized separately, so the boundary is exact: this is also how the
     completion's tokens follow the prompt at generation time.
     """
-    prompt = prompt_ids(tokenizer, example.messages)
-    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id
-    ]
-    input_ids = (prompt + completion)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
-    return TokenizedExample(input_ids, labels, truncated=len(prompt) + len(completion) > max_length)
+    prompts = prompt_ids(tokenizer, [e.messages for e in examples])
+    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+    tokenized = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        completion = [*completion, tokenizer.eos_token_id]
+        input_ids = (prompt + completion)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
+        tokenized.append(
+            TokenizedExample(input_ids, labels, truncated=len(prompt) + len(completion) > max_length)
+        )
+    return tokenized
 
 
 @dataclass

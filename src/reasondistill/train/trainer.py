@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import UserError
 from ..objectives import Objective, ObjectiveInputs, get_objective
 from ..records import TrainingExample
-from .data import CompletionCollator, SortedStepSampler, tokenize_example
+from .data import CompletionCollator, SortedStepSampler, tokenize_examples
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def train_model(
     if not examples:
         raise UserError(f"{description}: no training examples")
     tokenizer = AutoTokenizer.from_pretrained(init)
-    tokenized = [tokenize_example(tokenizer, e, hp.max_length) for e in examples]
+    tokenized = tokenize_examples(tokenizer, examples, hp.max_length)
     truncated = sum(t.truncated for t in tokenized)
     if truncated:
         log.warning(
@@ -131,6 +131,17 @@ def train_model(
         )
     dataset = Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized])
 
+    explicit = {
+        "output_dir", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+        "per_device_train_batch_size", "gradient_accumulation_steps", "save_strategy", "save_steps",
+        "save_total_limit", "logging_steps", "seed", "report_to", "remove_unused_columns", "dataloader_pin_memory",
+        "bf16", "fp16",
+    }  # fmt: skip
+    duplicated = sorted(explicit & set(hp.trainer_args))
+    if duplicated:
+        raise UserError(
+            f"{description}: trainer_args.{duplicated[0]} is set by reasondistill; use its own option instead"
+        )
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
     key_file = work_dir / "resume_key"
     if work_dir.is_dir() and (not key_file.exists() or key_file.read_text() != resume_key):
@@ -178,6 +189,7 @@ def train_model(
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     stats = {
+        "init": str(init),
         "examples": len(tokenized),
         "truncated_examples": truncated,
         "completion_tokens": sum(sum(label != -100 for label in t.labels) for t in tokenized),
