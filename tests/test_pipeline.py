@@ -49,7 +49,7 @@ def accuracy(model_dir, task_name, difficulty, n=100):
 
 def test_the_testbed_teacher_solves_three_digit_addition_and_beats_chance_elsewhere(testbed):
     assert accuracy(testbed / "teacher", "arithmetic", 3) >= 0.95
-    assert accuracy(testbed / "teacher", "word_problems", 2) >= 0.08  # guessing a number in 0-99: about 1%
+    assert accuracy(testbed / "teacher", "word_problems", 2) >= 0.05  # guessing a number in 0-99: about 1%
     assert accuracy(testbed / "teacher", "logic", 2) >= 0.45  # guessing a label: 33%
 
 
@@ -189,3 +189,10 @@ def test_a_malformed_training_file_row_is_one_clear_error(run, tmp_path, capsys)
         )
     err = capsys.readouterr().err.strip()
     assert err == f"error: {data} line 2: completion: Input should be a valid string (got 2)"
+
+
+def test_the_testbed_build_command_reuses_the_cache(testbed, capsys):
+    before = (testbed / "teacher" / "model.safetensors").stat().st_mtime_ns
+    main(["testbed", "build"])
+    assert f"testbed models in {testbed}" in capsys.readouterr().err.replace("\n", "")
+    assert (testbed / "teacher" / "model.safetensors").stat().st_mtime_ns == before

@@ -43,7 +43,7 @@ TEACHER_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=3, intermediate_si
 STUDENT_SHAPE = ModelShape(hidden_size=96, num_hidden_layers=3, intermediate_size=288)
 
 # Gold solutions the teacher learns from: problems per task and the difficulties they cover.
-TEACHER_DATA = {"arithmetic": (14000, (1, 2, 3)), "word_problems": (7000, (2, 3)), "logic": (7000, (1, 2))}
+TEACHER_DATA = {"arithmetic": (14000, (1, 2, 3)), "word_problems": (5000, (2, 3)), "logic": (5000, (1, 2))}
 TEACHER_HYPERPARAMETERS = Hyperparameters(
     epochs=1,
     learning_rate=3e-3,
