@@ -111,3 +111,15 @@ def test_the_cli_prints_one_line_and_no_traceback_unless_debug(tmp_path):
         cwd=tmp_path,
     )
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "UserError" in loud.stderr
+
+
+def test_the_packaged_demo_recipe_is_valid_and_trains_both_students_alike(tmp_path):
+    from importlib import resources
+
+    with resources.as_file(resources.files("reasondistill") / "recipes" / "demo.yaml") as path:
+        recipe, steps = load_recipe(path)
+    check_references(steps, RunDir(tmp_path / "run"))
+    distilled, answer_only = (s.config for s in steps if s.stage.name == "train")
+    assert distilled.data == "distill" and answer_only.data == "answer-only"
+    differing = {k for k, v in distilled.model_dump().items() if answer_only.model_dump()[k] != v}
+    assert differing == {"name", "data"}  # the baseline differs only in what it learns from
