@@ -6,7 +6,7 @@
     <run>/graded/<name>.parquet
     <run>/curated/<name>.parquet
     <run>/checkpoints/<name>/            a Hub-style model folder
-    <run>/eval/<model>/<task>.json       + <task>.samples.parquet
+    <run>/eval/<model>/<task>.json       + <task>.<greedy|sampled>.parquet (graded completions)
     <run>/report.md  report.html  figures/
 
 A *step* is one stage producing one named output (`generate:teacher`). Its fingerprint hashes its

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
-from ..objectives import Objective, ObjectiveInputs, get_objective
+from ..objectives import IGNORE_INDEX, Objective, ObjectiveInputs, get_objective
 from ..records import TrainingExample
 from .data import CompletionCollator, SortedStepSampler, tokenize_examples
 
@@ -83,7 +83,9 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        normaliser = num_items_in_batch if num_items_in_batch is not None else labels[:, 1:].ne(-100).sum()
+        normaliser = (
+            num_items_in_batch if num_items_in_batch is not None else labels[:, 1:].ne(IGNORE_INDEX).sum()
+        )
         loss = self.objective(ObjectiveInputs(outputs.logits, labels, normaliser))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts the tokens of every process, and DDP averages gradients over
@@ -192,7 +194,7 @@ def train_model(
         "init": str(init),
         "examples": len(tokenized),
         "truncated_examples": truncated,
-        "completion_tokens": sum(sum(label != -100 for label in t.labels) for t in tokenized),
+        "completion_tokens": sum(sum(label != IGNORE_INDEX for label in t.labels) for t in tokenized),
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),
