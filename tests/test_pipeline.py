@@ -122,6 +122,16 @@ def test_a_rerun_skips_all_finished_work(run):
     assert snapshot(run) == before
 
 
+def test_a_finished_step_whose_output_is_gone_is_recomputed(run):
+    path = run.curated("answer-only")
+    before = read_records(path, TrainingExample)
+    path.unlink()
+    run_recipe(run.root.parent / "recipe.yaml")
+    assert read_records(path, TrainingExample) == before
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["steps"]["curate:answer-only"]["outputs"] == ["curated/answer-only.parquet"]
+
+
 def test_changed_settings_stop_unless_overwrite(run, capsys):
     args = [
         "curate",

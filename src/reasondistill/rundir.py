@@ -11,8 +11,8 @@
 
 A *step* is one stage producing one named output (`generate:teacher`). Its fingerprint hashes its
 configuration and the fingerprints of everything it read, so a rerun with the same settings skips a
-finished step, and a rerun with different settings stops instead of mixing stale and new outputs
-(`overwrite=True` recomputes it).
+finished step (unless one of its output files has gone missing: then it is recomputed), and a rerun
+with different settings stops instead of mixing stale and new outputs (`overwrite=True` recomputes it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -109,21 +109,25 @@ class RunDir:
         inputs: dict[str, str],
         body: Callable[[str], dict],
         *,
+        outputs: Sequence[Path],
         overwrite: bool = False,
     ) -> dict:
         """Run `body(fingerprint)` unless this step already finished with the same fingerprint.
 
         `inputs` maps what the step reads to those inputs' fingerprints. `body` does the work,
-        writing its outputs atomically, and returns statistics for the manifest.
+        writing `outputs` (files or folders) atomically, and returns statistics for the manifest.
         """
         step_fingerprint = fingerprint(
             {"key": key, "config": config.model_dump(mode="json"), "inputs": inputs}
         )
         previous = self.manifest()["steps"].get(key)
         if previous and previous["fingerprint"] == step_fingerprint:
-            note(f"{key}: finished earlier with the same settings, skipped")
-            return {"skipped": True, **previous}
-        if previous and not overwrite:
+            missing = [path for path in outputs if not path.exists()]
+            if not missing:
+                note(f"{key}: finished earlier with the same settings, skipped")
+                return {"skipped": True, **previous}
+            note(f"{key}: finished earlier, but {missing[0]} is missing; recomputing")
+        elif previous and not overwrite:
             changed = _changed_settings(previous, config.model_dump(mode="json"), inputs)
             raise UserError(
                 f"{self.root}: step {key!r} already ran with other settings ({changed}); "
@@ -135,6 +139,7 @@ class RunDir:
             "fingerprint": step_fingerprint,
             "config": config.model_dump(mode="json"),
             "inputs": inputs,
+            "outputs": [str(path.relative_to(self.root)) for path in outputs],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 2),
             "environment": environment(),

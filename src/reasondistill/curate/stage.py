@@ -68,7 +68,8 @@ def run_curate(cfg: CurateConfig, run: RunDir, overwrite: bool) -> None:
         write_records(run.curated(cfg.name), examples, TrainingExample)
         return stats
 
-    stats = run.step(f"curate:{cfg.name}", cfg, inputs, body, overwrite=overwrite)["stats"]
+    outputs = [run.curated(cfg.name)]
+    stats = run.step(f"curate:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)["stats"]
     note(
         f"curate:{cfg.name}: kept {sum(stats['kept'].values())} of {stats['input']} traces {stats['kept']}, dropped {stats['dropped']}"
     )

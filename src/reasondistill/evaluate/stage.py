@@ -95,6 +95,7 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
         )
     problems = load_problems(run, cfg, cfg.split)
     problems_fingerprint = run.finished_step("problems")["fingerprint"]
+    tasks = sorted({p.task for p in problems})
     for reference, model in zip(cfg.models, models, strict=True):
         # One step per model, configured with that model only, so adding a model to the list
         # later does not invalidate the results of the others.
@@ -105,6 +106,7 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
             step_config,
             inputs,
             lambda _fp, m=model: evaluate_model(m, problems, cfg, run),
+            outputs=[run.eval_dir(model.name) / f"{task}.json" for task in tasks],
             overwrite=overwrite,
         )
         note(f"eval:{model.name}: accuracy {result['stats']['accuracy']}")

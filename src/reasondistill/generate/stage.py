@@ -149,7 +149,8 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
                 bar.status(f"{tokens / (time.time() - started):.0f} tok/s")
         return {"model": model.path, **_trace_stats(out)}
 
-    result = run.step(f"generate:{name}", cfg, inputs, body, overwrite=overwrite)
+    outputs = [run.traces(name) / "index.json"]
+    result = run.step(f"generate:{name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)
     stats = result["stats"]
     note(
         f"generate:{name}: {stats['traces']} traces, {stats['completion_tokens']} tokens, finish {stats['finish_reasons']}"

@@ -73,7 +73,8 @@ def run_problems(cfg: ProblemsConfig, run: RunDir, overwrite: bool) -> None:
                 counts[f"{task.name}/{split}"] = len(problems)
         return {"problems": counts}
 
-    result = run.step("problems", cfg, {}, body, overwrite=overwrite)
+    outputs = [run.problems(task.name, split) for task in tasks for split in ("train", "test")]
+    result = run.step("problems", cfg, {}, body, outputs=outputs, overwrite=overwrite)
     note(f"problems: {', '.join(f'{k} {v}' for k, v in result['stats']['problems'].items())}")
 
 

@@ -54,7 +54,8 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
             description=f"train:{cfg.name}", resume_key=step_fingerprint,
         )  # fmt: skip
 
-    stats = run.step(f"train:{cfg.name}", cfg, inputs, body, overwrite=overwrite)["stats"]
+    outputs = [run.checkpoint(cfg.name)]
+    stats = run.step(f"train:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)["stats"]
     note(
         f"train:{cfg.name}: {stats['steps']} steps, final loss {stats['loss_curve'][-1][1] if stats['loss_curve'] else stats['train_loss']:.4f}"
     )

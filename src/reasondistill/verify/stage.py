@@ -59,7 +59,8 @@ def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
         write_records(run.graded(cfg.traces), graded, GradedTrace)
         return {"labels": label_counts(graded), "graders": {g.task: g.grader for g in graded}}
 
-    result = run.step(f"verify:{cfg.traces}", cfg, inputs, body, overwrite=overwrite)
+    outputs = [run.graded(cfg.traces)]
+    result = run.step(f"verify:{cfg.traces}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)
     for task, counts in result["stats"]["labels"].items():
         total = sum(counts.values())
         note(f"verify:{cfg.traces}: {task}: {counts.get('correct', 0)}/{total} correct, {counts}")
