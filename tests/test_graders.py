@@ -1,7 +1,12 @@
+import json
+from pathlib import Path
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reasondistill.records import Message, Problem
-from reasondistill.verify.graders import AnswerIsGrader
+from reasondistill.verify.graders import AnswerIsGrader, ChoiceGrader, NumericGrader
 from reasondistill.verify.reasoning import format_completion, split_reasoning
 
 INTEGER = AnswerIsGrader("integer")
@@ -72,3 +77,87 @@ def test_split_reasoning_handles_every_shape():
     text = format_completion("step 1\nstep 2", "The answer is 3.")
     split = split_reasoning(text)
     assert format_completion(split.reasoning, split.final) == text
+
+
+NUMERIC = NumericGrader()
+
+
+@pytest.mark.parametrize(
+    "final, gold, label",
+    [
+        ("Janet makes 9 * 2 = $18 every day.\n#### 18", "18", "correct"),
+        ("The answer is 18.", "18", "correct"),
+        ("So she pays \\boxed{18} dollars.", "18", "correct"),
+        ("The final answer is $1,234.50.", "1234.5", "correct"),
+        ("#### 2,125", "2125", "correct"),
+        ("The answer is 18.00", "18", "correct"),
+        ("The answer is 3/4", "0.75", "correct"),
+        ("The answer is -7.", "-7", "correct"),
+        ("#### 19", "18", "incorrect"),
+        ("The answer is 5. No wait, the answer is 18.", "18", "correct"),  # the last statement counts
+        ("\\boxed{18} ... #### 19", "18", "correct"),  # boxed is preferred over ####
+        ("She has 18 apples.", "18", "unparseable"),  # no stated answer, and no fallback
+        ("The answer is eighteen.", "18", "unparseable"),
+    ],
+)
+def test_numeric_grader(final, gold, label):
+    assert NUMERIC.grade(final, problem(gold)).label == label
+
+
+def test_numeric_grader_last_number_fallback_is_opt_in_and_changes_the_id():
+    lenient = NumericGrader(last_number_fallback=True)
+    assert lenient.grade("She has 18 apples.", problem("18")).label == "correct"
+    assert lenient.id != NUMERIC.id
+
+
+def test_a_non_numeric_gold_answer_is_an_error_not_a_wrong_answer():
+    with pytest.raises(ValueError, match="gold answer 'eighteen' is not a number"):
+        NUMERIC.grade("The answer is 18.", problem("eighteen"))
+
+
+CHOICE = ChoiceGrader("ABCDE")
+
+
+@pytest.mark.parametrize(
+    "final, label, extracted",
+    [
+        ("The answer is B.", "correct", "B"),
+        ("Answer: (B)", "correct", "B"),
+        ("$\\boxed{B}$", "correct", "B"),
+        ("\\boxed{\\text{B}}", "correct", "B"),
+        ("(B)", "correct", "B"),
+        ("B", "correct", "B"),
+        ("The answer is option C.", "incorrect", "C"),
+        ("I think the answer is a bit unclear.", "unparseable", None),  # "a" is not option A
+        ("Both A and B look right.", "unparseable", None),
+        ("The answer is F.", "unparseable", None),  # not among the choices
+    ],
+)
+def test_choice_grader(final, label, extracted):
+    verdict = CHOICE.grade(final, problem("B"))
+    assert (verdict.label, verdict.extracted) == (label, extracted)
+
+
+GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "gsm8k" / "test.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K_TEST.exists(), reason=f"{GSM8K_TEST} not present")
+def test_every_gsm8k_gold_solution_grades_correct_and_a_changed_number_incorrect():
+    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    assert len(rows) == 1319
+    for i, row in enumerate(rows):
+        solution = row["answer"]
+        gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        assert NUMERIC.grade(solution, problem(gold)).label == "correct", f"row {i}"
+        wrong = f"{solution.rsplit('####', 1)[0]}#### {int(gold) + 1}"
+        assert NUMERIC.grade(wrong, problem(gold)).label == "incorrect", f"row {i}"
+
+
+@given(
+    value=st.decimals(min_value=-(10**9), max_value=10**9, places=2, allow_nan=False, allow_infinity=False)
+)
+def test_numeric_grader_reads_any_number_in_the_usual_written_forms(value):
+    gold = str(value)
+    for written in (f"{value:,}", f"${value:,.2f}", f"{value:f}"):
+        for final in (f"The answer is {written}.", f"#### {written}", f"\\boxed{{{written}}}"):
+            assert NUMERIC.grade(final, problem(gold)).label == "correct", final

@@ -11,6 +11,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ..records import Label, Problem
 from .reasoning import split_reasoning
@@ -94,3 +95,90 @@ class AnswerIsGrader(Grader):
         if self.kind == "integer":
             return int(extracted) == int(gold.replace(",", ""))
         return extracted.lower() == gold.lower()
+
+
+class NumericGrader(Grader):
+    """Numeric final answers as GSM8K-style data writes them.
+
+    The answer is the last `\\boxed{X}`; failing that the last `#### X`; failing that the last
+    "the answer is X" / "final answer: X"; and, only with `last_number_fallback`, the last number
+    anywhere in the final text. `$`, `%`, thousands separators and a sentence's closing punctuation
+    are ignored; numbers compare exactly as fractions ("18" == "18.00", "1,234.50" == "1234.5",
+    "3/4" == "0.75").
+    """
+
+    name = "numeric"
+    version = "1"
+    _NUMBER = r"[-+]?(?:\\?\$)?[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?%?"
+    _STYLES = (
+        re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}"),
+        re.compile(r"####\s*(" + _NUMBER + r")"),
+        re.compile(r"(?:the answer is|final answer\s*(?:is)?)\s*:?\s*(" + _NUMBER + r")", re.IGNORECASE),
+    )
+    _ANY_NUMBER = re.compile(_NUMBER)
+
+    def __init__(self, last_number_fallback: bool = False):
+        self.last_number_fallback = last_number_fallback
+
+    def config(self) -> dict:
+        return {"last_number_fallback": self.last_number_fallback}
+
+    def extract(self, final: str) -> str | None:
+        for style in self._STYLES:
+            found = [m for m in style.findall(final) if _to_fraction(m) is not None]
+            if found:
+                return found[-1]
+        if self.last_number_fallback:
+            numbers = [m for m in self._ANY_NUMBER.findall(final) if _to_fraction(m) is not None]
+            return numbers[-1] if numbers else None
+        return None
+
+    def matches(self, extracted: str, gold: str) -> bool:
+        gold_value = _to_fraction(gold)
+        if gold_value is None:
+            raise ValueError(f"numeric grader: the gold answer {gold!r} is not a number")
+        return _to_fraction(extracted) == gold_value
+
+
+def _to_fraction(text: str) -> Fraction | None:
+    """The exact value of a number as written ("$1,234.50" → 2469/2), or None if it is not one."""
+    cleaned = text.strip().rstrip(".").replace("\\$", "").replace("$", "").replace(",", "").removesuffix("%")
+    try:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+class ChoiceGrader(Grader):
+    """Multiple choice: the letter of the chosen option ("B", "(B)", "\\boxed{B}", "the answer is B").
+
+    Only capital letters among `choices` count, so the article "a" is never read as option A. Without
+    an explicit statement ("answer"/boxed), a final text that is nothing but the letter counts.
+    """
+
+    name = "choice"
+    version = "1"
+
+    def __init__(self, choices: str = "ABCDE"):
+        self.choices = choices
+        letter = f"\\(?([{re.escape(choices)}])\\)?"
+        self._stated = (
+            re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*" + letter + r"\s*\}?\s*\}"),
+            # Case-insensitive "answer is", case-sensitive letter.
+            re.compile(r"(?i:answer\s*(?:is|:)?\s*(?:option\s*)?:?)\s*" + letter + r"(?![A-Za-z])"),
+        )
+        self._alone = re.compile(r"\s*" + letter + r"\s*[.)]?\s*")
+
+    def config(self) -> dict:
+        return {"choices": self.choices}
+
+    def extract(self, final: str) -> str | None:
+        for pattern in self._stated:
+            found = pattern.findall(final)
+            if found:
+                return found[-1]
+        alone = self._alone.fullmatch(final)
+        return alone.group(1) if alone else None
+
+    def matches(self, extracted: str, gold: str) -> bool:
+        return extracted == gold.strip().strip("()").upper()
