@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
+from importlib import metadata
 
 from ..records import Label, Problem
 from .reasoning import split_reasoning
+from .timebound import TimeBoundCall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,21 @@ class Grader(ABC):
         split = split_reasoning(completion)
         if finish_reason == "length" or not split.closed:
             return Verdict("unparseable", None)
-        extracted = self.extract(split.final)
+        return self.judge(split.final, problem.answer)
+
+    @abstractmethod
+    def judge(self, final: str, gold: str) -> Verdict:
+        """Grade a finished final-answer text against the gold answer."""
+
+
+class ExtractingGrader(Grader):
+    """A grader that pulls one answer string out of the final text and compares it with the gold."""
+
+    def judge(self, final: str, gold: str) -> Verdict:
+        extracted = self.extract(final)
         if extracted is None:
             return Verdict("unparseable", None)
-        return Verdict("correct" if self.matches(extracted, problem.answer) else "incorrect", extracted)
+        return Verdict("correct" if self.matches(extracted, gold) else "incorrect", extracted)
 
     @abstractmethod
     def extract(self, final: str) -> str | None:
@@ -58,7 +74,7 @@ class Grader(ABC):
     def matches(self, extracted: str, gold: str) -> bool: ...
 
 
-class AnswerIsGrader(Grader):
+class AnswerIsGrader(ExtractingGrader):
     """Grades testbed answers written as "The answer is X." (the last such statement counts).
 
     `kind="integer"` compares integers (thousands separators allowed); `kind="label"` compares a
@@ -97,7 +113,7 @@ class AnswerIsGrader(Grader):
         return extracted.lower() == gold.lower()
 
 
-class NumericGrader(Grader):
+class NumericGrader(ExtractingGrader):
     """Numeric final answers as GSM8K-style data writes them.
 
     The answer is the last `\\boxed{X}`; failing that the last `#### X`; failing that the last
@@ -149,7 +165,7 @@ def _to_fraction(text: str) -> Fraction | None:
         return None
 
 
-class ChoiceGrader(Grader):
+class ChoiceGrader(ExtractingGrader):
     """Multiple choice: the letter of the chosen option ("B", "(B)", "\\boxed{B}", "the answer is B").
 
     Only capital letters among `choices` count, so the article "a" is never read as option A. Without
@@ -182,3 +198,77 @@ class ChoiceGrader(Grader):
 
     def matches(self, extracted: str, gold: str) -> bool:
         return extracted == gold.strip().strip("()").upper()
+
+
+class MathGrader(Grader):
+    """math-verify, with explicit extraction configs and a time limit that holds in any thread.
+
+    Gold: `gold_format="latex"` reads the gold answer as LaTeX (MATH, AIME: `\\frac{14}{3}`),
+    `"number"` as a plain expression (GSM8K: `18`). Prediction: LaTeX with the last `\\boxed{}`
+    first, then plain expressions. Then `verify(gold, prediction)`, in that order: math-verify's
+    comparison is asymmetric by design (a gold number accepts a predicted chain `a = b = 101`, not
+    the reverse). Parsing and comparison run in a helper process (see `timebound`); an answer that
+    takes longer than `timeout_s` is `unparseable` and logged.
+    """
+
+    name = "math-verify"
+    version = "1"
+
+    def __init__(self, gold_format: str = "latex", timeout_s: float = 5.0, float_rounding: int = 6):
+        if gold_format not in ("latex", "number"):
+            raise ValueError(f"gold_format must be 'latex' or 'number', got {gold_format!r}")
+        self.gold_format, self.timeout_s, self.float_rounding = gold_format, timeout_s, float_rounding
+        self._call = TimeBoundCall(_math_verdict, timeout_s, prepare=_import_math_verify)
+
+    def config(self) -> dict:
+        return {
+            "gold_format": self.gold_format,
+            "prediction": "latex(boxed first; latex, units, malformed operators, nits normalised) + expr",
+            "float_rounding": self.float_rounding,
+            "timeout_s": self.timeout_s,
+            "math_verify": metadata.version("math-verify"),
+        }
+
+    def judge(self, final: str, gold: str) -> Verdict:
+        try:
+            label, extracted = self._call(final, gold, self.gold_format, self.float_rounding)
+        except TimeoutError:
+            log.warning("%s: grading took longer than %ss; counted as unparseable", self.id, self.timeout_s)
+            return Verdict("unparseable", None)
+        return Verdict(label, extracted)
+
+
+def _import_math_verify() -> None:
+    import math_verify  # noqa: F401  (SymPy and the LaTeX parser: seconds, paid once per helper)
+
+
+def _math_verdict(final: str, gold: str, gold_format: str, float_rounding: int) -> tuple[str, str | None]:
+    """Runs in the helper process. Timeouts are off (`None`): they would need the main thread."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    if gold_format == "latex":
+        gold_parsed = parse(f"${gold}$", [LatexExtractionConfig()], parsing_timeout=None)
+    else:
+        gold_parsed = parse(gold, [ExprExtractionConfig()], parsing_timeout=None)
+    if not gold_parsed:
+        raise ValueError(f"the gold answer {gold!r} does not parse as {gold_format}")
+    prediction_config = [
+        LatexExtractionConfig(
+            boxed_match_priority=0,
+            normalization_config=NormalizationConfig(
+                basic_latex=True,
+                units=True,
+                malformed_operators=True,
+                nits=True,
+                boxed="all",
+                equations=False,
+            ),
+        ),
+        ExprExtractionConfig(),
+    ]
+    prediction = parse(final, prediction_config, parsing_timeout=None)
+    if not prediction:
+        return "unparseable", None
+    correct = verify(gold_parsed, prediction, float_rounding=float_rounding, timeout_seconds=None)
+    return ("correct" if correct else "incorrect"), str(prediction[-1])

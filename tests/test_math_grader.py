@@ -1,0 +1,88 @@
+"""The math-verify grader: real MATH-500 answers, order of arguments, and a time limit that holds anywhere."""
+
+import json
+import pickle
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from reasondistill.records import Message, Problem
+from reasondistill.verify.graders import MathGrader
+
+MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "math500" / "test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def grader():
+    return MathGrader(timeout_s=2.0)
+
+
+def problem(answer: str) -> Problem:
+    return Problem(id="p", task="t", messages=[Message(role="user", content="q")], answer=answer)
+
+
+@pytest.mark.parametrize(
+    "final, gold, label",
+    [
+        ("So the answer is $\\boxed{\\frac{14}{3}}$.", "\\frac{14}{3}", "correct"),
+        ("\\boxed{4.6666666667}", "\\frac{14}{3}", "correct"),  # rounded to float_rounding digits
+        ("\\boxed{\\frac{15}{3}}", "\\frac{14}{3}", "incorrect"),
+        ("The answer is $x = 101$.", "101", "correct"),
+        ("\\boxed{\\frac65}", "\\frac{6}{5}", "correct"),  # shorthand LaTeX is normalised
+        ("$\\boxed{3}$ is wrong, the answer is 4", "3", "correct"),  # the boxed answer comes first
+        ("I could not solve it.", "\\frac{14}{3}", "unparseable"),
+        ("<think>\\boxed{5}", "5", "unparseable"),  # a reasoning block that never closed
+    ],
+)
+def test_math_grader_on_typical_answers(grader, final, gold, label):
+    assert grader.grade(final, problem(gold)).label == label
+
+
+def test_a_gold_that_does_not_parse_is_an_error_not_a_wrong_answer(grader):
+    with pytest.raises(ValueError, match="the gold answer '' does not parse as latex"):
+        grader.grade("\\boxed{5}", problem(""))
+
+
+@pytest.mark.skipif(not MATH500.exists(), reason=f"{MATH500} not present")
+def test_every_math500_gold_solution_grades_correct_against_its_gold_answer(grader):
+    rows = [json.loads(line) for line in MATH500.read_text().splitlines()]
+    assert len(rows) == 500
+    wrong = [
+        i
+        for i, row in enumerate(rows)
+        if grader.grade(row["solution"], problem(row["answer"])).label != "correct"
+    ]
+    assert wrong == []  # no exceptions with the prediction config documented in MathGrader
+
+
+@pytest.mark.parametrize(
+    "adversarial",
+    ["$" + "\\frac{1}{" * 400 + "2" + "}" * 400 + "$", "\\boxed{2^{2^{2^{2^{100}}}}}"],
+    ids=["nested-frac", "huge-exponent"],
+)
+def test_an_adversarial_answer_is_cut_off_at_the_time_limit_and_grading_goes_on(adversarial):
+    grader = MathGrader(timeout_s=1.0)
+    grader.grade("\\boxed{1}", problem("1"))  # start the helper outside the measured call
+    started = time.monotonic()
+    assert grader.grade(adversarial, problem("1")).label != "correct"
+    assert time.monotonic() - started < 5
+    assert grader.grade("\\boxed{7}", problem("7")).label == "correct"
+
+
+def grade_labels(grader: MathGrader, answers: list[int]) -> list[str]:
+    return [grader.grade(f"\\boxed{{{a}}}", problem("3")).label for a in answers]
+
+
+def test_threads_and_worker_processes_grade_like_the_main_thread(grader):
+    answers = [3, 4, 3, 5, 3, 6]
+    expected = grade_labels(grader, answers)
+    assert expected == ["correct", "incorrect"] * 3
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda a: grade_labels(grader, [a])[0], answers)) == expected
+    with ProcessPoolExecutor(2) as pool:
+        assert list(pool.map(grade_labels, [grader, pickle.loads(pickle.dumps(grader))], [answers] * 2)) == [
+            expected,
+            expected,
+        ]
