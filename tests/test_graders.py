@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reasondistill.records import Message, Problem
-from reasondistill.verify.graders import AnswerIsGrader, ChoiceGrader, NumericGrader
+from reasondistill.verify.graders import AnswerIsGrader, ChoiceGrader, LabelGrader, NumericGrader
 from reasondistill.verify.reasoning import format_completion, split_reasoning
 
 INTEGER = AnswerIsGrader("integer")
@@ -161,3 +161,26 @@ def test_numeric_grader_reads_any_number_in_the_usual_written_forms(value):
     for written in (f"{value:,}", f"${value:,.2f}", f"{value:f}"):
         for final in (f"The answer is {written}.", f"#### {written}", f"\\boxed{{{written}}}"):
             assert NUMERIC.grade(final, problem(gold)).label == "correct", final
+
+
+LABELS = LabelGrader(("True", "False", "Uncertain"))
+
+
+@pytest.mark.parametrize(
+    "final, label, extracted",
+    [
+        ("True", "correct", "True"),
+        ("**True**.", "correct", "True"),
+        ("The answer is true.", "correct", "True"),
+        ("**Answer:** True", "correct", "True"),
+        ("$\\boxed{\\text{True}}$", "correct", "True"),
+        ("The answer is False.", "incorrect", "False"),
+        ("The statement is uncertain, so the answer is: Uncertain", "incorrect", "Uncertain"),
+        ("It is true that cats purr, so the conclusion follows.", "unparseable", None),  # no stated answer
+        ("The answer is Truely unclear.", "unparseable", None),
+    ],
+)
+def test_label_grader_for_benchmark_outputs(final, label, extracted):
+    verdict = LABELS.grade(final, problem("True"))
+    assert (verdict.label, verdict.extracted) == (label, extracted)
+    assert LABELS.id.startswith("label@1+") and LABELS.id != LabelGrader().id

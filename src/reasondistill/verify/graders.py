@@ -165,39 +165,62 @@ def _to_fraction(text: str) -> Fraction | None:
         return None
 
 
-class ChoiceGrader(ExtractingGrader):
-    """Multiple choice: the letter of the chosen option ("B", "(B)", "\\boxed{B}", "the answer is B").
+class OptionGrader(ExtractingGrader):
+    """One of a fixed set of options: multiple-choice letters or labels such as True/False/Unknown.
 
-    Only capital letters among `choices` count, so the article "a" is never read as option A. Without
-    an explicit statement ("answer"/boxed), a final text that is nothing but the letter counts.
+    The answer is the last `\\boxed{X}` (or `\\boxed{\\text{X}}`); failing that the last
+    "answer is X" / "answer: X"; failing that a final text that is nothing but the option. `(B)`,
+    `**True**` and a closing full stop are accepted around it. Letters are case-sensitive, so the
+    article "a" is never read as option A; words are not ("true" is True).
     """
 
-    name = "choice"
     version = "1"
 
-    def __init__(self, choices: str = "ABCDE"):
-        self.choices = choices
-        letter = f"\\(?([{re.escape(choices)}])\\)?"
+    def __init__(self, options: tuple[str, ...], name: str):
+        self.options, self.name = options, name
+        self.case_sensitive = all(len(option) == 1 for option in options)
+        alternatives = "|".join(re.escape(option) for option in sorted(options, key=len, reverse=True))
+        alternatives = alternatives if self.case_sensitive else f"(?i:{alternatives})"
+        option = f"(?:\\*\\*|\\()?\\s*({alternatives})\\s*(?:\\*\\*|\\))?"
         self._stated = (
-            re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*" + letter + r"\s*\}?\s*\}"),
-            # Case-insensitive "answer is", case-sensitive letter.
-            re.compile(r"(?i:answer\s*(?:is|:)?\s*(?:option\s*)?:?)\s*" + letter + r"(?![A-Za-z])"),
+            re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*" + option + r"\s*\}?\s*\}"),
+            re.compile(r"(?i:answer\s*(?:is|:)?\s*(?:option\s*)?:?)\s*" + option + r"(?![A-Za-z])"),
         )
-        self._alone = re.compile(r"\s*" + letter + r"\s*[.)]?\s*")
+        self._alone = re.compile(r"\s*" + option + r"\s*[.)]?\s*")
 
     def config(self) -> dict:
-        return {"choices": self.choices}
+        return {"options": list(self.options)}
 
     def extract(self, final: str) -> str | None:
         for pattern in self._stated:
             found = pattern.findall(final)
             if found:
-                return found[-1]
+                return self._canonical(found[-1])
         alone = self._alone.fullmatch(final)
-        return alone.group(1) if alone else None
+        return self._canonical(alone.group(1)) if alone else None
+
+    def _canonical(self, text: str) -> str:
+        return next(
+            o for o in self.options if o == text or (not self.case_sensitive and o.lower() == text.lower())
+        )
 
     def matches(self, extracted: str, gold: str) -> bool:
-        return extracted == gold.strip().strip("()").upper()
+        gold = gold.strip().strip("()")
+        return extracted == gold if self.case_sensitive else extracted.lower() == gold.lower()
+
+
+class ChoiceGrader(OptionGrader):
+    """Multiple choice among `letters`: "B", "(B)", "\\boxed{B}", "the answer is B"."""
+
+    def __init__(self, letters: str = "ABCDE"):
+        super().__init__(tuple(letters), name="choice")
+
+
+class LabelGrader(OptionGrader):
+    """A label such as True/False/Unknown: "True", "**False**", "the answer is unknown"."""
+
+    def __init__(self, labels: tuple[str, ...] = ("True", "False", "Unknown")):
+        super().__init__(labels, name="label")
 
 
 class MathGrader(Grader):
