@@ -1,20 +1,15 @@
 import json
-from pathlib import Path
 
 import pytest
+from helpers import SHARED_BENCHMARKS, problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reasondistill.records import Message, Problem
 from reasondistill.verify.graders import AnswerIsGrader, ChoiceGrader, LabelGrader, NumericGrader
 from reasondistill.verify.reasoning import format_completion, split_reasoning
 
 INTEGER = AnswerIsGrader("integer")
 LABEL = AnswerIsGrader("label", ("True", "False", "Unknown"))
-
-
-def problem(answer: str) -> Problem:
-    return Problem(id="p", task="t", messages=[Message(role="user", content="q")], answer=answer)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +133,7 @@ def test_choice_grader(final, label, extracted):
     assert (verdict.label, verdict.extracted) == (label, extracted)
 
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = SHARED_BENCHMARKS / "gsm8k" / "test.jsonl"
 
 
 @pytest.mark.skipif(not GSM8K_TEST.exists(), reason=f"{GSM8K_TEST} not present")

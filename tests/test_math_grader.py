@@ -4,23 +4,18 @@ import json
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from helpers import SHARED_BENCHMARKS, problem
 
-from reasondistill.records import Message, Problem
 from reasondistill.verify.graders import MathGrader
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "math500" / "test.jsonl"
+MATH500 = SHARED_BENCHMARKS / "math500" / "test.jsonl"
 
 
 @pytest.fixture(scope="module")
 def grader():
     return MathGrader(timeout_s=2.0)
-
-
-def problem(answer: str) -> Problem:
-    return Problem(id="p", task="t", messages=[Message(role="user", content="q")], answer=answer)
 
 
 @pytest.mark.parametrize(

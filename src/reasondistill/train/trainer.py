@@ -133,18 +133,31 @@ def train_model(
         )
     dataset = Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized])
 
-    explicit = {
-        "output_dir", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-        "per_device_train_batch_size", "gradient_accumulation_steps", "save_strategy", "save_steps",
-        "save_total_limit", "logging_steps", "seed", "report_to", "remove_unused_columns", "dataloader_pin_memory",
-        "bf16", "fp16",
-    }  # fmt: skip
-    duplicated = sorted(explicit & set(hp.trainer_args))
+    work_dir = output_dir.with_name(f".{output_dir.name}.work")
+    ours = dict(
+        output_dir=str(work_dir),
+        num_train_epochs=hp.epochs,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=hp.warmup_ratio,
+        weight_decay=hp.weight_decay,
+        per_device_train_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        save_strategy="steps",
+        save_steps=hp.save_steps,
+        save_total_limit=1,
+        logging_steps=hp.logging_steps,
+        seed=hp.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **_precision_flags(hp.precision),
+    )
+    duplicated = sorted(ours.keys() & hp.trainer_args.keys())
     if duplicated:
         raise UserError(
             f"{description}: trainer_args.{duplicated[0]} is set by reasondistill; use its own option instead"
         )
-    work_dir = output_dir.with_name(f".{output_dir.name}.work")
     key_file = work_dir / "resume_key"
     if work_dir.is_dir() and (not key_file.exists() or key_file.read_text() != resume_key):
         log.info("%s: discarding checkpoints of an unfinished run with other settings", description)
@@ -152,26 +165,7 @@ def train_model(
     work_dir.mkdir(parents=True, exist_ok=True)
     key_file.write_text(resume_key)
     try:
-        args = TrainingArguments(
-            output_dir=str(work_dir),
-            num_train_epochs=hp.epochs,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=hp.lr_scheduler,
-            warmup_steps=hp.warmup_ratio,
-            weight_decay=hp.weight_decay,
-            per_device_train_batch_size=hp.batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            save_strategy="steps",
-            save_steps=hp.save_steps,
-            save_total_limit=1,
-            logging_steps=hp.logging_steps,
-            seed=hp.seed,
-            report_to=[],
-            remove_unused_columns=False,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            **_precision_flags(hp.precision),
-            **hp.trainer_args,
-        )
+        args = TrainingArguments(**ours, **hp.trainer_args)
     except (TypeError, ValueError) as err:
         raise UserError(f"{description}: invalid training arguments: {err}") from None
 

@@ -6,6 +6,7 @@ it grades, so a filtered dataset and an evaluation can be checked to agree on ho
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ class Grader(ABC):
         """Everything that changes how this grader grades; hashed into its id."""
         return {}
 
-    @property
+    @functools.cached_property  # read for every graded row; a grader's configuration never changes
     def id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.name}@{self.version}+{digest}"
@@ -131,22 +132,19 @@ class NumericGrader(ExtractingGrader):
         re.compile(r"####\s*(" + _NUMBER + r")"),
         re.compile(r"(?:the answer is|final answer\s*(?:is)?)\s*:?\s*(" + _NUMBER + r")", re.IGNORECASE),
     )
-    _ANY_NUMBER = re.compile(_NUMBER)
 
     def __init__(self, last_number_fallback: bool = False):
         self.last_number_fallback = last_number_fallback
+        self._styles = self._STYLES + ((re.compile(f"({self._NUMBER})"),) if last_number_fallback else ())
 
     def config(self) -> dict:
         return {"last_number_fallback": self.last_number_fallback}
 
     def extract(self, final: str) -> str | None:
-        for style in self._STYLES:
+        for style in self._styles:
             found = [m for m in style.findall(final) if _to_fraction(m) is not None]
             if found:
                 return found[-1]
-        if self.last_number_fallback:
-            numbers = [m for m in self._ANY_NUMBER.findall(final) if _to_fraction(m) is not None]
-            return numbers[-1] if numbers else None
         return None
 
     def matches(self, extracted: str, gold: str) -> bool:
