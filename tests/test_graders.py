@@ -1,11 +1,16 @@
-import json
-
 import pytest
 from helpers import SHARED_BENCHMARKS, problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reasondistill.verify.graders import AnswerIsGrader, ChoiceGrader, LabelGrader, NumericGrader
+from reasondistill.tasks import default_grader, get_benchmark
+from reasondistill.verify.graders import (
+    AnswerIsGrader,
+    ChoiceGrader,
+    ExactStringGrader,
+    LabelGrader,
+    NumericGrader,
+)
 from reasondistill.verify.reasoning import format_completion, split_reasoning
 
 INTEGER = AnswerIsGrader("integer")
@@ -138,14 +143,13 @@ GSM8K_TEST = SHARED_BENCHMARKS / "gsm8k" / "test.jsonl"
 
 @pytest.mark.skipif(not GSM8K_TEST.exists(), reason=f"{GSM8K_TEST} not present")
 def test_every_gsm8k_gold_solution_grades_correct_and_a_changed_number_incorrect():
-    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
-    assert len(rows) == 1319
-    for i, row in enumerate(rows):
-        solution = row["answer"]
-        gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
-        assert NUMERIC.grade(solution, problem(gold)).label == "correct", f"row {i}"
-        wrong = f"{solution.rsplit('####', 1)[0]}#### {int(gold) + 1}"
-        assert NUMERIC.grade(wrong, problem(gold)).label == "incorrect", f"row {i}"
+    problems = get_benchmark("gsm8k").load(GSM8K_TEST)
+    grader = default_grader("gsm8k")
+    assert len(problems) == 1319 and grader.id == NUMERIC.id
+    for p in problems:
+        assert grader.grade(p.solution, p).label == "correct", p.id
+        wrong = f"{p.solution.rsplit('####', 1)[0]}#### {int(p.answer) + 1}"
+        assert grader.grade(wrong, p).label == "incorrect", p.id
 
 
 @given(
@@ -179,3 +183,32 @@ def test_label_grader_for_benchmark_outputs(final, label, extracted):
     verdict = LABELS.grade(final, problem("True"))
     assert (verdict.label, verdict.extracted) == (label, extracted)
     assert LABELS.id.startswith("label@1+") and LABELS.id != LabelGrader().id
+
+
+EXACT = ExactStringGrader()
+
+
+@pytest.mark.parametrize(
+    "final, label, extracted",
+    [
+        ("Lewis is Jason's grandson, so the answer is grandson.", "correct", "grandson"),
+        ("The answer is **Grandson**.", "correct", "grandson"),
+        ("\\boxed{\\text{grandson}}", "correct", "grandson"),
+        ("$\\boxed{grandson}$", "correct", "grandson"),
+        ("grandson", "correct", "grandson"),
+        ("Answer: great grandson", "incorrect", "great grandson"),
+        ("The answer is son. No: the answer is grandson.", "correct", "grandson"),  # the last one counts
+        ("Lewis is the son of Scott's brother.\nSo it is hard to say.", "unparseable", None),
+        ("", "unparseable", None),
+    ],
+)
+def test_exact_string_grader(final, label, extracted):
+    verdict = EXACT.grade(final, problem("grandson"))
+    assert (verdict.label, verdict.extracted) == (label, extracted)
+
+
+def test_exact_string_grader_can_be_case_sensitive():
+    strict = ExactStringGrader(case_sensitive=True)
+    assert strict.grade("The answer is Paris.", problem("Paris")).label == "correct"
+    assert strict.grade("The answer is paris.", problem("Paris")).label == "incorrect"
+    assert strict.id != EXACT.id

@@ -1,6 +1,5 @@
 """The math-verify grader: real MATH-500 answers, order of arguments, and a time limit that holds anywhere."""
 
-import json
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -8,6 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import pytest
 from helpers import SHARED_BENCHMARKS, problem
 
+from reasondistill.tasks import default_grader, get_benchmark
 from reasondistill.verify.graders import MathGrader
 
 MATH500 = SHARED_BENCHMARKS / "math500" / "test.jsonl"
@@ -41,14 +41,11 @@ def test_a_gold_that_does_not_parse_is_an_error_not_a_wrong_answer(grader):
 
 
 @pytest.mark.skipif(not MATH500.exists(), reason=f"{MATH500} not present")
-def test_every_math500_gold_solution_grades_correct_against_its_gold_answer(grader):
-    rows = [json.loads(line) for line in MATH500.read_text().splitlines()]
-    assert len(rows) == 500
-    wrong = [
-        i
-        for i, row in enumerate(rows)
-        if grader.grade(row["solution"], problem(row["answer"])).label != "correct"
-    ]
+def test_every_math500_gold_solution_grades_correct_against_its_gold_answer():
+    problems = get_benchmark("math500").load(MATH500)
+    grader = default_grader("math500")
+    assert len(problems) == 500 and grader.id == MathGrader(gold_format="latex").id
+    wrong = [p.id for p in problems if grader.grade(p.solution, p).label != "correct"]
     assert wrong == []  # no exceptions with the prediction config documented in MathGrader
 
 

@@ -134,7 +134,7 @@ def read_records(path: Path, record_type: type[RecordT]) -> list[RecordT]:
     if not path.exists():
         raise UserError(f"{path}: file not found")
     if path.suffix == ".jsonl":
-        return _validate_rows(_read_jsonl(path), record_type)
+        return _validate_rows(read_jsonl_rows(path), record_type)
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowInvalid, OSError) as err:
@@ -142,7 +142,7 @@ def read_records(path: Path, record_type: type[RecordT]) -> list[RecordT]:
     return _validate_rows(((f"{path} row {i}", row) for i, row in enumerate(rows)), record_type)
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
+def read_jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():

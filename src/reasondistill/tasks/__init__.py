@@ -1,10 +1,12 @@
-"""Tasks by name. The testbed tasks are generated; benchmark loaders register here too."""
+"""Tasks by name: the generated testbed tasks, and public benchmarks loaded from files or the Hub."""
 
 from __future__ import annotations
 
 from ..errors import UserError
+from ..verify.graders import Grader
 from .arithmetic import ArithmeticTask
 from .base import GeneratedTask
+from .benchmarks import BENCHMARKS, Benchmark
 from .logic import LogicTask
 from .word_problems import WordProblemTask
 
@@ -18,3 +20,18 @@ def get_task(name: str) -> GeneratedTask:
         return TASKS[name]
     except KeyError:
         raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise UserError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}") from None
+
+
+def default_grader(name: str) -> Grader:
+    """The grader a testbed task or a benchmark owns."""
+    source = TASKS.get(name) or BENCHMARKS.get(name)
+    if source is None:
+        raise UserError(f"unknown task {name!r}; known: {', '.join([*TASKS, *BENCHMARKS])}")
+    return source.grader

@@ -221,6 +221,43 @@ class LabelGrader(OptionGrader):
         super().__init__(labels, name="label")
 
 
+class ExactStringGrader(ExtractingGrader):
+    """A short free-text answer compared as a string: a relation ("grandson"), a name, a word.
+
+    The answer is the last `\\boxed{X}` (or `\\boxed{\\text{X}}`); failing that what follows the
+    last "answer is" / "answer:" up to the end of its sentence; failing that a one-line final text.
+    Both sides are compared after collapsing whitespace and stripping surrounding quotes, `**`,
+    brackets and a closing full stop; case is ignored unless `case_sensitive`.
+    """
+
+    name = "exact"
+    version = "1"
+    _BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?([^{}]*)\}?\s*\}")
+    _STATED = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE)
+
+    def __init__(self, case_sensitive: bool = False):
+        self.case_sensitive = case_sensitive
+
+    def config(self) -> dict:
+        return {"case_sensitive": self.case_sensitive}
+
+    def extract(self, final: str) -> str | None:
+        for pattern in (self._BOXED, self._STATED):
+            found = pattern.findall(final)
+            if found:
+                return self._normalise(found[-1]) or None
+        if "\n" in final.strip():
+            return None
+        return self._normalise(final) or None
+
+    def _normalise(self, text: str) -> str:
+        text = " ".join(text.split()).strip(" .*\"'`()[]")
+        return text if self.case_sensitive else text.casefold()
+
+    def matches(self, extracted: str, gold: str) -> bool:
+        return extracted == self._normalise(gold)
+
+
 class MathGrader(Grader):
     """math-verify, with explicit extraction configs and a time limit that holds in any thread.
 
@@ -293,3 +330,30 @@ def _math_verdict(final: str, gold: str, gold_format: str, float_rounding: int) 
         return "unparseable", None
     correct = verify(gold_parsed, prediction, float_rounding=float_rounding, timeout_seconds=None)
     return ("correct" if correct else "incorrect"), str(prediction[-1])
+
+
+GRADER_SPECS = {
+    "numeric": "GSM8K-style numbers (boxed, ####, 'the answer is'); numeric:last-number also reads the last number",
+    "math-verify:latex": "math-verify, gold answer in LaTeX (MATH)",
+    "math-verify:number": "math-verify, gold answer a plain number (AIME, AMC, GSM8K)",
+    "choice:ABCD": "multiple-choice letters, any set of letters",
+    "label:True/False/Unknown": "one of a set of labels, any labels separated by /",
+    "exact": "a short string, case-insensitive; exact:case-sensitive keeps case",
+}
+
+
+def grader_from_spec(spec: str) -> Grader:
+    """A grader named as in recipes and on the command line: `numeric`, `math-verify:number`,
+    `choice:ABCD`, `label:True/False/Uncertain`, `exact` … (see GRADER_SPECS)."""
+    kind, _, argument = spec.partition(":")
+    if kind == "numeric" and argument in ("", "last-number"):
+        return NumericGrader(last_number_fallback=argument == "last-number")
+    if kind == "math-verify" and argument in ("latex", "number"):
+        return MathGrader(gold_format=argument)
+    if kind == "choice" and re.fullmatch(r"[A-Z]{2,}", argument):
+        return ChoiceGrader(argument)
+    if kind == "label" and len(labels := tuple(filter(None, argument.split("/")))) >= 2:
+        return LabelGrader(labels)
+    if kind == "exact" and argument in ("", "case-sensitive"):
+        return ExactStringGrader(case_sensitive=argument == "case-sensitive")
+    raise ValueError(f"unknown grader {spec!r}; graders are: {', '.join(GRADER_SPECS)}")

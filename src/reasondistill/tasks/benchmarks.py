@@ -1,0 +1,357 @@
+"""Public benchmarks: where each is published, how its rows become problems, and which grader grades it.
+
+A benchmark loads from its usual Hub dataset, or, where no Hub copy has the upstream format, from
+the upstream file at a pinned commit; `data_file` reads a local copy instead, in the format of the
+files described in shared/data/benchmarks/SOURCES.md. Every row becomes a `Problem` whose prompt
+asks for step-by-step reasoning and a final answer the benchmark's grader reads; a malformed row
+is an error naming the file, the row and the field, never a skipped problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import UserError
+from ..records import Message, Problem, read_jsonl_rows
+from ..verify.graders import ChoiceGrader, ExactStringGrader, Grader, LabelGrader, MathGrader, NumericGrader
+
+FileFormat = Literal["jsonl", "json", "csv", "logiqa-txt"]
+BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class Row:
+    """One source row, with field access that fails with the row's location and the expected type."""
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected an object with named fields, got {type(data).__name__}")
+        self.data, self.where = data, where
+
+    def get(self, *names: str, kind: type | tuple[type, ...] = str, required: bool = True):
+        """The first present field of `names` (Hub copies sometimes rename one), checked to be `kind`."""
+        for name in names:
+            if self.data.get(name) is not None:
+                value = self.data[name]
+                if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                    expected = (
+                        kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                    )
+                    raise UserError(f"{self.where}: field {name!r}: expected {expected}, got {value!r:.60}")
+                return value
+        if required:
+            raise UserError(f"{self.where}: missing field {' / '.join(map(repr, names))}")
+        return None
+
+    def fail(self, field: str, expected: str) -> UserError:
+        return UserError(
+            f"{self.where}: field {field!r}: expected {expected}, got {self.data.get(field)!r:.60}"
+        )
+
+
+@dataclass(frozen=True)
+class Item:
+    """What a benchmark reads from one row; the benchmark turns it into a `Problem`."""
+
+    native_id: str
+    prompt: str
+    answer: str
+    solution: str | None = None
+    difficulty: int | None = None
+    meta: dict | None = None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    description: str
+    source: str  # a Hub dataset id, or an https URL of the upstream file at a pinned commit
+    split: str  # the Hub split (ignored for URL sources)
+    file_format: FileFormat  # of the upstream file and of a local copy
+    read: Callable[[Row, int], Item]
+    grader: Grader
+    hub_config: str | None = None
+    difficulty_label: str | None = None  # what `Problem.difficulty` means here ("MATH level")
+
+    def load(self, data_file: str | Path | None = None, limit: int | None = None) -> list[Problem]:
+        """The benchmark's problems in source order (the first `limit` with a limit)."""
+        rows = self._local_rows(Path(data_file)) if data_file else self._remote_rows()
+        problems: dict[str, Problem] = {}
+        for index, (where, data) in enumerate(rows):
+            if limit is not None and len(problems) >= limit:
+                break
+            item = self.read(Row(data, where), index)
+            problem = Problem(
+                id=f"{self.name}-{item.native_id}",
+                task=self.name,
+                messages=[Message(role="user", content=item.prompt)],
+                answer=item.answer,
+                solution=item.solution,
+                difficulty=item.difficulty,
+                meta=json.dumps(item.meta or {}, sort_keys=True),
+            )
+            if problem.id in problems:
+                raise UserError(f"{where}: problem id {item.native_id!r} appears twice in {self.name}")
+            problems[problem.id] = problem
+        if not problems:
+            raise UserError(f"benchmark {self.name}: {data_file or self.source} holds no problems")
+        return list(problems.values())
+
+    def _local_rows(self, path: Path) -> Iterator[tuple[str, Any]]:
+        if not path.is_file():
+            raise UserError(f"benchmark {self.name}: data file {path} not found")
+        return FILE_READERS[self.file_format](path)
+
+    def _remote_rows(self) -> Iterator[tuple[str, Any]]:
+        import datasets
+        from datasets.utils.file_utils import cached_path
+
+        try:
+            if self.source.startswith("https://"):
+                path = Path(cached_path(self.source))  # downloaded once into the datasets cache
+            else:
+                dataset = datasets.load_dataset(self.source, self.hub_config, split=self.split)
+        except (OSError, ValueError, ConnectionError) as err:
+            raise UserError(
+                f"benchmark {self.name}: could not load {self.source} ({type(err).__name__}: {err}); "
+                "pass --data-file with a local copy"
+            ) from None
+        if self.source.startswith("https://"):
+            yield from FILE_READERS[self.file_format](path)
+        else:
+            for i, row in enumerate(dataset):
+                yield f"{self.source} {self.split} row {i}", row
+
+
+# ---- file formats ------------------------------------------------------------------------------
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+    return ((f"{path} item {i}", row) for i, row in enumerate(rows))
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield f"{path} line {reader.line_num}", row
+
+
+def _logiqa_txt_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """LogiQA v1's text format, 8 lines per question: blank, gold letter a-d, context, question, and
+    four options. Options are read by position: most start "A." but some "A ", "A?" or nothing."""
+    lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    for start in range(0, len(lines), 8):
+        block, where = lines[start : start + 8], f"{path} line {start + 1}"
+        if len(block) != 8 or block[0].strip() or block[1].strip() not in ("a", "b", "c", "d"):
+            raise UserError(
+                f"{where}: expected a blank line, a gold letter a-d, a context, a question and 4 options"
+            )
+        options = [
+            line[2:].strip() if line[:1] == letter and line[1:2] in ". ?" else line.strip()
+            for letter, line in zip("ABCD", block[4:], strict=True)
+        ]
+        yield (
+            where,
+            {
+                "context": block[2].strip(),
+                "query": block[3].strip(),
+                "options": options,
+                "correct_option": "abcd".index(block[1].strip()),
+            },
+        )
+
+
+FILE_READERS: dict[FileFormat, Callable[[Path], Iterator[tuple[str, Any]]]] = {
+    "jsonl": read_jsonl_rows,
+    "json": _json_array_rows,
+    "csv": _csv_rows,
+    "logiqa-txt": _logiqa_txt_rows,
+}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---- rows → problems ---------------------------------------------------------------------------
+
+
+def _gsm8k(row: Row, index: int) -> Item:
+    solution = row.get("answer")
+    if "####" not in solution:
+        raise row.fail("answer", "a worked solution ending in '#### <number>'")
+    gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    return Item(f"{index:04d}", f"{row.get('question')}\n\n{BOXED}", gold, solution=solution)
+
+
+def _math500(row: Row, index: int) -> Item:
+    native_id = row.get("unique_id", required=False) or f"{index:03d}"
+    return Item(
+        native_id.removeprefix("test/").removesuffix(".json"),
+        f"{row.get('problem')}\n\n{BOXED}",
+        row.get("answer"),
+        solution=row.get("solution", required=False),
+        difficulty=row.get("level", kind=int, required=False),
+        meta={"subject": row.get("subject", required=False)},
+    )
+
+
+def _competition(row: Row, index: int) -> Item:
+    """AIME and AMC as Qwen2.5-Math and the usual Hub copies store them: numeric answers, possibly
+    zero-padded strings ("025") or floats (27.0)."""
+    answer = row.get("answer", kind=(str, int, float))
+    if isinstance(answer, float):
+        answer = str(int(answer)) if answer.is_integer() else repr(answer)
+    native_id = row.get("id", kind=(str, int), required=False)
+    return Item(
+        str(index if native_id is None else native_id),
+        f"{row.get('problem', 'question')}\n\n{BOXED}",
+        str(answer).strip(),
+        solution=row.get("solution", required=False) or None,
+        meta={"url": row.get("url", required=False)},
+    )
+
+
+def _label_instruction(labels: tuple[str, ...]) -> str:
+    listed = ", ".join(labels[:-1]) + f", or {labels[-1]}" if len(labels) > 2 else " or ".join(labels)
+    return f"Please reason step by step, and put your final answer ({listed}) within \\boxed{{}}."
+
+
+FOLIO_LABELS = ("True", "False", "Uncertain")
+
+
+def _folio(row: Row, index: int) -> Item:
+    premises = row.get("premises", kind=(list, str))
+    premises = "\n".join(premises) if isinstance(premises, list) else premises.strip()
+    label = row.get("label")
+    if label not in FOLIO_LABELS:
+        raise row.fail("label", " / ".join(FOLIO_LABELS))
+    prompt = (
+        f"Premises:\n{premises}\n\nBased on the premises, is the following conclusion True, False, "
+        f"or Uncertain?\n{row.get('conclusion')}\n\n{_label_instruction(FOLIO_LABELS)}"
+    )
+    native_id = row.get("example_id", kind=(str, int), required=False)
+    return Item(str(index if native_id is None else native_id), prompt, label)
+
+
+_OPTION = re.compile(r"^\s*\(?([A-Z])[).:]\s*(.+?)\s*$")
+
+
+def _logic_lm(labels: tuple[str, ...]) -> Callable[[Row, int], Item]:
+    """ProntoQA and ProofWriter as Logic-LM releases them: options "A) True", a gold letter. The
+    problem is posed and graded with the option's label, which is what models naturally answer."""
+
+    def read(row: Row, index: int) -> Item:
+        options = {}
+        for option in row.get("options", kind=list):
+            match = _OPTION.match(str(option))
+            if not match or match.group(2) not in labels:
+                raise row.fail("options", f"options like 'A) {labels[0]}' with labels {'/'.join(labels)}")
+            options[match.group(1)] = match.group(2)
+        gold = row.get("answer")
+        if gold not in options:
+            raise row.fail("answer", f"one of the option letters {', '.join(options)}")
+        prompt = f"{row.get('context')}\n\n{row.get('question')}\n\n{_label_instruction(labels)}"
+        return Item(row.get("id"), prompt, options[gold], meta={"letter": gold})
+
+    return read
+
+
+def _choice_prompt(context: str, question: str, options: list) -> str:
+    lines = [f"{letter}. {text}" for letter, text in zip("ABCDEFGH", options, strict=False)]
+    return (
+        f"{context}\n\n{question}\n" + "\n".join(lines) + "\n\nPlease reason step by step, and put "
+        "the letter of the correct option within \\boxed{}."
+    )
+
+
+def _logiqa(row: Row, index: int) -> Item:
+    """LogiQA v1, from its text file (parsed above) or the lucasmccabe/logiqa Hub copy (same fields)."""
+    options = row.get("options", kind=list)
+    gold = row.get("correct_option", kind=int)
+    if len(options) != 4 or not 0 <= gold < 4:
+        raise row.fail("correct_option", "four options and a gold index 0-3")
+    prompt = _choice_prompt(row.get("context"), row.get("query"), options)
+    return Item(f"{index:04d}", prompt, "ABCD"[gold])
+
+
+def _logiqa2(row: Row, index: int) -> Item:
+    options = row.get("options", kind=list)
+    gold = row.get("answer", kind=int)
+    if not 0 <= gold < len(options) <= 4:
+        raise row.fail("answer", f"an option index 0-{len(options) - 1}")
+    prompt = _choice_prompt(row.get("text"), row.get("question"), options)
+    # Upstream ids are not unique (4 ids are shared by two different questions): number by row.
+    upstream_id = row.get("id", kind=(str, int), required=False)
+    return Item(f"{index:04d}", prompt, "ABCD"[gold], meta={"upstream_id": upstream_id})
+
+
+_CLUTRR_QUERY = re.compile(r"^\(\s*'([^']+)'\s*,\s*'([^']+)'\s*\)$")
+_CLUTRR_HOPS = re.compile(r"^task_1\.(\d+)$")
+
+
+def _clutrr(row: Row, index: int) -> Item:
+    """CLUTRR/v1: `target_text` is the relation of the query's second person to its first."""
+    query = _CLUTRR_QUERY.match(row.get("query").strip())
+    if not query:
+        raise row.fail("query", "a pair of names like ('Jason', 'Lewis')")
+    first, second = query.groups()
+    hops = _CLUTRR_HOPS.match(row.get("task_name", required=False) or "")
+    story = row.get("story").replace("[", "").replace("]", "")  # names are bracketed in the source
+    prompt = (
+        f"{story}\n\nHow is {second} related to {first}? Answer with the kinship term X in "
+        f'"{second} is {first}\'s X".\n\n{BOXED}'
+    )
+    return Item(
+        row.get("id"), prompt, row.get("target_text"), difficulty=int(hops.group(1)) if hops else None
+    )
+
+
+# ---- the registry ------------------------------------------------------------------------------
+
+_LOGIC_LM = "https://raw.githubusercontent.com/teacherpeterpan/Logic-LLM/d29f1e5e7203e8826cb9c41ba3003e43dc0b9d34/data"
+_MATH_NUMBER = MathGrader(gold_format="number")
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("gsm8k", "grade-school math word problems (test, 1,319)", "openai/gsm8k", "test",
+                  "jsonl", _gsm8k, NumericGrader(), hub_config="main"),
+        Benchmark("math500", "MATH-500, the 500-problem MATH test subset of PRM800K", "HuggingFaceH4/MATH-500",
+                  "test", "jsonl", _math500, MathGrader(gold_format="latex"), difficulty_label="MATH level"),
+        Benchmark("aime24", "AIME 2024 I and II (30)", "HuggingFaceH4/aime_2024", "train", "jsonl",
+                  _competition, _MATH_NUMBER),
+        Benchmark("aime25", "AIME 2025 I and II (30)", "yentinglin/aime_2025", "train", "jsonl",
+                  _competition, _MATH_NUMBER),
+        Benchmark("amc23", "AMC 12 2023, free-response (40)", "math-ai/amc23", "test", "jsonl",
+                  _competition, _MATH_NUMBER),
+        Benchmark("folio", "FOLIO first-order-logic entailment, True/False/Uncertain", "yale-nlp/FOLIO",
+                  "validation", "jsonl", _folio, LabelGrader(FOLIO_LABELS)),
+        Benchmark("prontoqa", "ProntoQA 5-hop fictional ontologies, True/False (Logic-LM release)",
+                  f"{_LOGIC_LM}/ProntoQA/dev.json", "dev", "json", _logic_lm(("True", "False")),
+                  LabelGrader(("True", "False"))),
+        Benchmark("proofwriter", "ProofWriter depth-5 open-world, True/False/Unknown (Logic-LM release)",
+                  f"{_LOGIC_LM}/ProofWriter/dev.json", "dev", "json",
+                  _logic_lm(("True", "False", "Unknown")), LabelGrader(("True", "False", "Unknown"))),
+        Benchmark("logiqa", "LogiQA v1 four-option logical reading comprehension", "lucasmccabe/logiqa",
+                  "test", "logiqa-txt", _logiqa, ChoiceGrader("ABCD")),
+        Benchmark("logiqa2", "LogiQA 2.0 four-option logical reading comprehension", "baber/logiqa2", "test",
+                  "jsonl", _logiqa2, ChoiceGrader("ABCD"), hub_config="logiqa2"),
+        Benchmark("clutrr", "CLUTRR kinship relations, chains of 2-10 relations", "CLUTRR/v1", "test", "csv",
+                  _clutrr, ExactStringGrader(), hub_config="gen_train23_test2to10",
+                  difficulty_label="relations in the chain"),
+    )
+}  # fmt: skip
