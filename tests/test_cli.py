@@ -13,6 +13,7 @@ def test_every_stage_is_a_command_whose_options_are_its_config_keys():
         "generate",
         "verify",
         "curate",
+        "decontaminate",
         "train",
         "eval",
         "report",
@@ -68,3 +69,24 @@ def test_a_stage_runs_from_the_command_line(tmp_path):
     assert [
         p.difficulty for p in read_records(tmp_path / "problems" / "logic" / "train.parquet", Problem)
     ] == [4, 4, 4]
+
+
+def test_grader_and_benchmark_options_are_checked_before_anything_runs(tmp_path, capsys):
+    def error(*options: str) -> str:
+        with pytest.raises(SystemExit):
+            main(["eval", "--run-dir", str(tmp_path), "--model", "testbed:student", *options])
+        return capsys.readouterr().err.strip()
+
+    assert "--benchmarks: Value error, unknown benchmark 'gsm9k'; known: gsm8k, math500" in error(
+        "--benchmarks", "gsm9k"
+    )
+    assert "with several benchmarks, write NAME=PATH" in error(
+        "--benchmarks", "gsm8k,math500", "--data-file", "test.jsonl"
+    )
+    assert "data file 'aime24=x.jsonl': aime24 is not among the benchmarks" in error(
+        "--benchmarks", "gsm8k", "--data-file", "aime24=x.jsonl"
+    )
+    assert "unknown grader 'math-verify:html'; graders are: numeric, math-verify:latex" in error(
+        "--graders", '{"gsm8k": "math-verify:html"}'
+    )
+    assert "--graders: Value error, unknown task 'gsm9k'" in error("--graders", '{"gsm9k": "numeric"}')

@@ -9,7 +9,9 @@ from reasondistill.verify.graders import (
     ChoiceGrader,
     ExactStringGrader,
     LabelGrader,
+    MathGrader,
     NumericGrader,
+    grader_from_spec,
 )
 from reasondistill.verify.reasoning import format_completion, split_reasoning
 
@@ -212,3 +214,37 @@ def test_exact_string_grader_can_be_case_sensitive():
     assert strict.grade("The answer is Paris.", problem("Paris")).label == "correct"
     assert strict.grade("The answer is paris.", problem("Paris")).label == "incorrect"
     assert strict.id != EXACT.id
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("numeric", NumericGrader()),
+        ("numeric:last-number", NumericGrader(last_number_fallback=True)),
+        ("math-verify:number", MathGrader(gold_format="number")),
+        ("choice:ABCD", ChoiceGrader("ABCD")),
+        ("label:Yes/No", LabelGrader(("Yes", "No"))),
+        ("exact:case-sensitive", ExactStringGrader(case_sensitive=True)),
+    ],
+)
+def test_graders_are_named_by_specs_in_recipes(spec, expected):
+    assert grader_from_spec(spec).id == expected.id
+
+
+@pytest.mark.parametrize("spec", ["numeric:first", "choice:A", "label:Yes", "regex", ""])
+def test_an_unknown_grader_spec_is_an_error_listing_the_known_ones(spec):
+    with pytest.raises(ValueError, match="unknown grader .*; graders are: numeric, math-verify:latex"):
+        grader_from_spec(spec)
+
+
+def test_verify_and_eval_use_a_tasks_own_grader_unless_overridden():
+    from reasondistill.evaluate.stage import EvalConfig
+    from reasondistill.verify.stage import VerifyConfig
+
+    overrides = {"gsm8k": "math-verify:number"}
+    verify = VerifyConfig(traces="teacher", graders=overrides)
+    evaluate = EvalConfig(model=["testbed:student"], benchmarks=["gsm8k", "math500"], graders=overrides)
+    for config in (verify, evaluate):
+        assert config.grader_for("gsm8k").id == MathGrader(gold_format="number").id
+        assert config.grader_for("math500") is default_grader("math500")
+        assert config.grader_for("arithmetic") is default_grader("arithmetic")

@@ -102,11 +102,16 @@ def test_every_stage_writes_its_documented_outputs(run):
 
     result = json.loads((run.eval_dir("student") / "arithmetic.json").read_text())
     assert result["greedy"]["samples_per_problem"] == 1 and result["sampled"]["samples_per_problem"] == 2
-    assert {"accuracy", "pass@1", "pass@2", "mean_completion_tokens", "labels"} <= set(result["sampled"])
+    assert {"accuracy", "pass@1", "pass@2", "maj@2", "mean_completion_tokens", "labels"} <= set(
+        result["sampled"]
+    )
+    assert set(result["sampled"]["by_difficulty"]) <= {"2", "3"}  # the recipe's arithmetic difficulties
+    assert sum(level["problems"] for level in result["greedy"]["by_difficulty"].values()) == 6
     assert len(read_records(run.eval_dir("student") / "arithmetic.sampled.parquet", GradedTrace)) == 6 * 2
 
     report = (run.root / "report.md").read_text()
     assert "| arithmetic | teacher |" in report and "accuracy_vs_tokens.png" in report
+    assert "| arithmetic | testbed difficulty |" in report  # the accuracy-by-difficulty table
     assert "data:image/png;base64," in (run.root / "report.html").read_text()
 
 

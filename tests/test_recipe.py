@@ -14,8 +14,10 @@ steps:
   - generate: {model: "testbed:teacher", name: teacher, n: 2}
   - verify: {traces: teacher}
   - curate: {name: distill, traces: teacher}
-  - train: {name: student, init: "testbed:student", data: distill}
+  - decontaminate: {name: distill-clean, data: distill, benchmarks: [gsm8k], data_file: [gsm8k.jsonl]}
+  - train: {name: student, init: "testbed:student", data: distill-clean}
   - eval: {models: ["testbed:teacher", student]}
+  - eval: {model: [student], benchmarks: [gsm8k, math500], data_file: [gsm8k=a.jsonl, math500=b.jsonl], n: 8}
   - report: {}
 """
 
@@ -43,12 +45,23 @@ def test_a_valid_recipe_loads_and_the_recipe_seed_fills_in_step_seeds(tmp_path):
         "generate",
         "verify",
         "curate",
+        "decontaminate",
         "train",
+        "eval",
         "eval",
         "report",
     ]
-    assert steps[1].config.seed == 3 and steps[4].config.seed == 3
+    assert steps[1].config.seed == 3 and steps[5].config.seed == 3
+    assert steps[7].config.data_files() == {"gsm8k": "a.jsonl", "math500": "b.jsonl"}
     check_references(steps, RunDir(tmp_path / "run"))
+
+
+def test_a_benchmark_only_eval_needs_no_problems_step(tmp_path):
+    recipe = "run_dir: r\nsteps:\n  - eval: {models: [\"testbed:student\"], benchmarks: [aime24]}\n"
+    _, steps = load_recipe(write(tmp_path, recipe))
+    check_references(steps, RunDir(tmp_path / "run"))
+    with_tasks = recipe.replace("benchmarks: [aime24]", "benchmarks: [aime24], tasks: [logic]")
+    assert "eval.problems: needs a `problems` step" in error_of(tmp_path, with_tasks)
 
 
 @pytest.mark.parametrize(

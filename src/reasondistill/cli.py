@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import click
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import UserError, describe_validation_error
@@ -59,20 +59,23 @@ def _option(name: str, field: FieldInfo) -> click.Option:
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
     flag = _flag((name,))
+    # A key's aliases (`model` for `models`) are options too; the parameter keeps the key's name.
+    aliases = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+    flags = [name, flag, *[_flag((alias,)) for alias in aliases if alias != name]]
     default = None if field.is_required() else field.get_default(call_default_factory=True)
     help_text = (field.description or "") + ("" if default in (None, [], {}) else f"  [default: {default}]")
     if annotation is bool:
-        return click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=help_text)
+        return click.Option([name, f"{flag}/--no-{flag[2:]}"], default=None, help=help_text)
     if origin is Literal:
         return click.Option(
-            [flag], type=click.Choice([str(a) for a in typing.get_args(annotation)]), help=help_text
+            flags, type=click.Choice([str(a) for a in typing.get_args(annotation)]), help=help_text
         )
     if origin is list:
-        return click.Option([flag], help=help_text + "  (comma-separated)", metavar="A,B,…")
+        return click.Option(flags, help=help_text + "  (comma-separated)", metavar="A,B,…")
     if origin is dict:
-        return click.Option([flag], help=help_text + "  (JSON object)", metavar="JSON")
+        return click.Option(flags, help=help_text + "  (JSON object)", metavar="JSON")
     click_type = {int: click.INT, float: click.FLOAT}.get(annotation, click.STRING)
-    return click.Option([flag], type=click_type, required=field.is_required(), help=help_text)
+    return click.Option(flags, type=click_type, required=field.is_required(), help=help_text)
 
 
 def _parse_option(value, field: FieldInfo):
@@ -112,7 +115,13 @@ def _stage_command(stage: Stage) -> click.Command:
         stage.run(config, run, overwrite)
 
     params = [
-        click.Option(["--run-dir"], required=True, help="run directory (created if missing)"),
+        click.Option(
+            ["--run-dir"],
+            required=stage.default_run_dir is None,
+            default=stage.default_run_dir,
+            show_default=stage.default_run_dir is not None,
+            help="run directory (created if missing)",
+        ),
         click.Option(
             ["--overwrite"], is_flag=True, help="recompute outputs made earlier with other settings"
         ),

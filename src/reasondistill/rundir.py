@@ -5,6 +5,7 @@
     <run>/traces/<name>/shard-*.parquet  + index.json of finished shards (resumable)
     <run>/graded/<name>.parquet
     <run>/curated/<name>.parquet
+    <run>/decontamination/<name>.json   overlaps with evaluation benchmarks found by `decontaminate`
     <run>/checkpoints/<name>/            a Hub-style model folder
     <run>/eval/<model>/<task>.json       + <task>.<greedy|sampled>.parquet (graded completions)
     <run>/report.md  report.html  figures/
@@ -67,6 +68,9 @@ class RunDir:
 
     def curated(self, name: str) -> Path:
         return self.root / "curated" / f"{name}.parquet"
+
+    def decontamination(self, name: str) -> Path:
+        return self.root / "decontamination" / f"{name}.json"
 
     def checkpoint(self, name: str) -> Path:
         return self.root / "checkpoints" / name

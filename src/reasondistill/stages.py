@@ -26,10 +26,14 @@ class Stage:
     # checked with them before anything runs, so a typo fails in a second, not after an hour of work.
     produces: Callable[[StageConfig], list[str]] = lambda cfg: []
     requires: Callable[[StageConfig], dict[str, str]] = lambda cfg: {}
+    default_run_dir: str | None = (
+        None  # for a stage that is often run alone (eval); else --run-dir is required
+    )
 
 
 def all_stages() -> dict[str, Stage]:
     # Imported here so that `import reasondistill.stages` stays light for the stage modules themselves.
+    from .curate.decontaminate import STAGE as decontaminate
     from .curate.stage import STAGE as curate
     from .evaluate.stage import STAGE as evaluate
     from .generate.stage import STAGE as generate
@@ -38,4 +42,4 @@ def all_stages() -> dict[str, Stage]:
     from .train.stage import STAGE as train
     from .verify.stage import STAGE as verify
 
-    return {s.name: s for s in (problems, generate, verify, curate, train, evaluate, report)}
+    return {s.name: s for s in (problems, generate, verify, curate, decontaminate, train, evaluate, report)}

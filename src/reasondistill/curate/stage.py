@@ -6,11 +6,14 @@ reasoning to build an answer-only baseline set from the very same traces.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from ..errors import UserError
 from ..records import GradedTrace, Label, TrainingExample, read_records, write_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
@@ -28,6 +31,24 @@ class CurateConfig(StageConfig):
         "keep", description="drop: train on the final answer only, without the reasoning block"
     )
     max_per_problem: int | None = Field(None, ge=1, description="keep at most this many traces per problem")
+
+
+def training_data(data: str, run: RunDir) -> tuple[Path, str]:
+    """The file of a set of training examples and its fingerprint: a curated set of the run (with
+    its step's fingerprint) or a .jsonl/.parquet file (with its content hash)."""
+    if run.curated(data).exists():
+        return run.curated(data), run.finished_step(f"curate:{data}")["fingerprint"]
+    path = Path(data).expanduser()
+    if path.suffix in (".jsonl", ".parquet") and path.exists():
+        return path, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    raise UserError(
+        f"training data {data!r}: not a curated set of {run.root} nor an existing .jsonl/.parquet file"
+    )
+
+
+def training_data_step(data: str) -> dict[str, str]:
+    """What a stage reading `data` requires: the step that curates it, unless it is a file."""
+    return {} if Path(data).expanduser().is_file() else {"data": f"curate:{data}"}
 
 
 def curate(

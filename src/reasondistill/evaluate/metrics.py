@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+
+from ..records import GradedTrace
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -30,15 +34,49 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarise(correct_per_problem: Sequence[Sequence[bool]], tokens: Sequence[int]) -> dict:
-    """Accuracy (pass@1 = mean over all samples), unbiased pass@k, and mean completion tokens."""
-    n = len(correct_per_problem[0])
+def majority_correct(samples: Sequence[GradedTrace]) -> bool:
+    """maj@k of one problem: the most frequent extracted answer among the parseable samples is graded
+    (a tie goes to the answer seen first); no parseable sample counts as wrong."""
+    votes = Counter(s.extracted for s in samples if s.extracted is not None)
+    if not votes:
+        return False
+    winner = votes.most_common(1)[0][0]  # Counter keeps first-seen order among equal counts
+    return next(s.label == "correct" for s in samples if s.extracted == winner)
+
+
+def summarise(
+    per_problem: Sequence[Sequence[GradedTrace]], difficulties: Sequence[int | None] | None = None
+) -> dict:
+    """Metrics over n graded samples of each problem.
+
+    accuracy = pass@1 as the mean over all samples; pass@k by the unbiased estimator; maj@k over
+    each problem's first k samples; mean and median completion tokens; correct answers per 1,000
+    generated tokens (= accuracy / mean tokens × 1000); and accuracy by difficulty when problems
+    have one (`difficulties`, one per problem).
+    """
+    n = len(per_problem[0])
+    if any(len(samples) != n for samples in per_problem):
+        raise ValueError("every problem needs the same number of samples")
+    correct = [[s.label == "correct" for s in samples] for samples in per_problem]
+    tokens = [s.completion_tokens for samples in per_problem for s in samples]
     summary = {
-        "problems": len(correct_per_problem),
+        "problems": len(per_problem),
         "samples_per_problem": n,
-        "accuracy": mean([mean([float(x) for x in row]) for row in correct_per_problem]),
+        "accuracy": mean([mean(row) for row in correct]),
+        **{f"pass@{k}": mean([pass_at_k(n, sum(row), k) for row in correct]) for k in k_values(n)},
+        **{f"maj@{k}": mean([majority_correct(s[:k]) for s in per_problem]) for k in k_values(n) if k > 1},
         "mean_completion_tokens": mean(tokens),
+        "median_completion_tokens": statistics.median(tokens),
+        "correct_per_1k_tokens": 1000 * sum(map(sum, correct)) / max(1, sum(tokens)),
+        "labels": dict(Counter(s.label for samples in per_problem for s in samples)),
     }
-    for k in k_values(n):
-        summary[f"pass@{k}"] = mean([pass_at_k(n, sum(row), k) for row in correct_per_problem])
+    by_level: dict[int, list[list[bool]]] = defaultdict(list)
+    for level, row in zip(difficulties or [None] * len(correct), correct, strict=True):
+        if level is not None:
+            by_level[level].append(row)
+    if by_level:
+        summary["by_difficulty"] = {
+            str(level): {"problems": len(rows), "accuracy": mean([mean(row) for row in rows])}
+            for level, rows in sorted(by_level.items())
+        }
     return summary

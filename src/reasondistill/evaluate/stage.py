@@ -1,18 +1,21 @@
-"""`eval`: accuracy of models on held-out problems, graded by the same graders as `verify`.
+"""`eval`: models on held-out testbed problems and public benchmarks, graded like `verify` grades.
 
-For each model and task: greedy accuracy, and over n samples at a temperature the mean accuracy
-(pass@1), unbiased pass@k and mean completion tokens. Results go to eval/<model>/<task>.json, the
+For each model and task or benchmark: greedy accuracy, and over n samples at a temperature pass@1
+(the mean over samples), unbiased pass@k, maj@k, mean and median completion tokens, correct answers
+per 1k generated tokens and accuracy by difficulty. Results go to eval/<model>/<task>.json, the
 graded completions to eval/<model>/<task>.<greedy|sampled>.parquet.
+
+    reasondistill eval --model PATH --benchmarks gsm8k,math500 --n 8 --temperature 0.6 --limit 50
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from ..errors import UserError
 from ..generate.base import SamplingParams
@@ -20,22 +23,28 @@ from ..generate.hf import HFGenerator
 from ..generate.stage import SamplingOptions, make_traces
 from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
 from ..records import GradedTrace, Problem, atomic_write_json, write_records
-from ..rundir import RunDir
+from ..rundir import RunDir, fingerprint
 from ..stages import Stage
-from ..tasks import get_task
-from ..tasks.stage import ProblemSelection, load_problems
+from ..tasks import BENCHMARKS, get_benchmark
+from ..tasks.stage import BenchmarkSelection, ProblemSelection, load_benchmarks, load_problems
 from ..ui import note, progress_bar
-from ..verify.stage import grade_trace
+from ..verify.stage import GraderChoice, grade_trace
 from .metrics import summarise
 
 
-class EvalConfig(SamplingOptions, ProblemSelection):
+class EvalConfig(SamplingOptions, ProblemSelection, BenchmarkSelection, GraderChoice):
     models: list[str] = Field(
-        min_length=1, description="models to evaluate (testbed:…, trained names, folders, Hub ids)"
+        min_length=1,
+        validation_alias=AliasChoices("models", "model"),
+        description="models to evaluate (testbed:…, trained names, folders, Hub ids)",
     )
-    split: Literal["train", "test"] = Field("test", description="which problems to evaluate on")
+    split: Literal["train", "test"] = Field("test", description="which testbed problems to evaluate on")
     n: int = Field(4, ge=0, description="sampled completions per problem (0: greedy only)")
     greedy: bool = Field(True, description="also decode greedily (one completion at temperature 0)")
+
+    def uses_run_problems(self) -> bool:
+        """Testbed problems of the run are evaluated unless only benchmarks were asked for."""
+        return not self.benchmarks or self.tasks is not None
 
 
 def _modes(cfg: EvalConfig) -> list[tuple[str, SamplingParams]]:
@@ -47,43 +56,49 @@ def _modes(cfg: EvalConfig) -> list[tuple[str, SamplingParams]]:
     return modes
 
 
-def evaluate_model(model: ResolvedModel, problems: list[Problem], cfg: EvalConfig, run: RunDir) -> dict:
+def evaluate_model(
+    model: ResolvedModel, problems: dict[str, list[Problem]], cfg: EvalConfig, run: RunDir
+) -> dict:
     generator = HFGenerator(model.path, batch_size=cfg.batch_size)
     parameters = sum(p.numel() for p in generator.model.parameters())
-    by_task: dict[str, list[Problem]] = defaultdict(list)
-    for problem in problems:
-        by_task[problem.task].append(problem)
     modes = _modes(cfg)
     out = run.eval_dir(model.name)
     accuracy = {}
-    total = sum(len(problems) * sampling.n for _, sampling in modes)
+    total = sum(len(task_problems) * s.n for task_problems in problems.values() for _, s in modes)
     with progress_bar(f"eval {model.name}", total=total, unit="completions") as bar:
-        for task, task_problems in sorted(by_task.items()):
-            result = {"model": model.name, "path": model.path, "parameters": parameters, "task": task,
-                      "split": cfg.split, "grader": get_task(task).grader.id}  # fmt: skip
+        for task, task_problems in problems.items():
+            grader = cfg.grader_for(task)
+            benchmark = BENCHMARKS.get(task)
+            result = {
+                "model": model.name, "path": model.path, "parameters": parameters, "task": task,
+                "data": _data_description(task, cfg), "grader": grader.id,
+                "difficulty": benchmark.difficulty_label if benchmark else "testbed difficulty",
+            }  # fmt: skip
             for mode, sampling in modes:
                 source = json.dumps({"model": model.name, "backend": "hf", "sampling": asdict(sampling)})
                 completions = generator.generate(
                     [p.messages for p in task_problems], sampling, progress=bar.advance
                 )
-                graded = [
-                    grade_trace(trace, problem)
+                per_problem = [
+                    [grade_trace(trace, problem, grader) for trace in make_traces(problem, samples, source)]
                     for problem, samples in zip(task_problems, completions, strict=True)
-                    for trace in make_traces(problem, samples, source)
                 ]
+                graded = [g for samples in per_problem for g in samples]
                 write_records(out / f"{task}.{mode}.parquet", graded, GradedTrace)
-                correct = [
-                    [g.label == "correct" for g in graded[i : i + sampling.n]]
-                    for i in range(0, len(graded), sampling.n)
-                ]
                 result[mode] = {
                     "temperature": sampling.temperature,
-                    **summarise(correct, [g.completion_tokens for g in graded]),
-                    "labels": dict(Counter(g.label for g in graded)),
+                    **summarise(per_problem, [p.difficulty for p in task_problems]),
                 }
             atomic_write_json(out / f"{task}.json", result)
             accuracy[task] = {mode: round(result[mode]["accuracy"], 4) for mode, _ in modes}
     return {"model": model.path, "accuracy": accuracy}
+
+
+def _data_description(task: str, cfg: EvalConfig) -> str:
+    if task not in BENCHMARKS:
+        return f"testbed {cfg.split} split"
+    benchmark = get_benchmark(task)
+    return cfg.data_files().get(task) or f"{benchmark.source} ({benchmark.split})"
 
 
 def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
@@ -93,20 +108,25 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
         raise UserError(
             f"eval: two models share the name {next(n for n in names if names.count(n) > 1)!r}; their results would collide"
         )
-    problems = load_problems(run, cfg, cfg.split)
-    problems_fingerprint = run.finished_step("problems")["fingerprint"]
-    tasks = sorted({p.task for p in problems})
+    problems: dict[str, list[Problem]] = defaultdict(list)
+    inputs = {}
+    if cfg.uses_run_problems():
+        for problem in load_problems(run, cfg, cfg.split):
+            problems[problem.task].append(problem)
+        inputs["problems"] = run.finished_step("problems")["fingerprint"]
+    for name, benchmark_problems in load_benchmarks(cfg, cfg.limit).items():
+        problems[name] = benchmark_problems
+        inputs[f"benchmark:{name}"] = fingerprint([p.model_dump() for p in benchmark_problems])
     for reference, model in zip(cfg.models, models, strict=True):
         # One step per model, configured with that model only, so adding a model to the list
         # later does not invalidate the results of the others.
         step_config = cfg.model_copy(update={"models": [reference]})
-        inputs = {"model": model.fingerprint, "problems": problems_fingerprint}
         result = run.step(
             f"eval:{model.name}",
             step_config,
-            inputs,
+            {**inputs, "model": model.fingerprint},
             lambda _fp, m=model: evaluate_model(m, problems, cfg, run),
-            outputs=[run.eval_dir(model.name) / f"{task}.json" for task in tasks],
+            outputs=[run.eval_dir(model.name) / f"{task}.json" for task in problems],
             overwrite=overwrite,
         )
         note(f"eval:{model.name}: accuracy {result['stats']['accuracy']}")
@@ -116,7 +136,11 @@ STAGE = Stage(
     "eval",
     EvalConfig,
     run_eval,
-    "evaluate models on held-out problems with the shared graders",
+    "evaluate models on held-out testbed problems and public benchmarks with the shared graders",
     produces=lambda cfg: [f"eval:{reference_name(m)}" for m in cfg.models],
-    requires=lambda cfg: {"problems": "problems", **required_steps("models", cfg.models)},
+    requires=lambda cfg: {
+        **({"problems": "problems"} if cfg.uses_run_problems() else {}),
+        **required_steps("models", cfg.models),
+    },
+    default_run_dir="runs/eval",
 )

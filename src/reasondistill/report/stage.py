@@ -19,6 +19,7 @@ from ..stages import Stage, StageConfig
 from ..ui import note
 
 Table = tuple[list[str], list[list[str]]]
+MODES = ("greedy", "sampled")
 
 
 class ReportConfig(StageConfig):
@@ -38,16 +39,11 @@ def results_table(results: list[dict]) -> Table:
         {key for r in results for key in r.get("sampled", {}) if key.startswith("pass@")},
         key=lambda k: int(k[5:]),
     )
+    majority = f"maj@{ks[-1][5:]}" if len(ks) > 1 else None
     headers = [
-        "task",
-        "model",
-        "parameters",
-        "greedy acc.",
-        "greedy tokens",
-        "sampled acc. (pass@1)",
-        *ks[1:],
-        "sampled tokens",
-    ]
+        "task", "model", "parameters", "greedy acc.", "greedy tokens", "sampled acc. (pass@1)", *ks[1:],
+        *([majority] if majority else []), "sampled tokens (mean / median)", "correct per 1k tokens",
+    ]  # fmt: skip
     rows = []
     for r in sorted(results, key=lambda r: (r["task"], -(r.get("greedy") or r["sampled"])["accuracy"])):
         greedy, sampled = r.get("greedy", {}), r.get("sampled", {})
@@ -55,9 +51,37 @@ def results_table(results: list[dict]) -> Table:
             r["task"], r["model"], f"{r['parameters'] / 1e6:.2f}M",
             _percent(greedy.get("accuracy")), f"{greedy['mean_completion_tokens']:.0f}" if greedy else "–",
             _percent(sampled.get("accuracy")), *[_percent(sampled.get(k)) for k in ks[1:]],
-            f"{sampled['mean_completion_tokens']:.0f}" if sampled else "–",
+            *([_percent(sampled.get(majority))] if majority else []),
+            f"{sampled['mean_completion_tokens']:.0f} / {sampled['median_completion_tokens']:.0f}" if sampled else "–",
+            f"{(sampled or greedy)['correct_per_1k_tokens']:.1f}",
         ])  # fmt: skip
     return headers, rows
+
+
+def difficulty_table(results: list[dict]) -> Table:
+    """Accuracy per difficulty level, one column per model: "greedy / sampled pass@1"."""
+    with_levels = [r for r in results if any("by_difficulty" in r.get(mode, {}) for mode in MODES)]
+    models = sorted({r["model"] for r in with_levels})
+    by_task_model = {(r["task"], r["model"]): r for r in with_levels}
+    rows = []
+    for task in sorted({r["task"] for r in with_levels}):
+        task_results = [r for r in with_levels if r["task"] == task]
+        levels = {
+            level: stats["problems"]
+            for r in task_results
+            for mode in MODES
+            for level, stats in r.get(mode, {}).get("by_difficulty", {}).items()
+        }
+        for level in sorted(levels, key=int):
+            cells = []
+            for model in models:
+                r = by_task_model.get((task, model), {})
+                accuracies = [r[mode]["by_difficulty"].get(level) for mode in MODES if mode in r]
+                cells.append(" / ".join(_percent(a["accuracy"]) if a else "–" for a in accuracies) or "–")
+            rows.append(
+                [task, task_results[0].get("difficulty") or "difficulty", level, str(levels[level]), *cells]
+            )
+    return ["task", "difficulty", "level", "problems", *models], rows
 
 
 def pipeline_table(manifest: dict) -> Table:
@@ -71,6 +95,10 @@ def pipeline_table(manifest: dict) -> Table:
                 f"{task}: {c.get('correct', 0)}/{sum(c.values())} correct"
                 for task, c in stats["labels"].items()
             )
+        elif key.startswith("curate:") and "contaminated" in stats:
+            benchmarks = ", ".join(f"{name} ({n} problems)" for name, n in stats["benchmarks"].items())
+            detail = (f"{stats['contaminated']} of {stats['input']} examples share a {stats['ngram']}-gram with "
+                      f"{benchmarks} {stats['by_benchmark']}; dropped {stats['dropped']}")  # fmt: skip
         elif key.startswith("curate:"):
             detail = f"kept {sum(stats['kept'].values())} of {stats['input']} ({stats['kept']}), dropped {stats['dropped']}"
         elif key.startswith("train:"):
@@ -131,13 +159,18 @@ th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}img{max-width:100
 def render(run: RunDir, cfg: ReportConfig) -> dict:
     manifest, results = run.manifest(), load_results(run)
     figure = run.root / "figures" / "accuracy_vs_tokens.png"
-    sections = [("Results", results_table(results)), ("Pipeline", pipeline_table(manifest))]
+    sections = [
+        ("Results", results_table(results)),
+        ("Accuracy by difficulty (greedy / sampled pass@1)", difficulty_table(results)),
+        ("Pipeline", pipeline_table(manifest)),
+    ]
+    sections = [(heading, table) for heading, table in sections if table[1]]
     graders = sorted({(r["task"], r["grader"]) for r in results})
     env = environment()
     intro = (
         f"Run directory `{run.root}`. Accuracy is graded by each task's grader "
         f"({', '.join(f'{t}: `{g}`' for t, g in graders)}); sampled accuracy is pass@1 averaged over all samples, "
-        f"pass@k uses the unbiased estimator."
+        f"pass@k uses the unbiased estimator, maj@k grades the most frequent answer of k samples."
     )
     footer = f"reasondistill {env['packages']['reasondistill']}, torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, Python {env['python']}"
     if results:

@@ -60,7 +60,7 @@ class Item:
     """What a benchmark reads from one row; the benchmark turns it into a `Problem`."""
 
     native_id: str
-    prompt: str
+    question: str  # the benchmark's own text; the prompt adds the benchmark's instruction
     answer: str
     solution: str | None = None
     difficulty: int | None = None
@@ -76,6 +76,7 @@ class Benchmark:
     file_format: FileFormat  # of the upstream file and of a local copy
     read: Callable[[Row, int], Item]
     grader: Grader
+    instruction: str = BOXED  # appended to every question: how to reason and where to put the answer
     hub_config: str | None = None
     difficulty_label: str | None = None  # what `Problem.difficulty` means here ("MATH level")
 
@@ -90,7 +91,7 @@ class Benchmark:
             problem = Problem(
                 id=f"{self.name}-{item.native_id}",
                 task=self.name,
-                messages=[Message(role="user", content=item.prompt)],
+                messages=[Message(role="user", content=f"{item.question}\n\n{self.instruction}")],
                 answer=item.answer,
                 solution=item.solution,
                 difficulty=item.difficulty,
@@ -102,6 +103,10 @@ class Benchmark:
         if not problems:
             raise UserError(f"benchmark {self.name}: {data_file or self.source} holds no problems")
         return list(problems.values())
+
+    def question(self, problem: Problem) -> str:
+        """The benchmark's own text of a problem, without the instruction the prompt adds."""
+        return problem.messages[0].content.removesuffix(f"\n\n{self.instruction}")
 
     def _local_rows(self, path: Path) -> Iterator[tuple[str, Any]]:
         if not path.is_file():
@@ -194,14 +199,14 @@ def _gsm8k(row: Row, index: int) -> Item:
     if "####" not in solution:
         raise row.fail("answer", "a worked solution ending in '#### <number>'")
     gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
-    return Item(f"{index:04d}", f"{row.get('question')}\n\n{BOXED}", gold, solution=solution)
+    return Item(f"{index:04d}", row.get("question"), gold, solution=solution)
 
 
 def _math500(row: Row, index: int) -> Item:
     native_id = row.get("unique_id", required=False) or f"{index:03d}"
     return Item(
         native_id.removeprefix("test/").removesuffix(".json"),
-        f"{row.get('problem')}\n\n{BOXED}",
+        row.get("problem"),
         row.get("answer"),
         solution=row.get("solution", required=False),
         difficulty=row.get("level", kind=int, required=False),
@@ -218,7 +223,7 @@ def _competition(row: Row, index: int) -> Item:
     native_id = row.get("id", kind=(str, int), required=False)
     return Item(
         str(index if native_id is None else native_id),
-        f"{row.get('problem', 'question')}\n\n{BOXED}",
+        row.get("problem", "question"),
         str(answer).strip(),
         solution=row.get("solution", required=False) or None,
         meta={"url": row.get("url", required=False)},
@@ -231,6 +236,8 @@ def _label_instruction(labels: tuple[str, ...]) -> str:
 
 
 FOLIO_LABELS = ("True", "False", "Uncertain")
+PRONTOQA_LABELS = ("True", "False")
+PROOFWRITER_LABELS = ("True", "False", "Unknown")
 
 
 def _folio(row: Row, index: int) -> Item:
@@ -239,12 +246,12 @@ def _folio(row: Row, index: int) -> Item:
     label = row.get("label")
     if label not in FOLIO_LABELS:
         raise row.fail("label", " / ".join(FOLIO_LABELS))
-    prompt = (
+    question = (
         f"Premises:\n{premises}\n\nBased on the premises, is the following conclusion True, False, "
-        f"or Uncertain?\n{row.get('conclusion')}\n\n{_label_instruction(FOLIO_LABELS)}"
+        f"or Uncertain?\n{row.get('conclusion')}"
     )
     native_id = row.get("example_id", kind=(str, int), required=False)
-    return Item(str(index if native_id is None else native_id), prompt, label)
+    return Item(str(index if native_id is None else native_id), question, label)
 
 
 _OPTION = re.compile(r"^\s*\(?([A-Z])[).:]\s*(.+?)\s*$")
@@ -264,18 +271,18 @@ def _logic_lm(labels: tuple[str, ...]) -> Callable[[Row, int], Item]:
         gold = row.get("answer")
         if gold not in options:
             raise row.fail("answer", f"one of the option letters {', '.join(options)}")
-        prompt = f"{row.get('context')}\n\n{row.get('question')}\n\n{_label_instruction(labels)}"
-        return Item(row.get("id"), prompt, options[gold], meta={"letter": gold})
+        question = f"{row.get('context')}\n\n{row.get('question')}"
+        return Item(row.get("id"), question, options[gold], meta={"letter": gold})
 
     return read
 
 
-def _choice_prompt(context: str, question: str, options: list) -> str:
+CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of the correct option within \\boxed{}."
+
+
+def _choice_question(context: str, question: str, options: list) -> str:
     lines = [f"{letter}. {text}" for letter, text in zip("ABCDEFGH", options, strict=False)]
-    return (
-        f"{context}\n\n{question}\n" + "\n".join(lines) + "\n\nPlease reason step by step, and put "
-        "the letter of the correct option within \\boxed{}."
-    )
+    return f"{context}\n\n{question}\n" + "\n".join(lines)
 
 
 def _logiqa(row: Row, index: int) -> Item:
@@ -284,8 +291,8 @@ def _logiqa(row: Row, index: int) -> Item:
     gold = row.get("correct_option", kind=int)
     if len(options) != 4 or not 0 <= gold < 4:
         raise row.fail("correct_option", "four options and a gold index 0-3")
-    prompt = _choice_prompt(row.get("context"), row.get("query"), options)
-    return Item(f"{index:04d}", prompt, "ABCD"[gold])
+    question = _choice_question(row.get("context"), row.get("query"), options)
+    return Item(f"{index:04d}", question, "ABCD"[gold])
 
 
 def _logiqa2(row: Row, index: int) -> Item:
@@ -293,10 +300,10 @@ def _logiqa2(row: Row, index: int) -> Item:
     gold = row.get("answer", kind=int)
     if not 0 <= gold < len(options) <= 4:
         raise row.fail("answer", f"an option index 0-{len(options) - 1}")
-    prompt = _choice_prompt(row.get("text"), row.get("question"), options)
+    question = _choice_question(row.get("text"), row.get("question"), options)
     # Upstream ids are not unique (4 ids are shared by two different questions): number by row.
     upstream_id = row.get("id", kind=(str, int), required=False)
-    return Item(f"{index:04d}", prompt, "ABCD"[gold], meta={"upstream_id": upstream_id})
+    return Item(f"{index:04d}", question, "ABCD"[gold], meta={"upstream_id": upstream_id})
 
 
 _CLUTRR_QUERY = re.compile(r"^\(\s*'([^']+)'\s*,\s*'([^']+)'\s*\)$")
@@ -311,12 +318,12 @@ def _clutrr(row: Row, index: int) -> Item:
     first, second = query.groups()
     hops = _CLUTRR_HOPS.match(row.get("task_name", required=False) or "")
     story = row.get("story").replace("[", "").replace("]", "")  # names are bracketed in the source
-    prompt = (
+    question = (
         f"{story}\n\nHow is {second} related to {first}? Answer with the kinship term X in "
-        f'"{second} is {first}\'s X".\n\n{BOXED}'
+        f'"{second} is {first}\'s X".'
     )
     return Item(
-        row.get("id"), prompt, row.get("target_text"), difficulty=int(hops.group(1)) if hops else None
+        row.get("id"), question, row.get("target_text"), difficulty=int(hops.group(1)) if hops else None
     )
 
 
@@ -339,17 +346,18 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("amc23", "AMC 12 2023, free-response (40)", "math-ai/amc23", "test", "jsonl",
                   _competition, _MATH_NUMBER),
         Benchmark("folio", "FOLIO first-order-logic entailment, True/False/Uncertain", "yale-nlp/FOLIO",
-                  "validation", "jsonl", _folio, LabelGrader(FOLIO_LABELS)),
+                  "validation", "jsonl", _folio, LabelGrader(FOLIO_LABELS),
+                  instruction=_label_instruction(FOLIO_LABELS)),
         Benchmark("prontoqa", "ProntoQA 5-hop fictional ontologies, True/False (Logic-LM release)",
-                  f"{_LOGIC_LM}/ProntoQA/dev.json", "dev", "json", _logic_lm(("True", "False")),
-                  LabelGrader(("True", "False"))),
+                  f"{_LOGIC_LM}/ProntoQA/dev.json", "dev", "json", _logic_lm(PRONTOQA_LABELS),
+                  LabelGrader(PRONTOQA_LABELS), instruction=_label_instruction(PRONTOQA_LABELS)),
         Benchmark("proofwriter", "ProofWriter depth-5 open-world, True/False/Unknown (Logic-LM release)",
-                  f"{_LOGIC_LM}/ProofWriter/dev.json", "dev", "json",
-                  _logic_lm(("True", "False", "Unknown")), LabelGrader(("True", "False", "Unknown"))),
+                  f"{_LOGIC_LM}/ProofWriter/dev.json", "dev", "json", _logic_lm(PROOFWRITER_LABELS),
+                  LabelGrader(PROOFWRITER_LABELS), instruction=_label_instruction(PROOFWRITER_LABELS)),
         Benchmark("logiqa", "LogiQA v1 four-option logical reading comprehension", "lucasmccabe/logiqa",
-                  "test", "logiqa-txt", _logiqa, ChoiceGrader("ABCD")),
+                  "test", "logiqa-txt", _logiqa, ChoiceGrader("ABCD"), instruction=CHOICE_INSTRUCTION),
         Benchmark("logiqa2", "LogiQA 2.0 four-option logical reading comprehension", "baber/logiqa2", "test",
-                  "jsonl", _logiqa2, ChoiceGrader("ABCD"), hub_config="logiqa2"),
+                  "jsonl", _logiqa2, ChoiceGrader("ABCD"), instruction=CHOICE_INSTRUCTION, hub_config="logiqa2"),
         Benchmark("clutrr", "CLUTRR kinship relations, chains of 2-10 relations", "CLUTRR/v1", "test", "csv",
                   _clutrr, ExactStringGrader(), hub_config="gen_train23_test2to10",
                   difficulty_label="relations in the chain"),

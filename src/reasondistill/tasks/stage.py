@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import shutil
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import UserError
 from ..records import Problem, read_records, write_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
 from ..ui import note
-from . import TASKS, get_task
+from . import BENCHMARKS, TASKS, get_benchmark, get_task
 
 
 class ProblemsConfig(StageConfig):
@@ -31,8 +31,54 @@ class ProblemsConfig(StageConfig):
 
 
 class ProblemSelection(StageConfig):
-    tasks: list[str] | None = Field(None, description="tasks to use (default: every task in problems/)")
+    tasks: list[str] | None = Field(
+        None, description="testbed tasks to use (default: every task in problems/)"
+    )
     limit: int | None = Field(None, ge=1, description="at most this many problems per task")
+
+
+class BenchmarkSelection(StageConfig):
+    benchmarks: list[str] = Field(
+        default_factory=list, description=f"public benchmarks ({', '.join(BENCHMARKS)})"
+    )
+    data_file: list[str] = Field(
+        default_factory=list,
+        description="local copy of a benchmark instead of its Hub dataset: PATH (with one benchmark) "
+        "or NAME=PATH",
+    )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown benchmark {unknown[0]!r}; known: {', '.join(BENCHMARKS)}")
+        return names
+
+    @model_validator(mode="after")
+    def _data_files_name_benchmarks(self) -> BenchmarkSelection:
+        self.data_files()
+        return self
+
+    def data_files(self) -> dict[str, str]:
+        """The local file of each benchmark given one, by benchmark name."""
+        files = {}
+        for entry in self.data_file:
+            name, separator, path = entry.partition("=")
+            if not separator or name not in BENCHMARKS:
+                if len(self.benchmarks) != 1:
+                    raise ValueError(f"data file {entry!r}: with several benchmarks, write NAME=PATH")
+                name, path = self.benchmarks[0], entry
+            if name not in self.benchmarks:
+                raise ValueError(f"data file {entry!r}: {name} is not among the benchmarks")
+            files[name] = path
+        return files
+
+
+def load_benchmarks(selection: BenchmarkSelection, limit: int | None = None) -> dict[str, list[Problem]]:
+    """The problems of each selected benchmark, from its data file or its default source."""
+    files = selection.data_files()
+    return {name: get_benchmark(name).load(files.get(name), limit) for name in selection.benchmarks}
 
 
 def load_problems(run: RunDir, selection: ProblemSelection, split: str) -> list[Problem]:

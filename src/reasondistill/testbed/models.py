@@ -8,6 +8,7 @@ Hub-style folders (config.json, model.safetensors, tokenizer.json), loaded with 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -68,14 +69,11 @@ def build_fingerprint() -> str:
     """Changes whenever anything that shapes the testbed models changes, so stale caches are rebuilt.
 
     That includes the source of the task generators and of the testbed itself: a changed solution
-    format must not reuse a teacher trained on the old one.
+    format must not reuse a teacher trained on the old one. Benchmark loaders are not part of it.
     """
     package = Path(__file__).resolve().parents[1]
-    sources = sorted(
-        p
-        for p in [*(package / "tasks").glob("*.py"), *(package / "testbed").glob("*.py")]
-        if p.name != "stage.py"
-    )
+    generators = {Path(inspect.getfile(type(task))) for task in TASKS.values()}
+    sources = sorted({*generators, package / "tasks" / "base.py", *(package / "testbed").glob("*.py")})
     spec = {
         "version": TESTBED_VERSION,
         "sources": {str(p.relative_to(package)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sources},

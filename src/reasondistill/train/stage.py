@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from pydantic import Field
 
-from ..errors import UserError
+from ..curate.stage import training_data, training_data_step
 from ..modelref import required_steps, resolve_model
 from ..records import TrainingExample, read_records
 from ..rundir import RunDir
@@ -26,21 +25,9 @@ class TrainConfig(StageConfig, Hyperparameters):
     )
 
 
-def _training_data(data: str, run: RunDir) -> tuple[Path, str]:
-    """The examples' file and its fingerprint: the curate step's, or the file's content hash."""
-    if run.curated(data).exists():
-        return run.curated(data), run.finished_step(f"curate:{data}")["fingerprint"]
-    path = Path(data).expanduser()
-    if path.suffix in (".jsonl", ".parquet") and path.exists():
-        return path, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    raise UserError(
-        f"train data {data!r}: not a curated set of {run.root} nor an existing .jsonl/.parquet file"
-    )
-
-
 def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
     init = resolve_model(cfg.init, run)
-    data_path, data_fingerprint = _training_data(cfg.data, run)
+    data_path, data_fingerprint = training_data(cfg.data, run)
     inputs = {"init": init.fingerprint, "data": data_fingerprint}
 
     def body(step_fingerprint: str) -> dict:
@@ -69,6 +56,6 @@ STAGE = Stage(
     produces=lambda cfg: [f"train:{cfg.name}"],
     requires=lambda cfg: {
         **required_steps("init", [cfg.init]),
-        **({} if Path(cfg.data).expanduser().is_file() else {"data": f"curate:{cfg.data}"}),
+        **training_data_step(cfg.data),
     },
 )

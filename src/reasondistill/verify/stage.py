@@ -4,26 +4,53 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, field_validator
 
 from ..errors import UserError
 from ..generate.stage import trace_shards
 from ..records import GradedTrace, Problem, Trace, read_records, write_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
-from ..tasks import get_task
+from ..tasks import BENCHMARKS, TASKS, default_grader
 from ..tasks.stage import problems_by_id
 from ..ui import note, progress_bar
+from .graders import GRADER_SPECS, Grader, grader_from_spec
 
 
-class VerifyConfig(StageConfig):
+class GraderChoice(StageConfig):
+    """The grader of each task: its own unless overridden. Give `verify` and `eval` the same
+    overrides, so that filtered data and reported scores are graded alike."""
+
+    graders: dict[str, str] = Field(
+        default_factory=dict,
+        description='grader per task or benchmark instead of its own, e.g. {"gsm8k": "math-verify:number"}; '
+        f"graders: {', '.join(GRADER_SPECS)}",
+    )
+    _built: dict[str, Grader] = PrivateAttr(default_factory=dict)
+
+    @field_validator("graders")
+    @classmethod
+    def _known_tasks_and_graders(cls, graders: dict[str, str]) -> dict[str, str]:
+        for task, spec in graders.items():
+            if task not in TASKS and task not in BENCHMARKS:
+                raise ValueError(f"unknown task {task!r}; known: {', '.join([*TASKS, *BENCHMARKS])}")
+            grader_from_spec(spec)
+        return graders
+
+    def grader_for(self, task: str) -> Grader:
+        if task not in self._built:
+            spec = self.graders.get(task)
+            self._built[task] = grader_from_spec(spec) if spec else default_grader(task)
+        return self._built[task]
+
+
+class VerifyConfig(GraderChoice):
     traces: str = Field(
         description="name of the traces to grade (traces/<name>); the output is graded/<name>"
     )
 
 
-def grade_trace(trace: Trace, problem: Problem) -> GradedTrace:
-    grader = get_task(problem.task).grader
+def grade_trace(trace: Trace, problem: Problem, grader: Grader) -> GradedTrace:
     verdict = grader.grade(trace.completion, problem, trace.finish_reason)
     return GradedTrace(
         **trace.model_dump(), label=verdict.label, extracted=verdict.extracted, grader=grader.id
@@ -54,7 +81,8 @@ def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
                         raise UserError(
                             f"{shard} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
                         )
-                    graded.append(grade_trace(trace, problems[trace.problem_id]))
+                    problem = problems[trace.problem_id]
+                    graded.append(grade_trace(trace, problem, cfg.grader_for(problem.task)))
                 bar.advance(1)
         write_records(run.graded(cfg.traces), graded, GradedTrace)
         return {"labels": label_counts(graded), "graders": {g.task: g.grader for g in graded}}
