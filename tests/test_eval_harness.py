@@ -95,3 +95,21 @@ def test_the_harness_scores_gold_solutions_as_perfect_on_every_math_level():
     assert summary["accuracy"] == 1.0 and summary["labels"] == {"correct": 50}
     assert set(summary["by_difficulty"]) == {"1", "2", "3", "4", "5"}
     assert all(level["accuracy"] == 1.0 for level in summary["by_difficulty"].values())
+
+
+def test_the_report_warns_when_verify_and_eval_graded_a_task_differently(tmp_path):
+    run = RunDir(tmp_path)
+    verify = {
+        "seconds": 1,
+        "stats": {"labels": {"gsm8k": {"correct": 3}}, "graders": {"gsm8k": "numeric@1+aaaa"}},
+    }
+    run.update_manifest(steps={"verify:teacher": verify})
+    result = {"task": "gsm8k", "model": "m", "parameters": 1, "grader": "math-verify@1+bbbb", "greedy": {
+        "accuracy": 0.5, "mean_completion_tokens": 10, "correct_per_1k_tokens": 50.0}}  # fmt: skip
+    (tmp_path / "eval" / "m").mkdir(parents=True)
+    (tmp_path / "eval" / "m" / "gsm8k.json").write_text(json.dumps(result))
+    render(run, ReportConfig())
+    assert (
+        "gsm8k was filtered by `verify:teacher` with grader `numeric@1+aaaa` but evaluated with `math-verify@1+bbbb`"
+        in (tmp_path / "report.md").read_text()
+    )

@@ -57,7 +57,7 @@ def test_a_valid_recipe_loads_and_the_recipe_seed_fills_in_step_seeds(tmp_path):
 
 
 def test_a_benchmark_only_eval_needs_no_problems_step(tmp_path):
-    recipe = "run_dir: r\nsteps:\n  - eval: {models: [\"testbed:student\"], benchmarks: [aime24]}\n"
+    recipe = 'run_dir: r\nsteps:\n  - eval: {models: ["testbed:student"], benchmarks: [aime24]}\n'
     _, steps = load_recipe(write(tmp_path, recipe))
     check_references(steps, RunDir(tmp_path / "run"))
     with_tasks = recipe.replace("benchmarks: [aime24]", "benchmarks: [aime24], tasks: [logic]")

@@ -117,6 +117,7 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
     for name, benchmark_problems in load_benchmarks(cfg, cfg.limit).items():
         problems[name] = benchmark_problems
         inputs[f"benchmark:{name}"] = fingerprint([p.model_dump() for p in benchmark_problems])
+    inputs["graders"] = {task: cfg.grader_for(task).id for task in problems}
     for reference, model in zip(cfg.models, models, strict=True):
         # One step per model, configured with that model only, so adding a model to the list
         # later does not invalidate the results of the others.

@@ -110,6 +110,23 @@ def pipeline_table(manifest: dict) -> Table:
     return ["step", "result", "time"], rows
 
 
+def grader_mismatches(manifest: dict, results: list[dict]) -> list[str]:
+    """Tasks whose training data was filtered by one grader and whose scores come from another."""
+    filtered = {
+        (task, grader, key)
+        for key, step in manifest.get("steps", {}).items()
+        if key.startswith("verify:")
+        for task, grader in step.get("stats", {}).get("graders", {}).items()
+    }
+    scored = {(r["task"], r["grader"]) for r in results}
+    return [
+        f"{task} was filtered by `{key}` with grader `{grader}` but evaluated with `{other}`"
+        for task, grader, key in sorted(filtered)
+        for scored_task, other in sorted(scored)
+        if scored_task == task and other != grader
+    ]
+
+
 def plot_accuracy_vs_tokens(results: list[dict], path: Path) -> None:
     """One panel per task: each model's accuracy against its mean completion tokens."""
     tasks = sorted({r["task"] for r in results})
@@ -176,8 +193,10 @@ def render(run: RunDir, cfg: ReportConfig) -> dict:
     if results:
         plot_accuracy_vs_tokens(results, figure)
 
-    md = [f"# {cfg.title}", "", intro, ""]
+    warnings = grader_mismatches(manifest, results)
+    md = [f"# {cfg.title}", "", intro, "", *[f"> **Warning:** {w}\n" for w in warnings]]
     page = [f"<h1>{html.escape(cfg.title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    page += [f"<p><strong>Warning:</strong> {html.escape(w)}</p>" for w in warnings]
     for heading, table in sections:
         md += [f"## {heading}", "", markdown_table(table), ""]
         page += [f"<h2>{heading}</h2>", html_table(table)]

@@ -65,9 +65,12 @@ def label_counts(graded: list[GradedTrace]) -> dict[str, dict[str, int]]:
 
 
 def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
+    tasks = sorted(p.name for p in (run.root / "problems").glob("*") if p.is_dir())
     inputs = {
         "traces": run.finished_step(f"generate:{cfg.traces}")["fingerprint"],
         "problems": run.finished_step("problems")["fingerprint"],
+        # A grader's id changes with its code version and configuration: regrade when it does.
+        "graders": {task: cfg.grader_for(task).id for task in tasks},
     }
 
     def body(_fingerprint: str) -> dict:
