@@ -20,6 +20,7 @@ def test_every_stage_is_a_command_whose_options_are_its_config_keys():
         "run",
         "demo",
         "testbed",
+        "benchmarks",
     ):
         assert name in top.output
     for stage in all_stages().values():
@@ -90,3 +91,9 @@ def test_grader_and_benchmark_options_are_checked_before_anything_runs(tmp_path,
         "--graders", '{"gsm8k": "math-verify:html"}'
     )
     assert "--graders: Value error, unknown task 'gsm9k'" in error("--graders", '{"gsm9k": "numeric"}')
+
+
+def test_the_benchmarks_command_lists_each_benchmark_with_its_grader():
+    output = CliRunner().invoke(cli, ["benchmarks"], terminal_width=250).output
+    assert "openai/gsm8k (test)" in output and "numeric@1+" in output
+    assert "clutrr" in output and "exact@1+" in output and "math-verify@1+" in output

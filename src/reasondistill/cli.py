@@ -163,6 +163,21 @@ def demo(run_dir: Path, overwrite: bool) -> None:
     )
 
 
+@cli.command("benchmarks")
+def list_benchmarks() -> None:
+    """List the public benchmarks `eval` and `decontaminate` know: source, grader, contents."""
+    from rich.table import Table
+
+    from .tasks import BENCHMARKS
+
+    table = Table("name", "grader", "what it is")
+    table.add_column("default source", overflow="fold")  # URLs wrap instead of being cut
+    for benchmark in BENCHMARKS.values():
+        source = benchmark.source + (f" ({benchmark.split})" if "://" not in benchmark.source else "")
+        table.add_row(benchmark.name, benchmark.grader.id, benchmark.description, source)
+    console.print(table)
+
+
 @cli.group()
 def testbed() -> None:
     """The embedded testbed: tokenizer, tiny teacher and student models."""

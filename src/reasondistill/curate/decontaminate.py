@@ -56,7 +56,6 @@ class BenchmarkIndex:
     """The n-grams of benchmark problems, each with the problems that contain it."""
 
     def __init__(self, benchmarks: dict[str, list[Problem]], n: int, template_share: float):
-        self.n = n
         self.problems: dict[tuple[str, ...], list[str]] = defaultdict(list)
         for problems in benchmarks.values():
             holders: dict[tuple[str, ...], set[str]] = defaultdict(set)

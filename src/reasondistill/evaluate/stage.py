@@ -25,7 +25,7 @@ from ..modelref import ResolvedModel, reference_name, required_steps, resolve_mo
 from ..records import GradedTrace, Problem, atomic_write_json, write_records
 from ..rundir import RunDir, fingerprint
 from ..stages import Stage
-from ..tasks import BENCHMARKS, get_benchmark
+from ..tasks import BENCHMARKS
 from ..tasks.stage import BenchmarkSelection, ProblemSelection, load_benchmarks, load_problems
 from ..ui import note, progress_bar
 from ..verify.stage import GraderChoice, grade_trace
@@ -95,9 +95,9 @@ def evaluate_model(
 
 
 def _data_description(task: str, cfg: EvalConfig) -> str:
-    if task not in BENCHMARKS:
+    benchmark = BENCHMARKS.get(task)
+    if benchmark is None:
         return f"testbed {cfg.split} split"
-    benchmark = get_benchmark(task)
     return cfg.data_files().get(task) or f"{benchmark.source} ({benchmark.split})"
 
 

@@ -10,7 +10,6 @@ is an error naming the file, the row and the field, never a skipped problem.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ class Row:
         for name in names:
             if self.data.get(name) is not None:
                 value = self.data[name]
-                if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                     expected = (
                         kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
                     )
@@ -185,10 +184,6 @@ FILE_READERS: dict[FileFormat, Callable[[Path], Iterator[tuple[str, Any]]]] = {
     "csv": _csv_rows,
     "logiqa-txt": _logiqa_txt_rows,
 }
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---- rows → problems ---------------------------------------------------------------------------

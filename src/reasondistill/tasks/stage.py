@@ -81,9 +81,14 @@ def load_benchmarks(selection: BenchmarkSelection, limit: int | None = None) -> 
     return {name: get_benchmark(name).load(files.get(name), limit) for name in selection.benchmarks}
 
 
+def run_tasks(run: RunDir) -> list[str]:
+    """The tasks the `problems` step of the run wrote."""
+    return sorted(p.name for p in (run.root / "problems").glob("*") if p.is_dir())
+
+
 def load_problems(run: RunDir, selection: ProblemSelection, split: str) -> list[Problem]:
     """Problems of `split` for the selected tasks, in a stable order."""
-    tasks = selection.tasks or sorted(p.name for p in (run.root / "problems").glob("*") if p.is_dir())
+    tasks = selection.tasks or run_tasks(run)
     if not tasks:
         raise UserError(f"{run.root}: no problems; run the `problems` stage first")
     problems = []

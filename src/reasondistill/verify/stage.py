@@ -12,7 +12,7 @@ from ..records import GradedTrace, Problem, Trace, read_records, write_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
 from ..tasks import BENCHMARKS, TASKS, default_grader
-from ..tasks.stage import problems_by_id
+from ..tasks.stage import problems_by_id, run_tasks
 from ..ui import note, progress_bar
 from .graders import GRADER_SPECS, Grader, grader_from_spec
 
@@ -65,12 +65,11 @@ def label_counts(graded: list[GradedTrace]) -> dict[str, dict[str, int]]:
 
 
 def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
-    tasks = sorted(p.name for p in (run.root / "problems").glob("*") if p.is_dir())
     inputs = {
         "traces": run.finished_step(f"generate:{cfg.traces}")["fingerprint"],
         "problems": run.finished_step("problems")["fingerprint"],
         # A grader's id changes with its code version and configuration: regrade when it does.
-        "graders": {task: cfg.grader_for(task).id for task in tasks},
+        "graders": {task: cfg.grader_for(task).id for task in run_tasks(run)},
     }
 
     def body(_fingerprint: str) -> dict:
