@@ -81,7 +81,7 @@ class Benchmark:
 
     def load(self, data_file: str | Path | None = None, limit: int | None = None) -> list[Problem]:
         """The benchmark's problems in source order (the first `limit` with a limit)."""
-        rows = self._local_rows(Path(data_file)) if data_file else self._remote_rows()
+        rows = self._local_rows(Path(data_file).expanduser()) if data_file else self._remote_rows()
         problems: dict[str, Problem] = {}
         for index, (where, data) in enumerate(rows):
             if limit is not None and len(problems) >= limit:
