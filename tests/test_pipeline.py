@@ -111,7 +111,7 @@ def test_every_stage_writes_its_documented_outputs(run):
 
     report = (run.root / "report.md").read_text()
     assert "| arithmetic | teacher |" in report and "accuracy_vs_tokens.png" in report
-    assert "| arithmetic | testbed difficulty |" in report  # the accuracy-by-difficulty table
+    assert "| arithmetic | digits per number | 2 |" in report  # the accuracy-by-difficulty table
     assert "data:image/png;base64," in (run.root / "report.html").read_text()
 
 

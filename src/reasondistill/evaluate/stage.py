@@ -25,7 +25,7 @@ from ..modelref import ResolvedModel, reference_name, required_steps, resolve_mo
 from ..records import GradedTrace, Problem, atomic_write_json, write_records
 from ..rundir import RunDir, fingerprint
 from ..stages import Stage
-from ..tasks import BENCHMARKS
+from ..tasks import BENCHMARKS, TASKS
 from ..tasks.stage import BenchmarkSelection, ProblemSelection, load_benchmarks, load_problems
 from ..ui import note, progress_bar
 from ..verify.stage import GraderChoice, grade_trace
@@ -68,11 +68,11 @@ def evaluate_model(
     with progress_bar(f"eval {model.name}", total=total, unit="completions") as bar:
         for task, task_problems in problems.items():
             grader = cfg.grader_for(task)
-            benchmark = BENCHMARKS.get(task)
+            source = BENCHMARKS.get(task) or TASKS[task]
             result = {
                 "model": model.name, "path": model.path, "parameters": parameters, "task": task,
                 "data": _data_description(task, cfg), "grader": grader.id,
-                "difficulty": benchmark.difficulty_label if benchmark else "testbed difficulty",
+                "difficulty": source.difficulty_label,
             }  # fmt: skip
             for mode, sampling in modes:
                 source = json.dumps({"model": model.name, "backend": "hf", "sampling": asdict(sampling)})

@@ -23,6 +23,7 @@ class ArithmeticTask(GeneratedTask):
     name = "arithmetic"
     description = "multi-digit addition with step-by-step carries"
     difficulties = range(1, 7)
+    difficulty_label = "digits per number"
     default_difficulties = (2, 3, 4)
     grader = AnswerIsGrader("integer")
 

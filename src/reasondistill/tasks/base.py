@@ -44,6 +44,7 @@ class GeneratedTask(ABC):
     name: str
     description: str
     difficulties: range  # every valid difficulty level
+    difficulty_label: str  # what the level counts, for reports
     default_difficulties: tuple[int, ...]
     grader: Grader
 

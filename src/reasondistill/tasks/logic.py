@@ -70,6 +70,7 @@ class LogicTask(GeneratedTask):
     name = "logic"
     description = "rule-chaining deduction, answers True/False/Unknown (ProofWriter-like)"
     difficulties = range(1, 6)
+    difficulty_label = "proof depth"
     default_difficulties = (1, 2, 3)
     grader = AnswerIsGrader("label", LABELS)
 

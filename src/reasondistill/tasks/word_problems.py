@@ -77,6 +77,7 @@ class WordProblemTask(GeneratedTask):
     name = "word_problems"
     description = "multi-step arithmetic word problems (GSM8K-like templates)"
     difficulties = range(2, 7)
+    difficulty_label = "reasoning steps"
     default_difficulties = (2, 3, 4)
     grader = AnswerIsGrader("integer")
 
