@@ -21,10 +21,10 @@ from typing import Literal
 from pydantic import Field
 
 from ..records import Problem, TrainingExample, atomic_write_json, read_records, write_records
-from ..rundir import RunDir, fingerprint
+from ..rundir import RunDir
 from ..stages import Stage
 from ..tasks import get_benchmark
-from ..tasks.stage import BenchmarkSelection, load_benchmarks
+from ..tasks.stage import BenchmarkSelection, benchmark_inputs, load_benchmarks
 from ..ui import note, progress_bar
 from .stage import training_data, training_data_step
 
@@ -57,10 +57,11 @@ class BenchmarkIndex:
 
     def __init__(self, benchmarks: dict[str, list[Problem]], n: int, template_share: float):
         self.problems: dict[tuple[str, ...], list[str]] = defaultdict(list)
-        for problems in benchmarks.values():
+        for name, problems in benchmarks.items():
+            benchmark = get_benchmark(name)
             holders: dict[tuple[str, ...], set[str]] = defaultdict(set)
             for problem in problems:
-                tokens = words(get_benchmark(problem.task).question(problem))
+                tokens = words(benchmark.question(problem))
                 for gram in ngrams(tokens, n) if len(tokens) >= n else [tuple(tokens)]:
                     holders[gram].add(problem.id)
             template = max(MIN_TEMPLATE_PROBLEMS, template_share * len(problems))
@@ -119,10 +120,7 @@ class DecontaminateConfig(BenchmarkSelection):
 def run_decontaminate(cfg: DecontaminateConfig, run: RunDir, overwrite: bool) -> None:
     data_path, data_fingerprint = training_data(cfg.data, run)
     benchmarks = load_benchmarks(cfg)
-    inputs = {
-        "data": data_fingerprint,
-        **{f"benchmark:{name}": fingerprint([p.model_dump() for p in ps]) for name, ps in benchmarks.items()},
-    }
+    inputs = {"data": data_fingerprint, **benchmark_inputs(benchmarks)}
 
     def body(_fingerprint: str) -> dict:
         examples = read_records(data_path, TrainingExample)

@@ -23,10 +23,16 @@ from ..generate.hf import HFGenerator
 from ..generate.stage import SamplingOptions, make_traces
 from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
 from ..records import GradedTrace, Problem, atomic_write_json, write_records
-from ..rundir import RunDir, fingerprint
+from ..rundir import RunDir
 from ..stages import Stage
-from ..tasks import BENCHMARKS, TASKS
-from ..tasks.stage import BenchmarkSelection, ProblemSelection, load_benchmarks, load_problems
+from ..tasks import BENCHMARKS, task_or_benchmark
+from ..tasks.stage import (
+    BenchmarkSelection,
+    ProblemSelection,
+    benchmark_inputs,
+    load_benchmarks,
+    load_problems,
+)
 from ..ui import note, progress_bar
 from ..verify.stage import GraderChoice, grade_trace
 from .metrics import summarise
@@ -68,11 +74,10 @@ def evaluate_model(
     with progress_bar(f"eval {model.name}", total=total, unit="completions") as bar:
         for task, task_problems in problems.items():
             grader = cfg.grader_for(task)
-            source = BENCHMARKS.get(task) or TASKS[task]
             result = {
                 "model": model.name, "path": model.path, "parameters": parameters, "task": task,
                 "data": _data_description(task, cfg), "grader": grader.id,
-                "difficulty": source.difficulty_label,
+                "difficulty": task_or_benchmark(task).difficulty_label,
             }  # fmt: skip
             for mode, sampling in modes:
                 source = json.dumps({"model": model.name, "backend": "hf", "sampling": asdict(sampling)})
@@ -114,9 +119,9 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
         for problem in load_problems(run, cfg, cfg.split):
             problems[problem.task].append(problem)
         inputs["problems"] = run.finished_step("problems")["fingerprint"]
-    for name, benchmark_problems in load_benchmarks(cfg, cfg.limit).items():
-        problems[name] = benchmark_problems
-        inputs[f"benchmark:{name}"] = fingerprint([p.model_dump() for p in benchmark_problems])
+    benchmarks = load_benchmarks(cfg, cfg.limit)
+    problems.update(benchmarks)
+    inputs.update(benchmark_inputs(benchmarks))
     inputs["graders"] = {task: cfg.grader_for(task).id for task in problems}
     for reference, model in zip(cfg.models, models, strict=True):
         # One step per model, configured with that model only, so adding a model to the list

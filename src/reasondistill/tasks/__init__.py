@@ -29,9 +29,13 @@ def get_benchmark(name: str) -> Benchmark:
         raise UserError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}") from None
 
 
-def default_grader(name: str) -> Grader:
-    """The grader a testbed task or a benchmark owns."""
+def task_or_benchmark(name: str) -> GeneratedTask | Benchmark:
     source = TASKS.get(name) or BENCHMARKS.get(name)
     if source is None:
         raise UserError(f"unknown task {name!r}; known: {', '.join([*TASKS, *BENCHMARKS])}")
-    return source.grader
+    return source
+
+
+def default_grader(name: str) -> Grader:
+    """The grader a testbed task or a benchmark owns."""
+    return task_or_benchmark(name).grader

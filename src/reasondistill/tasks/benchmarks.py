@@ -116,8 +116,9 @@ class Benchmark:
         import datasets
         from datasets.utils.file_utils import cached_path
 
+        is_url = self.source.startswith("https://")
         try:
-            if self.source.startswith("https://"):
+            if is_url:
                 path = Path(cached_path(self.source))  # downloaded once into the datasets cache
             else:
                 dataset = datasets.load_dataset(self.source, self.hub_config, split=self.split)
@@ -126,7 +127,7 @@ class Benchmark:
                 f"benchmark {self.name}: could not load {self.source} ({type(err).__name__}: {err}); "
                 "pass --data-file with a local copy"
             ) from None
-        if self.source.startswith("https://"):
+        if is_url:
             yield from FILE_READERS[self.file_format](path)
         else:
             for i, row in enumerate(dataset):

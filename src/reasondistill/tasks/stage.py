@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import UserError
 from ..records import Problem, read_records, write_records
-from ..rundir import RunDir
+from ..rundir import RunDir, fingerprint
 from ..stages import Stage, StageConfig
 from ..ui import note
 from . import BENCHMARKS, TASKS, get_benchmark, get_task
@@ -79,6 +79,11 @@ def load_benchmarks(selection: BenchmarkSelection, limit: int | None = None) -> 
     """The problems of each selected benchmark, from its data file or its default source."""
     files = selection.data_files()
     return {name: get_benchmark(name).load(files.get(name), limit) for name in selection.benchmarks}
+
+
+def benchmark_inputs(benchmarks: dict[str, list[Problem]]) -> dict[str, str]:
+    """Step inputs for loaded benchmarks: a fingerprint of their problems, whatever source they came from."""
+    return {f"benchmark:{name}": fingerprint([p.model_dump() for p in ps]) for name, ps in benchmarks.items()}
 
 
 def run_tasks(run: RunDir) -> list[str]:
