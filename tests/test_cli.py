@@ -11,6 +11,7 @@ def test_every_stage_is_a_command_whose_options_are_its_config_keys():
     for name in (
         "problems",
         "generate",
+        "score",
         "verify",
         "curate",
         "decontaminate",
@@ -27,7 +28,7 @@ def test_every_stage_is_a_command_whose_options_are_its_config_keys():
         help_text = runner.invoke(cli, [stage.name, "--help"]).output
         for field in stage.config.model_fields:
             assert f"--{field.replace('_', '-')}" in help_text, (stage.name, field)
-    assert "[default: 0.8]" in runner.invoke(cli, ["generate", "--help"]).output
+    assert "[default: 0.8]" in runner.invoke(cli, ["generate", "--help"], terminal_width=200).output
 
 
 def test_bad_option_values_are_one_line_errors_naming_the_option(tmp_path, capsys):

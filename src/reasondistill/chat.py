@@ -22,3 +22,10 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[Me
         for messages in prompts
     ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def completion_ids(tokenizer: PreTrainedTokenizerBase, completions: Sequence[str]) -> list[list[int]]:
+    """Token ids of assistant replies followed by the end-of-turn token, as the student is trained on
+    them: tokenized apart from the prompt, so the prompt/completion boundary is exact."""
+    encoded = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    return [[*ids, tokenizer.eos_token_id] for ids in encoded]

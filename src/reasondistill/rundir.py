@@ -2,7 +2,9 @@
 
     <run>/manifest.json                 provenance: environment, recipe, every finished step
     <run>/problems/<task>/<split>.parquet
-    <run>/traces/<name>/shard-*.parquet  + index.json of finished shards (resumable)
+    <run>/traces/<name>/shard-*.parquet  + index.json of finished shards (resumable), failures, usage
+                         logprobs-*.parquet  the teacher's top-k per token, when asked for
+    <run>/logprobs/<name>/logprobs-*.parquet  a teacher's top-k over existing traces (`score`)
     <run>/graded/<name>.parquet
     <run>/curated/<name>.parquet
     <run>/decontamination/<name>.json   overlaps with evaluation benchmarks found by `decontaminate`
@@ -26,12 +28,14 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .records import atomic_write_json
 from .ui import note
+
+if TYPE_CHECKING:  # stages.py imports this module
+    from .stages import StageConfig
 
 TRACKED_PACKAGES = (
     "reasondistill", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "math-verify", "pyarrow",
@@ -62,6 +66,9 @@ class RunDir:
 
     def traces(self, name: str) -> Path:
         return self.root / "traces" / name
+
+    def logprobs(self, name: str) -> Path:
+        return self.root / "logprobs" / name
 
     def graded(self, name: str) -> Path:
         return self.root / "graded" / f"{name}.parquet"
@@ -109,7 +116,7 @@ class RunDir:
     def step(
         self,
         key: str,
-        config: BaseModel,
+        config: StageConfig,
         inputs: dict[str, str],
         body: Callable[[str], dict],
         *,
@@ -121,9 +128,7 @@ class RunDir:
         `inputs` maps what the step reads to those inputs' fingerprints. `body` does the work,
         writing `outputs` (files or folders) atomically, and returns statistics for the manifest.
         """
-        step_fingerprint = fingerprint(
-            {"key": key, "config": config.model_dump(mode="json"), "inputs": inputs}
-        )
+        step_fingerprint = fingerprint({"key": key, "config": config.identity(), "inputs": inputs})
         previous = self.manifest()["steps"].get(key)
         if previous and previous["fingerprint"] == step_fingerprint:
             missing = [path for path in outputs if not path.exists()]
@@ -132,7 +137,7 @@ class RunDir:
                 return {"skipped": True, **previous}
             note(f"{key}: finished earlier, but {missing[0]} is missing; recomputing")
         elif previous and not overwrite:
-            changed = _changed_settings(previous, config.model_dump(mode="json"), inputs)
+            changed = _changed_settings(previous, config, inputs)
             raise UserError(
                 f"{self.root}: step {key!r} already ran with other settings ({changed}); "
                 "pass --overwrite to recompute it, or use another run directory"
@@ -155,10 +160,10 @@ class RunDir:
         return {"skipped": False, **record}
 
 
-def _changed_settings(previous: dict, config: dict, inputs: dict) -> str:
-    changed = [
-        k for k in sorted(set(config) | set(previous["config"])) if config.get(k) != previous["config"].get(k)
-    ]
+def _changed_settings(previous: dict, config: StageConfig, inputs: dict) -> str:
+    now = config.identity()
+    before = {k: v for k, v in previous["config"].items() if k not in config.operational}
+    changed = [k for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
     changed += [
         f"input {k}"
         for k in sorted(set(inputs) | set(previous["inputs"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -14,6 +15,15 @@ class StageConfig(BaseModel):
     """Options of one stage; unknown keys are errors, so a typo in a recipe cannot pass silently."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # Options that change how a step runs but not what it produces (connections, retries, prices):
+    # left out of the step's fingerprint, so changing one resumes an interrupted job instead of
+    # discarding its finished shards.
+    operational: ClassVar[frozenset[str]] = frozenset()
+
+    def identity(self) -> dict:
+        """The settings that determine a step's outputs."""
+        return self.model_dump(mode="json", exclude=set(self.operational))
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,13 @@ def all_stages() -> dict[str, Stage]:
     from .curate.decontaminate import STAGE as decontaminate
     from .curate.stage import STAGE as curate
     from .evaluate.stage import STAGE as evaluate
+    from .generate.score import STAGE as score
     from .generate.stage import STAGE as generate
     from .report.stage import STAGE as report
     from .tasks.stage import STAGE as problems
     from .train.stage import STAGE as train
     from .verify.stage import STAGE as verify
 
-    return {s.name: s for s in (problems, generate, verify, curate, decontaminate, train, evaluate, report)}
+    return {
+        s.name: s for s in (problems, generate, score, verify, curate, decontaminate, train, evaluate, report)
+    }

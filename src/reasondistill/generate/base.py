@@ -1,4 +1,4 @@
-"""The Generator interface every teacher / student backend implements (hf here; vllm and openai later)."""
+"""The Generator interface every backend implements (hf, openai, vllm), and what it returns."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from ..records import FinishReason, Message
+from .logprobs import TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -19,18 +20,27 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k filtering
     max_new_tokens: int = 512
     seed: int = 0
+    stop: tuple[str, ...] = ()  # strings that end a completion (not included in its text)
+    logprobs: bool = False  # return the logprob of every generated token
+    top_logprobs: int = 0  # and the teacher's k most likely tokens at every position (implies logprobs)
 
     def __post_init__(self):
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError("n and max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.top_logprobs < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k and top_logprobs >= 0")
         if self.temperature == 0 and self.n > 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per prompt; set n=1")
+        if "" in self.stop:
+            raise ValueError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -39,25 +49,62 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    token_ids: list[int]
-    finish_reason: FinishReason  # "stop": the model ended its turn; "length": max_new_tokens was reached
+    token_ids: list[int]  # empty when the backend does not report ids (an API without logprobs)
+    finish_reason: FinishReason  # "stop": end of turn or a stop string; "length": max_new_tokens reached
     prompt_tokens: int
     completion_tokens: int
+    logprobs: TokenLogprobs | None = None  # when the sampling parameters asked for them
 
 
-ProgressCallback = Callable[[int], None]  # called with the number of completions just finished
+@dataclass(frozen=True)
+class Failure:
+    """A request that still failed after its retries: recorded and reported, never dropped."""
+
+    error: str
+    attempts: int
+
+
+@dataclass
+class Usage:
+    """What a generator has spent so far: the stage's progress bar, manifest and cost come from it."""
+
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+ProgressCallback = Callable[[int], None]  # called with the number of rows just finished
 
 
 class Generator(Protocol):
     backend: str
+    usage: Usage
 
     def describe(self) -> dict:
-        """What produced the completions (backend, model, revision): recorded with every trace."""
+        """What produced the completions (backend, model, server): recorded with every trace."""
 
     def generate(
         self,
         prompts: Sequence[list[Message]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
-    ) -> list[list[Completion]]:
-        """`sampling.n` completions for each chat prompt, in prompt order."""
+    ) -> list[list[Completion | Failure]]:
+        """`sampling.n` completions (or failures) for each chat prompt, in prompt order."""
+
+    def score(
+        self,
+        prompts: Sequence[list[Message]],
+        completions: Sequence[str],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs | Failure]:
+        """The model's distribution over each given completion of each prompt (teacher forcing)."""
+
+    def close(self) -> None:
+        """Release the model or connections."""

@@ -1,26 +1,41 @@
-"""Generation with a local transformers model: batched, left-padded, KV-cached `model.generate`."""
+"""The `hf` backend: a local transformers model; batched, left-padded, KV-cached `model.generate`.
+
+Logprobs come from one teacher-forced forward pass over prompt + completion after decoding, so they
+are the model's own distribution (temperature 1, no top-k/top-p filter), as vLLM's raw logprobs are,
+and the [T, V] logits are projected in chunks of positions instead of being kept for every step.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..chat import prompt_ids
+from ..chat import completion_ids, prompt_ids
+from ..errors import UserError
 from ..records import Message
-from .base import Completion, ProgressCallback, SamplingParams
+from .base import Completion, ProgressCallback, SamplingParams, Usage
+from .logprobs import TokenLogprobs, from_logits
+
+LOGIT_CHUNK = 256  # positions projected onto the vocabulary at once: 256 × 151,936 float32 = 156 MB
 
 
 class HFGenerator:
     backend = "hf"
 
     def __init__(
-        self, path: Path, *, batch_size: int = 64, device: str | None = None, trust_remote_code: bool = False
+        self,
+        path: Path | str,
+        *,
+        batch_size: int = 64,
+        device: str | None = None,
+        trust_remote_code: bool = False,
     ):
-        """`batch_size` counts sequences (prompts × n) decoded together."""
-        self.path = Path(path)
+        """`batch_size` counts sequences (prompts × n) decoded or scored together."""
+        self.path = str(path)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -30,21 +45,29 @@ class HFGenerator:
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
         self.model.to(self.device).eval()
+        self.usage = Usage()
 
     def describe(self) -> dict:
-        return {
-            "backend": self.backend,
-            "model": str(self.path),
-            "name_or_path": self.model.config.name_or_path,
-        }
+        return {"backend": self.backend, "model": self.path, "name_or_path": self.model.config.name_or_path}
 
-    @torch.inference_mode()
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- generation ---------------------------------------------------------------------------
     def generate(
         self,
         prompts: Sequence[list[Message]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
     ) -> list[list[Completion]]:
+        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress)
+
+    def generate_ids(
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, progress: ProgressCallback | None = None
+    ) -> list[list[Completion]]:
+        """Completions of prompts given as token ids (the chat template already applied)."""
         torch.manual_seed(sampling.seed)
         prompts_per_batch = max(1, self.batch_size // sampling.n)
         results: list[list[Completion]] = []
@@ -55,11 +78,11 @@ class HFGenerator:
                 progress(len(batch) * sampling.n)
         return results
 
+    @torch.inference_mode()
     def _generate_batch(
-        self, prompts: Sequence[list[Message]], sampling: SamplingParams
+        self, prompts: Sequence[list[int]], sampling: SamplingParams
     ) -> list[list[Completion]]:
-        encoded = prompt_ids(self.tokenizer, prompts)
-        inputs = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(self.device)
+        inputs = self.tokenizer.pad({"input_ids": list(prompts)}, return_tensors="pt").to(self.device)
         sampling_kwargs = (
             {"do_sample": False}
             if sampling.greedy
@@ -70,6 +93,9 @@ class HFGenerator:
                 "top_k": sampling.top_k,
             }
         )
+        stop_kwargs = (
+            {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}
+        )
         output = self.model.generate(
             **inputs,
             max_new_tokens=sampling.max_new_tokens,
@@ -77,18 +103,36 @@ class HFGenerator:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             **sampling_kwargs,
+            **stop_kwargs,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        owners = [prompts[i // sampling.n] for i in range(len(new_tokens))]
         completions = [
-            self._completion(ids, len(encoded[i // sampling.n])) for i, ids in enumerate(new_tokens)
+            self._completion(ids, len(p), sampling.stop) for ids, p in zip(new_tokens, owners, strict=True)
         ]
+        if sampling.wants_logprobs:
+            scored = self.score_ids(owners, [c.token_ids for c in completions], sampling.top_logprobs)
+            completions = [replace(c, logprobs=lp) for c, lp in zip(completions, scored, strict=True)]
+        self.usage.add(
+            Usage(
+                requests=len(completions),
+                prompt_tokens=sum(c.prompt_tokens for c in completions),
+                completion_tokens=sum(c.completion_tokens for c in completions),
+            )
+        )
         return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
-    def _completion(self, ids: list[int], prompt_tokens: int) -> Completion:
+    def _completion(self, ids: list[int], prompt_tokens: int, stop: tuple[str, ...]) -> Completion:
         eos = self.tokenizer.eos_token_id
         finished = eos in ids
         ids = ids[: ids.index(eos) + 1] if finished else ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hit = _first_stop(text, stop)
+        if hit is not None:
+            # Keep the tokens up to the one that completes the stop string (as vLLM reports them)
+            # and the text before it (as OpenAI-compatible servers return it).
+            ids = ids[: self._tokens_to_reach(ids, text[: hit[1]])]
+            text, finished = text[: hit[0]], True
         return Completion(
             text=text,
             token_ids=ids,
@@ -96,3 +140,86 @@ class HFGenerator:
             prompt_tokens=prompt_tokens,
             completion_tokens=len(ids),
         )
+
+    def _tokens_to_reach(self, ids: list[int], prefix: str) -> int:
+        """The fewest leading tokens whose text contains `prefix` (decoding is monotone: bisect)."""
+        low, high = 1, len(ids)
+        while low < high:
+            middle = (low + high) // 2
+            if len(self.tokenizer.decode(ids[:middle], skip_special_tokens=True)) >= len(prefix):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def score(
+        self,
+        prompts: Sequence[list[Message]],
+        completions: Sequence[str],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs]:
+        return self.score_ids(
+            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
+        )
+
+    @torch.inference_mode()
+    def score_ids(
+        self,
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs]:
+        """The model's distribution at every completion token, prompt and completion given as ids."""
+        config = self.model.config
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            raise UserError(
+                f"{self.path}: scoring projects hidden states with the output embeddings; models that "
+                "rescale their logits (final_logit_softcapping, logit_scale) are not supported by the hf backend"
+            )
+        head = self.model.get_output_embeddings()
+        results: list[TokenLogprobs] = []
+        for start in range(0, len(prompts), self.batch_size):
+            pairs = list(
+                zip(
+                    prompts[start : start + self.batch_size],
+                    completions[start : start + self.batch_size],
+                    strict=True,
+                )
+            )
+            sequences = [p + c for p, c in pairs]
+            width = max(len(s) for s in sequences)
+            input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id)
+            attention = torch.zeros((len(sequences), width), dtype=torch.long)
+            for row, sequence in enumerate(sequences):  # right padding: positions stay 0..len-1
+                input_ids[row, : len(sequence)] = torch.tensor(sequence)
+                attention[row, : len(sequence)] = 1
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+            ).last_hidden_state
+            for row, (prompt, completion) in enumerate(pairs):
+                # hidden state at position i predicts token i + 1
+                states = hidden[row, len(prompt) - 1 : len(prompt) + len(completion) - 1]
+                targets = torch.tensor(completion, device=self.device)
+                results.append(
+                    TokenLogprobs.concat(
+                        [
+                            from_logits(head(chunk), target, top_k)
+                            for chunk, target in zip(
+                                states.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True
+                            )
+                        ],
+                        top_k,
+                    )
+                )
+            if progress:
+                progress(len(pairs))
+        return results
+
+
+def _first_stop(text: str, stop: tuple[str, ...]) -> tuple[int, int] | None:
+    """(start, end) of the earliest stop string in `text`, or None."""
+    hits = [(i, i + len(s)) for s in stop if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None

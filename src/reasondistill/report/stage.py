@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
 from pydantic import Field
 
+from ..generate.shards import usage_totals
 from ..records import atomic_write_bytes
 from ..rundir import RunDir, environment
 from ..stages import Stage, StageConfig
@@ -90,6 +91,8 @@ def pipeline_table(manifest: dict) -> Table:
         stats = step.get("stats", {})
         if key.startswith("generate:"):
             detail = f"{stats['traces']} traces of {stats['problems']} problems, {stats['completion_tokens']} completion tokens, finish {stats['finish_reasons']}"
+        elif key.startswith("score:"):
+            detail = f"top-{stats['top_k']} teacher distribution over {stats['traces']} traces, {stats['tokens']} tokens, {stats['bytes_per_token']} bytes/token"
         elif key.startswith("verify:"):
             detail = "; ".join(
                 f"{task}: {c.get('correct', 0)}/{sum(c.values())} correct"
@@ -108,6 +111,46 @@ def pipeline_table(manifest: dict) -> Table:
             continue
         rows.append([key, detail, f"{step['seconds']:.0f}s"])
     return ["step", "result", "time"], rows
+
+
+def usage_table(manifest: dict) -> Table:
+    """What calling the teachers took: requests, retries, failures, tokens, time and money, with a total."""
+    steps = {
+        key: step["stats"]["usage"]
+        for key, step in manifest.get("steps", {}).items()
+        if "usage" in step.get("stats", {})
+    }
+    if not steps:
+        return [], []
+
+    def row(name: str, backend: str, usage: dict, failed_rows: int) -> list[str]:
+        rate = usage["completion_tokens"] / usage["seconds"] if usage["seconds"] else 0
+        cost = "–" if usage["cost"] is None else f"{usage['cost']:.4f}"
+        counts = [
+            usage["requests"],
+            usage["retries"],
+            failed_rows,
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        ]
+        return [name, backend, *(f"{c:,}" for c in counts), f"{usage['seconds']:.0f}s", f"{rate:,.0f}", cost]
+
+    rows = [row(key, u["backend"], u, len(u["failed"])) for key, u in steps.items()]
+    totals = usage_totals(manifest)
+    rows.append(row("total", "", totals, totals["failed_rows"]))
+    header = [
+        "step",
+        "backend",
+        "requests",
+        "retries",
+        "failed rows",
+        "prompt tokens",
+        "completion tokens",
+        "time",
+        "tok/s",
+        "cost",
+    ]
+    return header, rows
 
 
 def grader_mismatches(manifest: dict, results: list[dict]) -> list[str]:
@@ -180,6 +223,7 @@ def render(run: RunDir, cfg: ReportConfig) -> dict:
         ("Results", results_table(results)),
         ("Accuracy by difficulty (greedy / sampled pass@1)", difficulty_table(results)),
         ("Pipeline", pipeline_table(manifest)),
+        ("Teacher usage and cost", usage_table(manifest)),
     ]
     sections = [(heading, table) for heading, table in sections if table[1]]
     graders = sorted({(r["task"], r["grader"]) for r in results})

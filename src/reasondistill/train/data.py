@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
-from ..chat import prompt_ids
+from ..chat import completion_ids, prompt_ids
 from ..objectives import IGNORE_INDEX
 from ..records import TrainingExample
 
@@ -30,10 +30,9 @@ def tokenize_examples(
     completion's tokens follow the prompt at generation time.
     """
     prompts = prompt_ids(tokenizer, [e.messages for e in examples])
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+    completions = completion_ids(tokenizer, [e.completion for e in examples])
     tokenized = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        completion = [*completion, tokenizer.eos_token_id]
         input_ids = (prompt + completion)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
         tokenized.append(

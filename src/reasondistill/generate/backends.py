@@ -1,0 +1,124 @@
+"""Backend options shared by the stages that call a teacher (generate, score), and the factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from ..errors import UserError
+from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
+from ..rundir import RunDir, fingerprint
+from ..stages import StageConfig
+from .base import Generator
+from .shards import Pricing
+
+
+class BackendOptions(StageConfig):
+    backend: Literal["hf", "openai", "vllm"] = Field(
+        "hf", description="hf: transformers; openai: any OpenAI-compatible server; vllm: in-process vLLM"
+    )
+    base_url: str | None = Field(
+        None, description="openai: the server, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)"
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="openai: the environment variable holding the API key (the key is never written anywhere)",
+    )
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat",
+        description="openai: /v1/chat/completions, or /v1/completions with the chat template applied here",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="openai: the teacher's tokenizer (folder or Hub id), for the completions endpoint and scoring",
+    )
+    concurrency: int = Field(64, ge=1, description="openai: requests in flight at once")
+    max_retries: int = Field(8, ge=0, description="openai: retries of a request before it counts as failed")
+    request_timeout: float = Field(600.0, gt=0, description="openai: seconds to wait for an answer")
+    retry_backoff: float = Field(
+        1.0,
+        ge=0,
+        description="openai: most seconds before the first retry, doubled per retry (up to 60), jittered",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs the model is split over")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
+    price_per_1m_prompt_tokens: float | None = Field(
+        None, ge=0, description="for the cost in manifest and report"
+    )
+    price_per_1m_completion_tokens: float | None = Field(
+        None, ge=0, description="for the cost in manifest and report"
+    )
+    allow_failures: bool = Field(
+        False,
+        description="finish the step although some requests failed after their retries (they are listed); "
+        "by default the step stops with an error and a rerun retries them",
+    )
+    trust_remote_code: bool = Field(
+        False, description="run code shipped with the model (hf, vllm, tokenizer)"
+    )
+
+    operational = frozenset(
+        {
+            "base_url", "api_key_env", "concurrency", "max_retries", "request_timeout", "retry_backoff",
+            "gpu_memory_utilization",
+            "price_per_1m_prompt_tokens", "price_per_1m_completion_tokens", "allow_failures",
+        }
+    )  # fmt: skip
+
+    @property
+    def pricing(self) -> Pricing:
+        return Pricing(self.price_per_1m_prompt_tokens, self.price_per_1m_completion_tokens)
+
+    def server_url(self) -> str:
+        url = self.base_url or os.environ.get("OPENAI_BASE_URL")
+        if not url:
+            raise UserError(
+                "backend openai: set base_url (e.g. http://localhost:8000/v1) or $OPENAI_BASE_URL"
+            )
+        return url
+
+
+def backend_model(options: BackendOptions, reference: str, run: RunDir) -> ResolvedModel:
+    """The model a step calls: for `openai` the name the server knows it by, else a local model."""
+    if options.backend == "openai":
+        return ResolvedModel(reference_name(reference), reference, fingerprint(["openai", reference]))
+    return resolve_model(reference, run)
+
+
+def backend_requirements(options: BackendOptions, reference: str) -> dict[str, str]:
+    return {} if options.backend == "openai" else required_steps("model", [reference])
+
+
+def open_generator(
+    options: BackendOptions, model: ResolvedModel, batch_size: int, top_logprobs: int
+) -> Generator:
+    """`top_logprobs`: the largest k the step asks for (vLLM sizes its engine for it)."""
+    if options.backend == "openai":
+        from .openai import OpenAIGenerator, RetryPolicy
+
+        return OpenAIGenerator(
+            model.path,
+            options.server_url(),
+            endpoint=options.endpoint,
+            api_key_env=options.api_key_env,
+            tokenizer=options.tokenizer,
+            concurrency=options.concurrency,
+            timeout=options.request_timeout,
+            retry=RetryPolicy(max_retries=options.max_retries, backoff_base=options.retry_backoff),
+            trust_remote_code=options.trust_remote_code,
+        )
+    if options.backend == "vllm":
+        from .vllm import VLLMGenerator
+
+        return VLLMGenerator(
+            model.path,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_logprobs=max(top_logprobs, 20),  # 20: vLLM's own default
+            trust_remote_code=options.trust_remote_code,
+        )
+    from .hf import HFGenerator
+
+    return HFGenerator(model.path, batch_size=batch_size, trust_remote_code=options.trust_remote_code)

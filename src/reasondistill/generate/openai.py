@@ -1,0 +1,407 @@
+"""The `openai` backend: any OpenAI-compatible server (vLLM, SGLang, a hosted API).
+
+One HTTP request per completion (n=1), sent concurrently up to `concurrency` at a time. A request
+that fails with a timeout, a dropped connection, a malformed body, 408/409/429 or a 5xx status is
+retried with exponential backoff and full jitter, waiting what `Retry-After` asks for when the server
+says; after `max_retries` it becomes a `Failure` row for the stage to record. Other 4xx answers
+concern that one request (a prompt too long, say) and fail it at once; 401/403/404 concern every
+request and stop the job.
+
+Token ids and logprobs: the top-k store needs token *ids*, so logprob requests ask for vLLM's
+`return_tokens_as_token_ids` ("token_id:123" tokens). Scoring uses vLLM's `prompt_logprobs` on
+`/v1/completions` with the prompt sent as token ids, which needs the teacher's tokenizer locally.
+
+The client is httpx rather than the `openai` SDK: the SDK retries inside the call, so retries
+could be neither counted for the progress bar nor turned into failure rows, and its per-request
+model parsing costs more than the request itself against a fast local server (see benchmarks/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import httpx
+
+from ..chat import completion_ids, prompt_ids
+from ..errors import UserError
+from ..records import Message
+from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage
+from .logprobs import TokenLogprobs, from_candidates
+
+RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
+FATAL_STATUSES = {401, 403, 404}  # wrong key, wrong URL or model name: no request can succeed
+MAX_RETRY_AFTER = 600.0  # seconds; a larger Retry-After is capped rather than stalling the job for hours
+
+
+class RetryableError(Exception):
+    """A failed attempt worth retrying; `wait` is the server's Retry-After in seconds, if it sent one."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait
+
+
+class RequestFailed(Exception):
+    """A request that will not succeed by retrying it."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 8
+    backoff_base: float = 1.0  # seconds before the first retry, doubled after each attempt
+    backoff_max: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, MAX_RETRY_AFTER)
+        # full jitter: requests that failed together do not come back together
+        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delay-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def request_seed(seed: int, prompt_index: int, sample_idx: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{prompt_index}/{sample_idx}".encode()).hexdigest()
+    return int(digest, 16) % 2**31
+
+
+def token_id(token: str) -> int:
+    """The id in a vLLM `token_id:123` token (asked for with return_tokens_as_token_ids)."""
+    prefix, _, number = token.partition(":")
+    if prefix != "token_id" or not number.lstrip("-").isdigit():
+        raise UserError(
+            f"the server returned the token {token!r} where an id ('token_id:<n>') was expected; "
+            "logprob capture needs a server with vLLM's return_tokens_as_token_ids (vLLM, SGLang)"
+        )
+    return int(number)
+
+
+class OpenAIGenerator:
+    backend = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        *,
+        endpoint: str = "chat",
+        api_key_env: str = "OPENAI_API_KEY",
+        tokenizer: str | None = None,
+        concurrency: int = 64,
+        timeout: float = 600.0,
+        retry: RetryPolicy = RetryPolicy(),
+        trust_remote_code: bool = False,
+    ):
+        if endpoint not in ("chat", "completions"):
+            raise UserError(f"openai backend: endpoint must be chat or completions, got {endpoint!r}")
+        self.model, self.base_url, self.endpoint = model, base_url.rstrip("/"), endpoint
+        self.api_key_env, self.concurrency, self.timeout, self.retry = (
+            api_key_env,
+            concurrency,
+            timeout,
+            retry,
+        )
+        self.tokenizer_name = tokenizer
+        self.tokenizer = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+        self.usage = Usage()
+
+    def describe(self) -> dict:
+        # The API key is deliberately absent: only the name of the variable it came from.
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "base_url": self.base_url,
+            "endpoint": self.endpoint,
+            "api_key_env": self.api_key_env,
+        }
+
+    def close(self) -> None:
+        """Nothing to release: each generate/score call opens and closes its own connection pool."""
+
+    # ---- public interface ----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[list[Message]],
+        sampling: SamplingParams,
+        progress: ProgressCallback | None = None,
+    ) -> list[list[Completion | Failure]]:
+        if self.endpoint == "chat":
+            rendered: Sequence = prompts
+        elif self.tokenizer is None:
+            raise UserError(
+                "openai backend: the completions endpoint renders the chat template here and needs "
+                "`tokenizer` (the teacher's tokenizer folder or Hub id)"
+            )
+        else:
+            rendered = prompt_ids(self.tokenizer, prompts)
+        jobs = [
+            (i, self._completion_body(rendered[i], sampling, i, j))
+            for i in range(len(prompts))
+            for j in range(sampling.n)
+        ]
+        path = "/chat/completions" if self.endpoint == "chat" else "/completions"
+        parse = self._parse_chat if self.endpoint == "chat" else self._parse_completion
+        results = self._run([(body, partial(parse, sampling=sampling)) for _, body in jobs], path, progress)
+        grouped: list[list[Completion | Failure]] = [[] for _ in prompts]
+        for (i, _), result in zip(jobs, results, strict=True):
+            grouped[i].append(result)
+        return grouped
+
+    def score(
+        self,
+        prompts: Sequence[list[Message]],
+        completions: Sequence[str],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs | Failure]:
+        """Teacher-forced top-k via vLLM's `prompt_logprobs`, the prompt sent as token ids."""
+        if self.tokenizer is None:
+            raise UserError(
+                "openai backend: scoring sends prompt + completion as token ids and needs `tokenizer` "
+                "(the teacher's tokenizer folder or Hub id)"
+            )
+        prompts_ids = prompt_ids(self.tokenizer, prompts)
+        replies_ids = completion_ids(self.tokenizer, completions)
+        requests = []
+        for prompt, reply in zip(prompts_ids, replies_ids, strict=True):
+            body = {
+                "model": self.model,
+                "prompt": prompt + reply,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": top_k,
+            }
+            requests.append(
+                (body, partial(_parse_prompt_logprobs, prompt_length=len(prompt), reply=reply, top_k=top_k))
+            )
+        return self._run(requests, "/completions", progress)
+
+    # ---- request bodies and answers -------------------------------------------------------------
+    def _completion_body(self, prompt, sampling: SamplingParams, prompt_index: int, sample_idx: int) -> dict:
+        body: dict = {
+            "model": self.model,
+            "n": 1,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        }
+        if self.endpoint == "chat":
+            body["messages"] = [m.model_dump() for m in prompt]
+            body["max_completion_tokens"] = sampling.max_new_tokens
+        else:
+            body["prompt"] = prompt
+            body["max_tokens"] = sampling.max_new_tokens
+        if not sampling.greedy:
+            body["seed"] = request_seed(sampling.seed, prompt_index, sample_idx)
+        if sampling.top_k:
+            body["top_k"] = sampling.top_k  # a vLLM/SGLang extension; sent only when asked for
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        if sampling.wants_logprobs:
+            body["return_tokens_as_token_ids"] = True
+            if self.endpoint == "chat":
+                body["logprobs"] = True
+                body["top_logprobs"] = sampling.top_logprobs
+            else:
+                body["logprobs"] = sampling.top_logprobs
+        return body
+
+    def _parse_chat(self, answer: dict, sampling: SamplingParams) -> Completion:
+        choice = _only_choice(answer)
+        text = choice["message"]["content"] or ""
+        positions = None
+        if sampling.wants_logprobs:
+            content = (choice.get("logprobs") or {}).get("content")
+            if content is None:
+                raise UserError("the server returned no logprobs although they were asked for")
+            positions = [
+                (
+                    token_id(p["token"]),
+                    p["logprob"],
+                    {token_id(c["token"]): c["logprob"] for c in p.get("top_logprobs") or []},
+                )
+                for p in content
+            ]
+        return _completion(answer, choice, text, positions, sampling.top_logprobs)
+
+    def _parse_completion(self, answer: dict, sampling: SamplingParams) -> Completion:
+        choice = _only_choice(answer)
+        positions = None
+        if sampling.wants_logprobs:
+            logprobs = choice.get("logprobs")
+            if not logprobs:
+                raise UserError("the server returned no logprobs although they were asked for")
+            tops = logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"])
+            positions = [
+                (token_id(token), logprob, {token_id(t): lp for t, lp in (top or {}).items()})
+                for token, logprob, top in zip(
+                    logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True
+                )
+            ]
+        return _completion(answer, choice, choice["text"], positions, sampling.top_logprobs)
+
+    # ---- the request loop -----------------------------------------------------------------------
+    def _run(
+        self,
+        requests: Sequence[tuple[dict, Callable[[dict], object]]],
+        path: str,
+        progress: ProgressCallback | None,
+    ) -> list:
+        """Send every (body, parse) request; the parsed answer or a Failure for each, in order."""
+        return asyncio.run(self._run_async(requests, path, progress))
+
+    async def _run_async(self, requests, path: str, progress: ProgressCallback | None) -> list:
+        headers = {}
+        api_key = os.environ.get(self.api_key_env)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        slots = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout), limits=limits
+        ) as client:
+
+            async def one(body: dict, parse: Callable[[dict], object]):
+                result = await self._with_retries(lambda: self._attempt(client, slots, path, body, parse))
+                if progress:
+                    progress(1)
+                return result
+
+            tasks = [asyncio.ensure_future(one(body, parse)) for body, parse in requests]
+            try:
+                return await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:  # a fatal error in one request stops the others
+                    task.cancel()
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, slots: asyncio.Semaphore, path: str, body: dict, parse
+    ):
+        async with slots:
+            try:
+                response = await client.post(path, json=body)
+            except httpx.TimeoutException:
+                raise RetryableError(f"no answer within {self.timeout:g} s") from None
+            except httpx.TransportError as err:
+                raise RetryableError(f"connection error ({type(err).__name__})") from None
+        status = response.status_code
+        if status in FATAL_STATUSES:
+            raise UserError(
+                f"{self.base_url}{path}: HTTP {status} ({_error_message(response)}); check the URL, model name and ${self.api_key_env}"
+            )
+        if status in RETRY_STATUSES or status >= 500:
+            raise RetryableError(
+                f"HTTP {status} ({_error_message(response)})",
+                parse_retry_after(response.headers.get("retry-after")),
+            )
+        if status != 200:
+            raise RequestFailed(f"HTTP {status} ({_error_message(response)})")
+        try:
+            answer = response.json()
+            result = parse(answer)
+        except json.JSONDecodeError:
+            raise RetryableError("malformed JSON in the answer") from None
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise RetryableError(f"unexpected answer shape ({type(err).__name__}: {err})") from None
+        self.usage.add(Usage(requests=1, **_token_usage(answer)))
+        return result
+
+    async def _with_retries(self, attempt: Callable[[], Awaitable]) -> object:
+        for number in range(self.retry.max_retries + 1):
+            try:
+                return await attempt()
+            except RequestFailed as err:
+                self.usage.failures += 1
+                return Failure(str(err), attempts=number + 1)
+            except RetryableError as err:
+                if number == self.retry.max_retries:
+                    self.usage.failures += 1
+                    return Failure(str(err), attempts=number + 1)
+                self.usage.retries += 1
+                await asyncio.sleep(self.retry.delay(number, err.wait))
+        raise AssertionError("unreachable")
+
+
+def _only_choice(answer: dict) -> dict:
+    choices = answer["choices"]
+    if len(choices) != 1:
+        raise ValueError(f"expected 1 choice, got {len(choices)}")
+    return choices[0]
+
+
+def _token_usage(answer: dict) -> dict:
+    usage = answer.get("usage") or {}
+    return {
+        "prompt_tokens": usage.get("prompt_tokens") or 0,
+        "completion_tokens": usage.get("completion_tokens") or 0,
+    }
+
+
+def _completion(answer: dict, choice: dict, text: str, positions, top_k: int) -> Completion:
+    finish = choice.get("finish_reason")
+    if finish not in ("stop", "length"):
+        raise RequestFailed(f"finish_reason {finish!r}")
+    usage = _token_usage(answer)
+    logprobs = None
+    token_ids: list[int] = []
+    if positions is not None:
+        token_ids = [token for token, _, _ in positions]
+        logprobs = from_candidates(
+            token_ids, [lp for _, lp, _ in positions], [c for _, _, c in positions], top_k
+        )
+    return Completion(
+        text=text,
+        token_ids=token_ids,
+        finish_reason=finish,
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"] or len(token_ids),
+        logprobs=logprobs,
+    )
+
+
+def _parse_prompt_logprobs(answer: dict, prompt_length: int, reply: list[int], top_k: int) -> TokenLogprobs:
+    entries = _only_choice(answer).get("prompt_logprobs")
+    if entries is None:
+        raise UserError(
+            "the server returned no prompt_logprobs; scoring needs vLLM's prompt_logprobs extension"
+        )
+    if len(entries) != prompt_length + len(reply):
+        raise ValueError(f"{len(entries)} prompt_logprobs entries for {prompt_length + len(reply)} tokens")
+    candidates = [
+        {int(token): entry["logprob"] for token, entry in position.items()}
+        for position in entries[prompt_length:]
+    ]
+    return from_candidates(
+        reply, [c[token] for c, token in zip(candidates, reply, strict=True)], candidates, top_k
+    )
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase

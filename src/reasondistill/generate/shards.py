@@ -1,0 +1,177 @@
+"""Sharded, resumable jobs over rows: what `generate` and `score` share.
+
+The rows (one per completion: a problem and a sample index) are cut into shards. A shard's files are
+written atomically, then `index.json` records the shard as finished, with the rows of it that failed
+after their retries, and adds the shard's token usage and wall time. Killing the process at any
+moment therefore leaves every shard either recorded or not; a rerun of the same command redoes the
+unrecorded shards with the same seeds and retries the failed rows of the recorded ones (adding
+only rows whose key is not yet in the shard's files), so no row is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from ..errors import UserError
+from ..records import atomic_write_json
+from ..ui import progress_bar
+from .base import Failure, Generator, ProgressCallback, Usage
+
+Row = TypeVar("Row")
+Result = TypeVar("Result")
+RowKey = tuple[str, int]  # (problem_id, sample_idx)
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Optional prices per million tokens, in whatever currency they are given in."""
+
+    prompt_per_1m: float | None = None
+    completion_per_1m: float | None = None
+
+    def cost(self, usage: Usage) -> float | None:
+        if self.prompt_per_1m is None and self.completion_per_1m is None:
+            return None
+        return round(
+            usage.prompt_tokens / 1e6 * (self.prompt_per_1m or 0)
+            + usage.completion_tokens / 1e6 * (self.completion_per_1m or 0),
+            6,
+        )
+
+
+USAGE_COUNTS = ("requests", "retries", "failures", "prompt_tokens", "completion_tokens", "seconds")
+
+
+def usage_totals(manifest: dict) -> dict:
+    """Teacher usage summed over every generate / score step of a run (`teacher_usage` in the manifest)."""
+    steps = [
+        step["stats"]["usage"]
+        for step in manifest.get("steps", {}).values()
+        if "usage" in step.get("stats", {})
+    ]
+    totals = {name: round(sum(u[name] for u in steps), 2) for name in USAGE_COUNTS}
+    costs = [u["cost"] for u in steps if u["cost"] is not None]
+    totals["cost"] = round(sum(costs), 6) if costs else None
+    totals["failed_rows"] = sum(len(u["failed"]) for u in steps)
+    return totals
+
+
+class ShardIndex:
+    """`index.json` of a sharded output: finished shards, their failed rows, and the usage so far."""
+
+    def __init__(self, directory: Path, fingerprint: str, shard_count: int, overwrite: bool):
+        self.path = directory / "index.json"
+        saved = json.loads(self.path.read_text()) if self.path.exists() else None
+        if saved and saved["fingerprint"] != fingerprint:
+            if not overwrite:
+                raise UserError(
+                    f"{directory}: holds partial output made with other settings; pass --overwrite to discard it"
+                )
+            shutil.rmtree(directory)
+            saved = None
+        saved = saved or {}
+        self.fingerprint, self.shard_count = fingerprint, shard_count
+        self.finished: set[int] = set(saved.get("finished", []))
+        self.failures: dict[int, list[dict]] = {int(k): v for k, v in saved.get("failures", {}).items()}
+        self.usage = Usage(**saved.get("usage", {}))
+        self.seconds: float = saved.get("seconds", 0.0)
+
+    def pending(self) -> list[int]:
+        """Shards not written yet, or written with failed rows to retry."""
+        return [i for i in range(self.shard_count) if i not in self.finished or self.failures.get(i)]
+
+    def all_failures(self) -> list[dict]:
+        return [row for shard in sorted(self.failures) for row in self.failures[shard]]
+
+    def record(self, shard: int, failures: list[dict], usage: Usage, seconds: float) -> None:
+        self.finished.add(shard)
+        if failures:
+            self.failures[shard] = failures
+        else:
+            self.failures.pop(shard, None)
+        self.usage.add(usage)
+        self.seconds += seconds
+        atomic_write_json(
+            self.path,
+            {
+                "fingerprint": self.fingerprint,
+                "shards": self.shard_count,
+                "finished": sorted(self.finished),
+                "failures": {str(k): v for k, v in sorted(self.failures.items())},
+                "usage": asdict(self.usage),
+                "seconds": round(self.seconds, 3),
+            },
+        )
+
+
+@dataclass
+class ShardedJob(Generic[Row, Result]):
+    """Run `process` over the rows of every pending shard and `save` what succeeded.
+
+    `process(generator, shard, rows, progress)` returns a result or a Failure per row, in order;
+    `save(shard, pairs, keep_saved)` writes the shard's files with these (row, result) pairs, added
+    to the ones already saved when `keep_saved` (a retry of failed rows), else replacing whatever a
+    killed run may have left; `saved_keys(shard)` are the keys already in the shard's files.
+    """
+
+    directory: Path
+    fingerprint: str
+    shards: Sequence[Sequence[Row]]
+    key: Callable[[Row], RowKey]
+    process: Callable[[Generator, int, Sequence[Row], ProgressCallback], list[Result | Failure]]
+    save: Callable[[int, list[tuple[Row, Result]], bool], None]
+    saved_keys: Callable[[int], set[RowKey]]
+    open_generator: Callable[[], Generator]
+
+    def run(self, description: str, overwrite: bool) -> ShardIndex:
+        index = ShardIndex(self.directory, self.fingerprint, len(self.shards), overwrite)
+        total = sum(len(shard) for shard in self.shards)
+        todo = {i: self._rows_to_do(index, i) for i in index.pending()}
+        if not todo:
+            return index
+        generator = self.open_generator()  # usage counts from zero: this run's throughput
+        started = time.time()
+        with progress_bar(description, total=total) as bar:
+            bar.advance(total - sum(len(rows) for rows in todo.values()))
+
+            def advance(count: int) -> None:
+                bar.advance(count)
+                usage = generator.usage
+                rate = usage.completion_tokens / max(time.time() - started, 1e-9)
+                bar.status(f"{rate:,.0f} tok/s · {usage.retries} retries · {usage.failures} failed")
+
+            for i, rows in todo.items():
+                before, shard_started = _copy(generator.usage), time.time()
+                results = self.process(generator, i, rows, advance)
+                done = [(row, r) for row, r in zip(rows, results, strict=True) if not isinstance(r, Failure)]
+                failed = [
+                    {"problem_id": key[0], "sample_idx": key[1], "error": r.error, "attempts": r.attempts}
+                    for key, r in zip(map(self.key, rows), results, strict=True)
+                    if isinstance(r, Failure)
+                ]
+                self.save(i, done, i in index.finished)
+                index.record(i, failed, _difference(generator.usage, before), time.time() - shard_started)
+        generator.close()
+        return index
+
+    def _rows_to_do(self, index: ShardIndex, shard: int) -> list[Row]:
+        rows = self.shards[shard]
+        if shard not in index.finished:
+            return list(rows)
+        saved = self.saved_keys(shard)
+        failed = {(f["problem_id"], f["sample_idx"]) for f in index.failures[shard]}
+        return [row for row in rows if self.key(row) in failed and self.key(row) not in saved]
+
+
+def _copy(usage: Usage) -> Usage:
+    return Usage(**asdict(usage))
+
+
+def _difference(after: Usage, before: Usage) -> Usage:
+    return Usage(**{name: value - getattr(before, name) for name, value in asdict(after).items()})

@@ -1,0 +1,316 @@
+"""The `vllm` backend: a local model served by vLLM's offline engine (`vllm.LLM`), on a CUDA GPU.
+
+Prompts are rendered with the model's chat template by `chat.prompt_ids` and sent as token ids, so
+the teacher sees exactly the ids the hf backend and the student's training see. The engine is built
+with `logprobs_mode="raw_logprobs"`: every logprob it reports (sampled tokens, top-k candidates,
+prompt logprobs) is the model's own distribution before temperature, top-k/top-p or penalties, as
+the hf backend's teacher-forced pass gives them and as logit distillation needs.
+
+Scoring a given completion is one prefill with `prompt_logprobs=k` over prompt + completion: vLLM
+returns, at every position i ≥ 1, the candidates for token i given tokens < i (the token itself
+and the top k), so the completion's distribution is the slice from len(prompt) on.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..chat import completion_ids, prompt_ids
+from ..errors import UserError
+from ..records import Message
+from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage
+from .logprobs import TokenLogprobs, from_candidates
+
+PROMPTS_PER_CALL = 256  # prompts per `LLM.generate` call (vLLM batches within it); the bar moves between
+NOT_INSTALLED = (
+    "the vllm backend needs vLLM, which is not installed: pip install 'reasondistill[vllm]' "
+    "(Linux with a CUDA GPU), or use backend hf / openai"
+)
+
+
+def to_vllm_sampling(sampling: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` that decode as `sampling` asks."""
+    kwargs: dict[str, Any] = {
+        "n": sampling.n,
+        # vLLM decodes greedily at temperature 0 (and then ignores top_p / top_k itself).
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "max_tokens": sampling.max_new_tokens,
+        "seed": sampling.seed,
+        "stop": list(sampling.stop),
+        "include_stop_str_in_output": False,  # the text ends before the stop string, as with hf / openai
+        # vLLM returns the sampled token's logprob plus this many most likely ones (0: the sampled one only).
+        "logprobs": sampling.top_logprobs if sampling.top_logprobs else (0 if sampling.logprobs else None),
+    }
+    # Ours: 0 is off. vLLM < 0.9 disabled top-k with -1 only and rejected 0; since vLLM PR #17773
+    # (0.9) 0 is off and its default, -1 still accepted "for now". Leaving the argument out is off
+    # on every version (its default is -1 before, 0 after), so it is passed only when it filters.
+    if sampling.top_k:
+        kwargs["top_k"] = sampling.top_k
+    return kwargs
+
+
+class VLLMGenerator:
+    backend = "vllm"
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        max_logprobs: int = 64,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests)."""
+        try:
+            import vllm
+            from vllm.inputs import TokensPrompt
+        except ImportError as err:
+            if err.name == "vllm":
+                raise UserError(NOT_INSTALLED) from None
+            raise UserError(
+                f"vLLM is installed but does not import ({err}); the vllm backend cannot run"
+            ) from err
+        self._vllm = vllm
+        self._tokens_prompt = TokensPrompt
+        self.path = str(path)
+        self.max_logprobs = max_logprobs
+        self.llm = vllm.LLM(
+            model=self.path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            max_logprobs=max_logprobs,
+            # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the
+            # option exists, vLLM PR #21398; named so a change of default cannot change the teacher).
+            logprobs_mode="raw_logprobs",
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = _engine_max_model_len(self.llm) or max_model_len
+        self.usage = Usage()
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "model": self.path,
+            "vllm": getattr(self._vllm, "__version__", "unknown"),
+        }
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        # vLLM's V1 engine runs in a child process: shut it down rather than wait for the collector.
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[list[Message]],
+        sampling: SamplingParams,
+        progress: ProgressCallback | None = None,
+    ) -> list[list[Completion | Failure]]:
+        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress)
+
+    def generate_ids(
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, progress: ProgressCallback | None = None
+    ) -> list[list[Completion | Failure]]:
+        """Completions of prompts given as token ids (the chat template already applied)."""
+        self._check_k(sampling.top_logprobs, "top_logprobs")
+        base = to_vllm_sampling(sampling)
+        results: list[list[Completion | Failure]] = []
+        for start in range(0, len(prompts), PROMPTS_PER_CALL):
+            batch = prompts[start : start + PROMPTS_PER_CALL]
+            # One seed per prompt (vLLM seeds the n samples of a request seed, seed + 1, ...), so that
+            # equal prompts do not get equal samples and every prompt's samples are reproducible
+            # whatever else is batched with it.
+            seeds = [sampling.seed + (start + i) * sampling.n for i in range(len(batch))]
+            results.extend(self._generate_batch(batch, sampling, [{**base, "seed": s} for s in seeds]))
+            if progress:
+                progress(len(batch) * sampling.n)
+        return results
+
+    def _generate_batch(
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, params: list[dict[str, Any]]
+    ) -> list[list[Completion | Failure]]:
+        rows: list[list[Completion | Failure] | None] = [None] * len(prompts)
+        send = []
+        for i, prompt in enumerate(prompts):
+            if (reason := self._too_long(len(prompt))) is not None:
+                rows[i] = [Failure(error=reason, attempts=1)] * sampling.n
+            else:
+                send.append(i)
+        outputs = self._run([prompts[i] for i in send], [params[i] for i in send])
+        for i, output in zip(send, outputs, strict=True):
+            rows[i] = [self._completion(o, len(prompts[i]), sampling) for o in output.outputs]
+        done = [item for row in rows for item in row]
+        completions = [c for c in done if isinstance(c, Completion)]
+        self.usage.add(
+            Usage(
+                requests=len(done),
+                failures=len(done) - len(completions),
+                prompt_tokens=sum(c.prompt_tokens for c in completions),
+                completion_tokens=sum(c.completion_tokens for c in completions),
+            )
+        )
+        return rows
+
+    def _completion(self, output: Any, prompt_tokens: int, sampling: SamplingParams) -> Completion | Failure:
+        """A vLLM CompletionOutput as ours: "stop" (end of turn, stop string) and "length" are
+        finished completions; anything else ("abort", "error") did not finish and is a failure."""
+        if output.finish_reason not in ("stop", "length"):
+            return Failure(
+                error=f"vllm ended the request with finish_reason {output.finish_reason!r}", attempts=1
+            )
+        token_ids = list(output.token_ids)
+        logprobs = None
+        if sampling.wants_logprobs:
+            if output.logprobs is None or len(output.logprobs) != len(token_ids):
+                raise RuntimeError(
+                    f"vllm returned logprobs for {len(output.logprobs or [])} of {len(token_ids)} tokens"
+                )
+            logprobs = _distribution(token_ids, output.logprobs, sampling.top_logprobs)
+        return Completion(
+            text=output.text,
+            token_ids=token_ids,
+            finish_reason=output.finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(token_ids),
+            logprobs=logprobs,
+        )
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def score(
+        self,
+        prompts: Sequence[list[Message]],
+        completions: Sequence[str],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs | Failure]:
+        return self.score_ids(
+            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
+        )
+
+    def score_ids(
+        self,
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs | Failure]:
+        """The model's distribution at every completion token, prompt and completion given as ids."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        self._check_k(top_k, "top_k")
+        # One token is decoded (vLLM needs max_tokens >= 1); it is discarded. Logprobs are raw whatever
+        # the temperature, and greedy decoding needs no random state.
+        params = {"n": 1, "temperature": 0.0, "max_tokens": 1, "prompt_logprobs": top_k}
+        results: list[TokenLogprobs | Failure] = []
+        for start in range(0, len(prompts), PROMPTS_PER_CALL):
+            pairs = list(
+                zip(
+                    prompts[start : start + PROMPTS_PER_CALL],
+                    completions[start : start + PROMPTS_PER_CALL],
+                    strict=True,
+                )
+            )
+            rows: list[TokenLogprobs | Failure | None] = [None] * len(pairs)
+            send = []
+            for i, (prompt, completion) in enumerate(pairs):
+                if not prompt:
+                    raise ValueError("cannot score a completion of an empty prompt")
+                if (reason := self._too_long(len(prompt) + len(completion))) is not None:
+                    rows[i] = Failure(error=reason, attempts=1)
+                else:
+                    send.append(i)
+            outputs = self._run([pairs[i][0] + pairs[i][1] for i in send], [params] * len(send))
+            for i, output in zip(send, outputs, strict=True):
+                prompt, completion = pairs[i]
+                rows[i] = self._scored(output.prompt_logprobs, len(prompt), completion, top_k)
+            results.extend(rows)
+            if progress:
+                progress(len(pairs))
+        return results
+
+    @staticmethod
+    def _scored(
+        prompt_logprobs: Sequence[Mapping[int, Any] | None] | None,
+        prompt_len: int,
+        completion: list[int],
+        k: int,
+    ) -> TokenLogprobs:
+        """The completion's stretch of vLLM's prompt logprobs: entry i holds the candidates for token i
+        given tokens < i (entry 0 is None), so the completion's tokens are entries prompt_len onwards."""
+        length = prompt_len + len(completion)
+        if prompt_logprobs is None or len(prompt_logprobs) != length:
+            raise RuntimeError(
+                f"vllm returned {len(prompt_logprobs or [])} prompt logprobs for {length} tokens"
+            )
+        positions = prompt_logprobs[prompt_len:]
+        if any(p is None or token not in p for p, token in zip(positions, completion, strict=True)):
+            raise RuntimeError("vllm's prompt logprobs miss a scored token")
+        return _distribution(completion, positions, k)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _run(self, prompts: list[list[int]], params: list[dict[str, Any]]) -> list[Any]:
+        if not prompts:
+            return []
+        outputs = self.llm.generate(
+            [self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts],
+            [self._vllm.SamplingParams(**kwargs) for kwargs in params],
+            use_tqdm=False,
+        )
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return outputs
+
+    def _too_long(self, tokens: int) -> str | None:
+        # vLLM refuses a whole `generate` call when one prompt is too long: such prompts are not sent.
+        if self.max_model_len is not None and tokens >= self.max_model_len:
+            return f"{tokens} tokens do not fit the model's context of {self.max_model_len} (max_model_len)"
+        return None
+
+    def _check_k(self, k: int, name: str) -> None:
+        if k > self.max_logprobs:
+            raise UserError(
+                f"{name} is {k} but the vllm backend was started with max_logprobs={self.max_logprobs}; "
+                "raise max_logprobs or ask for fewer"
+            )
+
+
+def _distribution(token_ids: list[int], positions: Sequence[Mapping[int, Any]], k: int) -> TokenLogprobs:
+    """From vLLM's per-token {token id: Logprob} dicts (the token itself plus the top k)."""
+    return from_candidates(
+        token_ids,
+        [position[token].logprob for position, token in zip(positions, token_ids, strict=True)],
+        [{candidate: logprob.logprob for candidate, logprob in position.items()} for position in positions],
+        k,
+    )
+
+
+def _engine_max_model_len(llm: Any) -> int | None:
+    """The context length the engine settled on (from the model's config when not given)."""
+    for owner in (getattr(llm, "llm_engine", None), llm):
+        config = getattr(owner, "model_config", None)
+        if isinstance(getattr(config, "max_model_len", None), int):
+            return config.max_model_len
+    return None

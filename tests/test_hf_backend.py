@@ -1,0 +1,86 @@
+"""The hf backend on the testbed teacher: batching, stop strings, logprobs and scoring."""
+
+import numpy as np
+import pytest
+import torch
+
+from reasondistill.chat import completion_ids, prompt_ids
+from reasondistill.generate.base import SamplingParams
+from reasondistill.generate.hf import HFGenerator
+from reasondistill.tasks import get_task
+
+pytestmark = pytest.mark.slow  # needs the trained testbed teacher
+
+
+@pytest.fixture(scope="module")
+def teacher(testbed) -> HFGenerator:
+    return HFGenerator(testbed / "teacher", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [p.messages for p in get_task("arithmetic").sample("test", 6, seed=3)]
+
+
+def test_greedy_completions_do_not_depend_on_batching_or_left_padding(testbed, teacher, prompts):
+    greedy = SamplingParams(temperature=0, max_new_tokens=120)
+    batched = [c[0].text for c in teacher.generate(prompts, greedy)]
+    one_by_one = HFGenerator(testbed / "teacher", batch_size=1)
+    assert [c[0].text for c in one_by_one.generate(prompts, greedy)] == batched
+    assert all("The answer is" in text for text in batched)
+
+
+def test_a_stop_string_ends_the_completion_before_it(teacher, prompts):
+    (completion,) = teacher.generate(
+        prompts[:1], SamplingParams(temperature=0, max_new_tokens=60, stop=("carry",))
+    )[0]
+    assert "carry" not in completion.text and completion.finish_reason == "stop"
+    # the token ids run up to the one completing the stop string, as vLLM reports them
+    assert teacher.tokenizer.decode(completion.token_ids).endswith("carry")
+    (unstopped,) = teacher.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=60))[0]
+    assert unstopped.text.startswith(completion.text) and "carry" in unstopped.text
+
+
+def test_generated_logprobs_are_the_teachers_own_distribution_over_the_completion(teacher, prompts):
+    sampling = SamplingParams(n=2, temperature=1.5, max_new_tokens=40, top_logprobs=5, seed=1)
+    requests_before = teacher.usage.requests
+    results = teacher.generate(prompts[:2], sampling)
+    assert teacher.usage.requests == requests_before + 4
+    for prompt, completions in zip(prompts[:2], results, strict=True):
+        for completion in completions:
+            logprobs = completion.logprobs
+            assert logprobs.token_ids.tolist() == completion.token_ids and logprobs.k == 5
+            # a full forward pass of the untruncated model gives the same values
+            ids = prompt_ids(teacher.tokenizer, [prompt])[0]
+            full = torch.tensor([ids + completion.token_ids])
+            with torch.no_grad():
+                reference = torch.log_softmax(teacher.model(full).logits[0].double(), -1)[len(ids) - 1 : -1]
+            expected = reference.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+            np.testing.assert_allclose(logprobs.logprobs, expected.numpy(), atol=5e-3, rtol=5e-3)
+            assert logprobs.topk_ids.tolist() == reference.topk(5).indices.tolist()
+    # sampled at temperature 1.5, not every token is the teacher's first choice: raw, not warped, logprobs
+    assert any((c.logprobs.topk_ids[:, 0] != c.logprobs.token_ids).any() for cs in results for c in cs)
+
+
+def test_scoring_a_given_text_matches_the_logprobs_of_generating_it(teacher, prompts):
+    (completion,) = teacher.generate(
+        prompts[:1], SamplingParams(temperature=0, max_new_tokens=80, top_logprobs=4)
+    )[0]
+    assert completion.finish_reason == "stop"  # ends with the end-of-turn token, as scoring appends it
+    (scored,) = teacher.score(prompts[:1], [completion.text], top_k=4)
+    assert scored.token_ids.tolist() == completion_ids(teacher.tokenizer, [completion.text])[0]
+    assert scored.token_ids.tolist() == completion.token_ids
+    np.testing.assert_allclose(scored.logprobs, completion.logprobs.logprobs, atol=1e-2)
+    np.testing.assert_array_equal(scored.topk_ids, completion.logprobs.topk_ids)
+
+
+def test_scoring_batches_of_different_lengths_gives_each_its_own_values(teacher, prompts):
+    texts = [
+        "<think>\nshort\n</think>\nThe answer is 1.",
+        "The answer is 12345 and then a much longer tail of words.",
+    ]
+    together = teacher.score(prompts[:2], texts, top_k=3)
+    alone = [teacher.score([p], [t], top_k=3)[0] for p, t in zip(prompts[:2], texts, strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-2)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)

@@ -1,0 +1,290 @@
+"""The openai backend against a local OpenAI-compatible server backed by the testbed teacher.
+
+The server (generate/server.py) answers like vLLM: real logprobs and top logprobs from the model,
+prompt logprobs for scoring, and, in its fault-injecting mode, 500s, 429s with Retry-After, hangs
+past the client's timeout, malformed JSON and dropped connections.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reasondistill.chat import prompt_ids
+from reasondistill.cli import main
+from reasondistill.errors import UserError
+from reasondistill.generate.base import SamplingParams
+from reasondistill.generate.hf import HFGenerator
+from reasondistill.generate.logprobs import read_logprobs
+from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, parse_retry_after
+from reasondistill.generate.server import FAULT_KINDS, Faults, serve_in_thread
+from reasondistill.generate.stage import logprob_shards, trace_shards
+from reasondistill.records import Problem, Trace, read_records
+from reasondistill.rundir import RunDir
+from reasondistill.tasks import get_task
+
+pytestmark = pytest.mark.slow  # needs the trained testbed teacher
+
+SERVED = "teacher"
+FAST_RETRIES = ["--max-retries", "4", "--retry-backoff", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def server(testbed):
+    with serve_in_thread(testbed / "teacher", served_name=SERVED) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hf_teacher(testbed) -> HFGenerator:
+    return HFGenerator(testbed / "teacher")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [p.messages for p in get_task("arithmetic").sample("test", 3, seed=5)]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_completions_carry_the_teachers_own_logprobs_and_top_k(
+    endpoint, server, testbed, hf_teacher, prompts
+):
+    client = OpenAIGenerator(SERVED, server.base_url, endpoint=endpoint, tokenizer=str(testbed / "teacher"))
+    results = client.generate(
+        prompts, SamplingParams(n=2, temperature=0.9, max_new_tokens=60, top_logprobs=4, seed=2)
+    )
+    assert [len(r) for r in results] == [2, 2, 2] and client.usage.requests == 6
+    for prompt, completions in zip(prompts, results, strict=True):
+        for completion in completions:
+            assert completion.logprobs.token_ids.tolist() == completion.token_ids
+            assert completion.completion_tokens == len(completion.token_ids)
+            ids = prompt_ids(hf_teacher.tokenizer, [prompt])
+            reference = hf_teacher.score_ids(ids, [completion.token_ids], top_k=4)[0]
+            np.testing.assert_allclose(completion.logprobs.logprobs, reference.logprobs, atol=1e-2)
+            np.testing.assert_array_equal(completion.logprobs.topk_ids, reference.topk_ids)
+            np.testing.assert_allclose(completion.logprobs.tail_logprob, reference.tail_logprob, atol=5e-2)
+    # per-request seeds: the two samples of a problem differ, and asking again gives the same ones
+    again = client.generate(
+        prompts, SamplingParams(n=2, temperature=0.9, max_new_tokens=60, top_logprobs=4, seed=2)
+    )
+    assert [[c.text for c in r] for r in again] == [[c.text for c in r] for r in results]
+    assert any(r[0].text != r[1].text for r in results)
+
+
+def test_scoring_through_prompt_logprobs_equals_the_hf_forward_pass(server, testbed, hf_teacher, prompts):
+    texts = ["<think>\nones: 1 + 2 = 3\n</think>\nThe answer is 3.", "The answer is 12."]
+    client = OpenAIGenerator(
+        SERVED, server.base_url, endpoint="completions", tokenizer=str(testbed / "teacher")
+    )
+    remote = client.score(prompts[:2], texts, top_k=6)
+    local = hf_teacher.score(prompts[:2], texts, top_k=6)
+    for r, lo in zip(remote, local, strict=True):
+        np.testing.assert_array_equal(r.token_ids, lo.token_ids)
+        np.testing.assert_array_equal(r.topk_ids, lo.topk_ids)
+        np.testing.assert_allclose(r.logprobs, lo.logprobs, atol=1e-2)
+    without_tokenizer = OpenAIGenerator(SERVED, server.base_url)
+    with pytest.raises(UserError, match="needs `tokenizer`"):
+        without_tokenizer.score(prompts[:1], texts[:1], top_k=2)
+
+
+def test_retry_after_is_parsed_as_seconds_or_an_http_date():
+    assert parse_retry_after("2") == 2.0 and parse_retry_after("0.25") == 0.25
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < parse_retry_after(date) <= 30
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_a_429_waits_as_long_as_retry_after_says(testbed, prompts):
+    faults = Faults(rate=1.0, kinds=("429",), retry_after="0.6", max_faults_per_request=1)
+    with serve_in_thread(testbed / "teacher", served_name=SERVED, faults=faults) as server:
+        client = OpenAIGenerator(SERVED, server.base_url, retry=RetryPolicy(backoff_base=0.0))
+        started = time.perf_counter()
+        ((completion,),) = client.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=5))
+        assert time.perf_counter() - started >= 0.6
+    assert completion.text and client.usage.retries == 1 and server.fault_counts["429"] == 1
+
+
+def _problems_run(root: Path, train: int = 6) -> list[str]:
+    main(["problems", "--run-dir", str(root), "--tasks", "arithmetic", "--train", str(train), "--test", "1"])
+    return ["generate", "--run-dir", str(root), "--model", SERVED, "--backend", "openai", "--name", "t"]
+
+
+def _error_of(capsys, args: list[str]) -> str:
+    """The one-line error the command fails with."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(args)
+    return capsys.readouterr().err.replace("\n", " ")
+
+
+def _rows(root: Path) -> list[Trace]:
+    return [t for shard in trace_shards(root / "traces" / "t") for t in read_records(shard, Trace)]
+
+
+def _keys(rows: list[Trace]) -> list[tuple[str, int]]:
+    return sorted((t.problem_id, t.sample_idx) for t in rows)
+
+
+def test_a_job_through_every_kind_of_fault_writes_every_row_exactly_once(testbed, server, tmp_path):
+    sampling = [
+        "--n",
+        "3",
+        "--temperature",
+        "0.9",
+        "--max-new-tokens",
+        "24",
+        "--shard-size",
+        "8",
+        "--top-logprobs",
+        "3",
+    ]
+    reference = _problems_run(tmp_path / "clean")
+    main([*reference, "--base-url", server.base_url, *sampling])
+
+    faults = Faults(rate=0.6, retry_after="0.1", hang_seconds=20, max_faults_per_request=2, seed=1)
+    with serve_in_thread(testbed / "teacher", served_name=SERVED, faults=faults) as faulty:
+        args = _problems_run(tmp_path / "faulty")
+        main([*args, "--base-url", faulty.base_url, "--request-timeout", "1.5", *FAST_RETRIES, *sampling])
+    assert set(faulty.fault_counts) >= set(FAULT_KINDS), faulty.fault_counts
+
+    clean, survived = _rows(tmp_path / "clean"), _rows(tmp_path / "faulty")
+    assert len(survived) == 18 and _keys(survived) == sorted(set(_keys(survived)))
+    # every retried request kept its seed: the same completions as without faults
+    assert {(t.problem_id, t.sample_idx, t.completion) for t in survived} == {
+        (t.problem_id, t.sample_idx, t.completion) for t in clean
+    }
+    logprob_rows = [
+        r for path in logprob_shards(tmp_path / "faulty" / "traces" / "t") for r in read_logprobs(path)
+    ]
+    assert sorted((p, s) for p, s, _ in logprob_rows) == _keys(survived)
+    usage = RunDir(tmp_path / "faulty").manifest()["steps"]["generate:t"]["stats"]["usage"]
+    assert (
+        usage["requests"] == 18
+        and usage["retries"] >= sum(faulty.fault_counts.values())
+        and usage["failed"] == []
+    )
+    assert RunDir(tmp_path / "faulty").manifest()["teacher_usage"]["retries"] == usage["retries"]
+
+
+def test_a_request_that_keeps_failing_is_recorded_reported_and_retried_by_a_rerun(testbed, tmp_path, capsys):
+    args = [
+        *_problems_run(tmp_path),
+        "--n",
+        "2",
+        "--temperature",
+        "0.9",
+        "--max-new-tokens",
+        "16",
+        "--shard-size",
+        "4",
+    ]
+    poisoned = read_records(tmp_path / "problems" / "arithmetic" / "train.parquet", Problem)[2]
+    faults = Faults(poison=poisoned.messages[-1].content)
+    with serve_in_thread(testbed / "teacher", served_name=SERVED, faults=faults) as bad:
+        error = _error_of(capsys, [*args, "--base-url", bad.base_url, *FAST_RETRIES])
+    assert "2 request(s) failed after their retries" in error and "rerun the same command" in error
+    index = json.loads((tmp_path / "traces" / "t" / "index.json").read_text())
+    failed = [f for shard in index["failures"].values() for f in shard]
+    assert {(f["problem_id"], f["sample_idx"]) for f in failed} == {(poisoned.id, 0), (poisoned.id, 1)}
+    assert all(f["attempts"] == 5 and "HTTP 500" in f["error"] for f in failed)
+    assert len(_rows(tmp_path)) == 10 and "generate:t" not in RunDir(tmp_path).manifest()["steps"]
+
+    # the server recovers (on another port: the URL is not part of the step's identity)
+    with serve_in_thread(testbed / "teacher", served_name=SERVED) as good:
+        main([*args, "--base-url", good.base_url, *FAST_RETRIES])
+        assert good.requests == 2  # only the failed rows were asked again
+    rows = _rows(tmp_path)
+    assert len(rows) == 12 and _keys(rows) == sorted(set(_keys(rows)))
+
+
+def test_with_allow_failures_the_step_finishes_and_the_report_lists_the_failed_rows(testbed, tmp_path):
+    args = [*_problems_run(tmp_path, train=3), "--n", "1", "--temperature", "0", "--max-new-tokens", "8"]
+    poisoned = read_records(tmp_path / "problems" / "arithmetic" / "train.parquet", Problem)[0]
+    faults = Faults(poison=poisoned.messages[-1].content)
+    with serve_in_thread(testbed / "teacher", served_name=SERVED, faults=faults) as bad:
+        main(
+            [
+                *args,
+                "--base-url",
+                bad.base_url,
+                "--allow-failures",
+                *FAST_RETRIES,
+                "--price-per-1m-prompt-tokens",
+                "2",
+                "--price-per-1m-completion-tokens",
+                "8",
+            ]
+        )
+    usage = RunDir(tmp_path).manifest()["steps"]["generate:t"]["stats"]["usage"]
+    assert [f["problem_id"] for f in usage["failed"]] == [poisoned.id]
+    expected_cost = usage["prompt_tokens"] * 2e-6 + usage["completion_tokens"] * 8e-6
+    assert usage["cost"] == pytest.approx(expected_cost) and usage["cost"] > 0
+    main(["report", "--run-dir", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "Teacher usage and cost" in report and f"{usage['cost']:.4f}" in report
+    total_row = next(line for line in report.splitlines() if line.startswith("| total"))
+    assert "| 1 |" in total_row  # one failed row
+
+
+def test_the_api_key_comes_from_the_environment_and_is_written_nowhere(
+    testbed, tmp_path, monkeypatch, capsys
+):
+    secret = "sk-test-0123456789abcdef"
+    args = [*_problems_run(tmp_path, train=2), "--n", "1", "--temperature", "0", "--max-new-tokens", "8"]
+    with serve_in_thread(testbed / "teacher", served_name=SERVED, api_key=secret) as server:
+        monkeypatch.delenv("RD_TEST_KEY", raising=False)
+        error = _error_of(capsys, [*args, "--base-url", server.base_url, "--api-key-env", "RD_TEST_KEY"])
+        assert "HTTP 401" in error and "$RD_TEST_KEY" in error
+        monkeypatch.setenv("RD_TEST_KEY", secret)
+        main([*args, "--base-url", server.base_url, "--api-key-env", "RD_TEST_KEY"])
+    assert len(_rows(tmp_path)) == 2
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_generation_killed_at_any_moment_resumes_with_no_lost_or_duplicated_rows(server, tmp_path):
+    sampling = ["--n", "2", "--temperature", "0.9", "--max-new-tokens", "40", "--shard-size", "3"]
+    sampling += ["--base-url", server.base_url, "--concurrency", "2", "--top-logprobs", "2"]
+    main([*_problems_run(tmp_path / "reference", train=8), *sampling])
+    args = [*_problems_run(tmp_path / "killed", train=8), *sampling]
+    command = [sys.executable, "-m", "reasondistill.cli", *args]
+    index = tmp_path / "killed" / "traces" / "t" / "index.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def run_until(condition) -> None:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not condition() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None, "the job finished before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+    def finished_shards() -> int:
+        try:
+            return len(json.loads(index.read_text())["finished"])
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    run_until(lambda: finished_shards() >= 1)  # mid-job, between shards or inside one
+    done = finished_shards()
+    assert 1 <= done < 6
+    run_until(
+        lambda: finished_shards() > done or any(index.parent.glob(".*tmp*"))
+    )  # while writing, if caught
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    resumed, reference = _rows(tmp_path / "killed"), _rows(tmp_path / "reference")
+    assert len(resumed) == 16 and _keys(resumed) == sorted(set(_keys(resumed)))
+    assert {(t.problem_id, t.sample_idx, t.completion) for t in resumed} == {
+        (t.problem_id, t.sample_idx, t.completion) for t in reference
+    }
+    logprob_rows = [r for p in logprob_shards(index.parent) for r in read_logprobs(p)]
+    assert sorted((p, s) for p, s, _ in logprob_rows) == _keys(resumed)

@@ -1,0 +1,405 @@
+"""The vllm backend against a fake `vllm` module: parameter mapping, token ids in, Completions and
+TokenLogprobs out, prompt-logprob slicing for scoring. No GPU, no vLLM."""
+
+import math
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from reasondistill.chat import completion_ids, prompt_ids
+from reasondistill.errors import UserError
+from reasondistill.generate import vllm as backend
+from reasondistill.generate.base import Completion, Failure, SamplingParams
+from reasondistill.generate.vllm import VLLMGenerator, to_vllm_sampling
+from reasondistill.records import Message
+
+PROMPTS = [
+    [Message(role="user", content="What is 12 + 30?")],
+    [Message(role="system", content="Be brief."), Message(role="user", content="Sort 3 1 2.")],
+]
+
+
+# ---- a fake teacher and a fake vLLM ------------------------------------------------------------
+
+
+def candidates(prefix: list[int]) -> dict[int, float]:
+    """The fake teacher's three most likely next tokens after `prefix` (p = .5, .25, .125). They depend on
+    the prefix's length and last token, so a distribution read one position off does not match."""
+    base = (len(prefix) * 7 + prefix[-1]) % 300
+    return {base: math.log(0.5), base + 300: math.log(0.25), base + 600: math.log(0.125)}
+
+
+def token_logprob(prefix: list[int], token: int) -> float:
+    return candidates(prefix).get(token, math.log(0.01 * (1 + len(prefix) % 5)))
+
+
+def vllm_position(prefix: list[int], token: int, k: int) -> dict:
+    """What vLLM reports at one position: the top k, plus the actual token wherever it ranks."""
+    top = sorted(candidates(prefix).items(), key=lambda item: -item[1])[:k]
+    entries = {tid: lp for tid, lp in top} | {token: token_logprob(prefix, token)}
+    return {tid: SimpleNamespace(logprob=lp, rank=None, decoded_token=None) for tid, lp in entries.items()}
+
+
+class FakeSamplingParams(SimpleNamespace):
+    """Records its keyword arguments; reads as vLLM's defaults for the others."""
+
+    def __getattr__(self, name):
+        return {"n": 1, "logprobs": None, "prompt_logprobs": None}[name]
+
+
+class FakeLLM:
+    instances: list = []
+    tokenizer = None
+    max_model_len = 4096
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls: list[tuple[list, list]] = []
+        self.reply = lambda prompt, j: (f"reply {j}", None, "stop")  # (text, token ids or None, finish)
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=FakeLLM.max_model_len))
+        FakeLLM.instances.append(self)
+
+    def get_tokenizer(self):
+        return FakeLLM.tokenizer
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        assert use_tqdm is False and len(prompts) == len(sampling_params)
+        self.calls.append((prompts, sampling_params))
+        return [
+            self._output(p["prompt_token_ids"], params)
+            for p, params in zip(prompts, sampling_params, strict=True)
+        ]
+
+    def _output(self, ids, params):
+        outputs = []
+        for j in range(params.n):
+            text, token_ids, finish = self.reply(ids, j)
+            if token_ids is None:
+                token_ids = completion_ids(self.tokenizer, [text])[0]
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = [
+                    vllm_position(ids + token_ids[:t], token_ids[t], params.logprobs)
+                    for t in range(len(token_ids))
+                ]
+            outputs.append(
+                SimpleNamespace(text=text, token_ids=token_ids, finish_reason=finish, logprobs=logprobs)
+            )
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [
+                vllm_position(ids[:i], ids[i], params.prompt_logprobs) for i in range(1, len(ids))
+            ]
+        return SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=prompt_logprobs, outputs=outputs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch, tokenizer):
+    fake = types.ModuleType("vllm")
+    fake.__version__ = "0.0.fake"
+    fake.LLM = FakeLLM
+    fake.SamplingParams = FakeSamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict  # a TypedDict in vLLM
+    fake.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(FakeLLM, "instances", [])
+    monkeypatch.setattr(FakeLLM, "tokenizer", tokenizer)
+    return fake
+
+
+def make(**kwargs) -> tuple[VLLMGenerator, FakeLLM]:
+    generator = VLLMGenerator("/models/teacher", **kwargs)
+    return generator, FakeLLM.instances[-1]
+
+
+def sent_kwargs(params) -> dict:
+    return dict(vars(params))
+
+
+# ---- parameter mapping --------------------------------------------------------------------------
+
+COMMON = {"include_stop_str_in_output": False}
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (  # greedy: temperature 0; top-k off is left to vLLM's default (-1 before 0.9, 0 since)
+            SamplingParams(temperature=0, max_new_tokens=7),
+            {
+                "n": 1,
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "max_tokens": 7,
+                "seed": 0,
+                "stop": [],
+                "logprobs": None,
+            },
+        ),
+        (
+            SamplingParams(
+                n=4,
+                temperature=0.7,
+                top_p=0.9,
+                top_k=20,
+                max_new_tokens=64,
+                seed=3,
+                stop=("</answer>", "\n\n"),
+            ),
+            {
+                "n": 4,
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "top_k": 20,
+                "max_tokens": 64,
+                "seed": 3,
+                "stop": ["</answer>", "\n\n"],
+                "logprobs": None,
+            },
+        ),
+        (  # the sampled token's logprob only
+            SamplingParams(logprobs=True),
+            {
+                "n": 1,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "max_tokens": 512,
+                "seed": 0,
+                "stop": [],
+                "logprobs": 0,
+            },
+        ),
+        (  # and the top k (vLLM adds the sampled token to them)
+            SamplingParams(top_logprobs=5),
+            {
+                "n": 1,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "max_tokens": 512,
+                "seed": 0,
+                "stop": [],
+                "logprobs": 5,
+            },
+        ),
+        (
+            SamplingParams(logprobs=True, top_logprobs=3),
+            {
+                "n": 1,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "max_tokens": 512,
+                "seed": 0,
+                "stop": [],
+                "logprobs": 3,
+            },
+        ),
+    ],
+)
+def test_sampling_parameters_map_to_vllm(ours, theirs):
+    assert to_vllm_sampling(ours) == theirs | COMMON
+
+
+# ---- engine -------------------------------------------------------------------------------------
+
+
+def test_engine_gets_raw_logprobs_and_the_logprob_cap(fake_vllm):
+    generator, llm = make(tensor_parallel_size=2, max_model_len=2048, max_logprobs=32, seed=5)
+    assert llm.kwargs["model"] == "/models/teacher"
+    assert llm.kwargs["logprobs_mode"] == "raw_logprobs"
+    assert llm.kwargs["max_logprobs"] == 32
+    assert (llm.kwargs["tensor_parallel_size"], llm.kwargs["max_model_len"], llm.kwargs["seed"]) == (
+        2,
+        2048,
+        5,
+    )
+    assert generator.describe() == {"backend": "vllm", "model": "/models/teacher", "vllm": "0.0.fake"}
+    generator.close()
+    assert generator.llm is None
+    generator.close()  # twice is harmless
+
+
+def test_missing_vllm_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(
+        UserError, match=r"needs vLLM, which is not installed: pip install 'reasondistill\[vllm\]'"
+    ):
+        VLLMGenerator("/models/teacher")
+
+
+def test_broken_vllm_install_says_so(fake_vllm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm.inputs", None)
+    with pytest.raises(UserError, match="installed but does not import"):
+        VLLMGenerator("/models/teacher")
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+def test_prompts_go_in_as_chat_template_ids_with_a_seed_each(fake_vllm, tokenizer):
+    generator, llm = make()
+    sampling = SamplingParams(n=2, temperature=0.8, max_new_tokens=50, seed=10)
+    generator.generate(PROMPTS, sampling)
+    [(sent, params)] = llm.calls
+    assert [p["prompt_token_ids"] for p in sent] == prompt_ids(tokenizer, PROMPTS)
+    kwargs = [sent_kwargs(p) for p in params]
+    assert [k.pop("seed") for k in kwargs] == [10, 12]  # n samples of a request get seed, seed + 1, ...
+    expected = to_vllm_sampling(sampling)
+    del expected["seed"]
+    assert kwargs == [expected, expected]
+
+
+def test_completions_carry_text_ids_finish_and_token_counts(fake_vllm, tokenizer):
+    generator, llm = make()
+    cut = tokenizer("twelve plus thirty", add_special_tokens=False)["input_ids"][:2]
+    llm.reply = lambda prompt, j: (
+        ("forty-two", None, "stop") if j == 0 else (tokenizer.decode(cut), cut, "length")
+    )
+    rows = generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=2))
+
+    prompt_lengths = [len(ids) for ids in prompt_ids(tokenizer, PROMPTS)]
+    [eos_reply] = completion_ids(tokenizer, ["forty-two"])
+    assert [len(row) for row in rows] == [2, 2]
+    for row, prompt_length in zip(rows, prompt_lengths, strict=True):
+        first, second = row
+        assert (first.text, first.token_ids, first.finish_reason) == ("forty-two", eos_reply, "stop")
+        assert (second.token_ids, second.finish_reason) == (cut, "length")
+        assert [c.prompt_tokens for c in row] == [prompt_length, prompt_length]
+        assert [c.completion_tokens for c in row] == [len(eos_reply), 2]
+        assert first.logprobs is None
+    usage = generator.usage
+    assert (usage.requests, usage.failures) == (4, 0)
+    assert usage.prompt_tokens == 2 * sum(prompt_lengths)
+    assert usage.completion_tokens == 2 * (len(eos_reply) + 2)
+
+
+def test_generated_top_logprobs_keep_the_k_most_likely(fake_vllm, tokenizer):
+    generator, llm = make()
+    llm.reply = lambda prompt, j: ("The sum is 42.", None, "stop")
+    [[completion], _] = generator.generate(PROMPTS, SamplingParams(top_logprobs=2))
+
+    prompt = prompt_ids(tokenizer, PROMPTS)[0]
+    ids = completion.token_ids
+    lp = completion.logprobs
+    assert lp.k == 2 and len(lp) == len(ids)
+    np.testing.assert_array_equal(lp.token_ids, ids)
+    expected = [token_logprob(prompt + ids[:t], ids[t]) for t in range(len(ids))]
+    np.testing.assert_allclose(lp.logprobs.astype(float), expected, atol=2e-3)
+    outside = 0
+    for t in range(len(ids)):
+        best = list(candidates(prompt + ids[:t]))[:2]  # .5 and .25, most likely first
+        assert lp.topk_ids[t].tolist() == best  # a sampled token outside the top 2 is dropped from it
+        outside += ids[t] not in best
+    assert outside > 0  # vLLM sent k + 1 candidates there
+    np.testing.assert_allclose(
+        lp.topk_logprobs.astype(float), np.tile(np.log([0.5, 0.25]), (len(ids), 1)), atol=2e-3
+    )
+    np.testing.assert_allclose(lp.tail_logprob.astype(float), math.log(1 - 0.75), atol=2e-3)
+
+
+def test_sampled_token_logprobs_only(fake_vllm, tokenizer):
+    generator, llm = make()
+    llm.reply = lambda prompt, j: ("42", None, "stop")
+    [[completion], _] = generator.generate(PROMPTS, SamplingParams(logprobs=True))
+    prompt = prompt_ids(tokenizer, PROMPTS)[0]
+    ids = completion.token_ids
+    assert completion.logprobs.k == 0
+    expected = [token_logprob(prompt + ids[:t], ids[t]) for t in range(len(ids))]
+    np.testing.assert_allclose(completion.logprobs.logprobs.astype(float), expected, atol=2e-3)
+
+
+def test_aborted_requests_become_failures(fake_vllm):
+    generator, llm = make()
+    llm.reply = lambda prompt, j: ("", [], "abort") if j == 1 else ("ok", None, "stop")
+    rows = generator.generate(PROMPTS, SamplingParams(n=2))
+    for ok, aborted in rows:
+        assert isinstance(ok, Completion) and ok.text == "ok"
+        assert isinstance(aborted, Failure) and "abort" in aborted.error
+    assert (generator.usage.requests, generator.usage.failures) == (4, 2)
+
+
+def test_prompts_longer_than_the_context_fail_without_being_sent(fake_vllm, monkeypatch, tokenizer):
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, PROMPTS)]
+    monkeypatch.setattr(FakeLLM, "max_model_len", (lengths[0] + lengths[1]) // 2)
+    longer = lengths.index(max(lengths))
+    generator, llm = make()
+    rows = generator.generate(PROMPTS, SamplingParams(n=2))
+    assert all(isinstance(c, Failure) and "max_model_len" in c.error for c in rows[longer])
+    assert all(isinstance(c, Completion) for c in rows[1 - longer])
+    assert [p["prompt_token_ids"] for p in llm.calls[0][0]] == [prompt_ids(tokenizer, PROMPTS)[1 - longer]]
+
+
+def test_progress_counts_rows_over_several_calls(fake_vllm, monkeypatch):
+    monkeypatch.setattr(backend, "PROMPTS_PER_CALL", 1)
+    generator, llm = make()
+    done = []
+    rows = generator.generate(PROMPTS * 2, SamplingParams(n=3), progress=done.append)
+    assert len(rows) == 4 and len(llm.calls) == 4
+    assert done == [3, 3, 3, 3]
+    seeds = [sent_kwargs(params[0])["seed"] for _, params in llm.calls]
+    assert seeds == [0, 3, 6, 9]  # as in one call: no prompt shares another's seeds
+
+
+def test_k_above_max_logprobs_is_a_user_error(fake_vllm):
+    generator, _ = make(max_logprobs=4)
+    with pytest.raises(UserError, match="max_logprobs=4"):
+        generator.generate(PROMPTS, SamplingParams(top_logprobs=5))
+    with pytest.raises(UserError, match="max_logprobs=4"):
+        generator.score(PROMPTS, ["a", "b"], top_k=8)
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+
+def test_score_reads_the_completion_positions_of_the_prompt_logprobs(fake_vllm, tokenizer):
+    generator, llm = make()
+    completions = ["The answer is 42.", "1 2 3"]
+    results = generator.score(PROMPTS, completions, top_k=2)
+
+    prompts = prompt_ids(tokenizer, PROMPTS)
+    replies = completion_ids(tokenizer, completions)
+    [(sent, params)] = llm.calls
+    assert [p["prompt_token_ids"] for p in sent] == [p + c for p, c in zip(prompts, replies, strict=True)]
+    assert all(p.prompt_logprobs == 2 and p.max_tokens == 1 for p in params)
+    for result, prompt, reply in zip(results, prompts, replies, strict=True):
+        np.testing.assert_array_equal(result.token_ids, reply)  # the reply and its end-of-turn token
+        prefixes = [prompt + reply[:t] for t in range(len(reply))]
+        expected = [token_logprob(prefix, token) for prefix, token in zip(prefixes, reply, strict=True)]
+        np.testing.assert_allclose(result.logprobs.astype(float), expected, atol=2e-3)
+        assert result.topk_ids.tolist() == [list(candidates(prefix))[:2] for prefix in prefixes]
+        np.testing.assert_allclose(result.tail_logprob.astype(float), math.log(0.25), atol=2e-3)
+
+
+def test_score_agrees_with_generated_logprobs(fake_vllm):
+    """The same completion has the same distribution whether sampled with logprobs or scored."""
+    generator, llm = make()
+    llm.reply = lambda prompt, j: ("Sorted: 1 2 3", None, "stop")
+    [_, [completion]] = generator.generate(PROMPTS, SamplingParams(top_logprobs=3))
+    [scored] = generator.score_ids(
+        [prompt_ids(generator.tokenizer, PROMPTS)[1]], [completion.token_ids], top_k=3, progress=None
+    )
+    for name in ("token_ids", "logprobs", "topk_ids", "topk_logprobs", "tail_logprob"):
+        np.testing.assert_array_equal(getattr(scored, name), getattr(completion.logprobs, name))
+
+
+def test_score_fails_sequences_longer_than_the_context(fake_vllm, monkeypatch, tokenizer):
+    prompt_length = len(prompt_ids(tokenizer, PROMPTS[:1])[0])
+    monkeypatch.setattr(FakeLLM, "max_model_len", prompt_length + 5)
+    generator, llm = make()
+    done = []
+    short, long = generator.score(
+        PROMPTS[:1] * 2, ["1", "a much longer reply than fits"], top_k=1, progress=done.append
+    )
+    assert len(short) == len(completion_ids(tokenizer, ["1"])[0])
+    assert isinstance(long, Failure) and "max_model_len" in long.error
+    assert len(llm.calls[0][0]) == 1 and done == [2]
