@@ -70,7 +70,11 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, used for both e
 
 @dataclass(frozen=True)
 class Faults:
-    """Which requests fail, and how; every decision is a hash of the request, so runs are reproducible."""
+    """Which requests fail, and how. Every decision is a hash, so runs are reproducible: a request
+    body's key is the sha256 of its canonical JSON, its attempt the number of times the key was seen
+    before; an attempt below `max_faults_per_request` fails when sha256(seed, key, attempt), mapped
+    to [0, 1), is below `rate`, with a kind picked by the same hash. Bodies that are not valid
+    requests get their 400 and take no part."""
 
     rate: float = 0.0  # share of attempts that fail, among those still allowed to
     kinds: tuple[str, ...] = FAULT_KINDS
@@ -576,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m reasondistill.generate.server", description=__doc__.split("\n")[0]
     )
     served = parser.add_mutually_exclusive_group(required=True)
-    served.add_argument("--model", help="model folder, Hub id, or testbed:teacher / testbed:student")
+    served.add_argument(
+        "--model", help="model folder, Hub id, or testbed:teacher / testbed:student (built on first use)"
+    )
     served.add_argument("--instant", action="store_true", help="no model: a fixed completion, at once")
     parser.add_argument("--served-name", default="test-model", help="the model name requests must use")
     parser.add_argument("--host", default="127.0.0.1")
