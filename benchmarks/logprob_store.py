@@ -60,7 +60,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         dense = dense_bytes_per_token(lm_like_logits(generator, 64, args.vocab), directory)
-        print(f"dense float16 logits, V={args.vocab:,}: {2 * args.vocab:,} B/token raw, {dense:,.0f} B/token on disk")
+        print(
+            f"dense float16 logits, V={args.vocab:,}: {2 * args.vocab:,} B/token raw, {dense:,.0f} B/token on disk"
+        )
         print(f"{'k':>4} {'B/token':>9} {'target 6k+16':>13} {'vs dense':>10} {'encode tok/s':>13}")
         for k in (20, 32, 64):
             rows, encoding = [], 0.0
@@ -73,7 +75,9 @@ def main() -> None:
             encode_rate = args.tokens / encoding
             write_logprobs(directory / f"top{k}.parquet", rows)
             per_token = (directory / f"top{k}.parquet").stat().st_size / args.tokens
-            print(f"{k:>4} {per_token:>9.1f} {6 * k + 16:>13} {dense / per_token:>9.0f}x {encode_rate:>13,.0f}")
+            print(
+                f"{k:>4} {per_token:>9.1f} {6 * k + 16:>13} {dense / per_token:>9.0f}x {encode_rate:>13,.0f}"
+            )
 
 
 if __name__ == "__main__":

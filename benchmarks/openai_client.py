@@ -24,7 +24,16 @@ from reasondistill.records import Message
 
 def start_server() -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "reasondistill.generate.server", "--instant", "--served-name", "instant", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "reasondistill.generate.server",
+            "--instant",
+            "--served-name",
+            "instant",
+            "--port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from reasondistill.chat import completion_ids, prompt_ids
+from reasondistill.cli import main
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
+from reasondistill.generate.logprobs import read_logprobs
+from reasondistill.generate.stage import logprob_shards, trace_shards
+from reasondistill.records import Trace, read_records
+from reasondistill.rundir import RunDir
 from reasondistill.tasks import get_task
 
 pytestmark = pytest.mark.slow  # needs the trained testbed teacher
@@ -84,3 +89,60 @@ def test_scoring_batches_of_different_lengths_gives_each_its_own_values(teacher,
     for a, b in zip(together, alone, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-2)
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+
+
+def test_the_score_stage_stores_the_teachers_top_k_for_every_trace(testbed, tmp_path):
+    run = ["--run-dir", str(tmp_path)]
+    main(
+        [
+            "problems",
+            *run,
+            "--tasks",
+            "arithmetic",
+            "--train",
+            "4",
+            "--test",
+            "1",
+            "--difficulty",
+            '{"arithmetic": [1]}',
+        ]
+    )
+    main(
+        ["generate", *run, "--model", "testbed:teacher", "--name", "t", "--n", "2", "--max-new-tokens", "80"]
+    )
+    main(
+        [
+            "generate",
+            *run,
+            "--model",
+            "testbed:teacher",
+            "--name",
+            "tk",
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "80",
+            "--top-logprobs",
+            "3",
+        ]
+    )
+    main(["score", *run, "--model", "testbed:teacher", "--traces", "t", "--top-k", "3", "--shard-size", "3"])
+    directory = tmp_path / "logprobs" / "t.teacher"
+    scored = {(p, s): lp for path in logprob_shards(directory) for p, s, lp in read_logprobs(path)}
+    traces = [t for path in trace_shards(tmp_path / "traces" / "t") for t in read_records(path, Trace)]
+    assert sorted(scored) == sorted((t.problem_id, t.sample_idx) for t in traces) and len(scored) == 8
+    # the same completions generated with --top-logprobs carry the same distribution (same seeds)
+    generated = {
+        (p, s): lp for path in logprob_shards(tmp_path / "traces" / "tk") for p, s, lp in read_logprobs(path)
+    }
+    for key, lp in scored.items():
+        # scoring appends the end-of-turn token; a finished completion already ends with it
+        length = len(generated[key])
+        assert lp.k == 3 and lp.token_ids[:length].tolist() == generated[key].token_ids.tolist()
+        np.testing.assert_array_equal(lp.topk_ids[:length], generated[key].topk_ids)
+        np.testing.assert_allclose(lp.logprobs[:length], generated[key].logprobs, atol=1e-2)
+    stats = RunDir(tmp_path).manifest()["steps"]["score:t.teacher"]["stats"]
+    assert stats["tokens"] == sum(len(lp) for lp in scored.values()) and stats["usage"]["failed"] == []
+    assert stats["usage"]["requests"] == 8 and stats["usage"]["prompt_tokens"] > stats["tokens"]
+    main(["report", *run])
+    assert "score:t.teacher" in (tmp_path / "report.md").read_text()

@@ -111,7 +111,9 @@ class HFGenerator:
             self._completion(ids, len(p), sampling.stop) for ids, p in zip(new_tokens, owners, strict=True)
         ]
         if sampling.wants_logprobs:
-            scored = self.score_ids(owners, [c.token_ids for c in completions], sampling.top_logprobs)
+            scored = self._distributions(
+                owners, [c.token_ids for c in completions], sampling.top_logprobs, None
+            )
             completions = [replace(c, logprobs=lp) for c, lp in zip(completions, scored, strict=True)]
         self.usage.add(
             Usage(
@@ -164,7 +166,6 @@ class HFGenerator:
             prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
         )
 
-    @torch.inference_mode()
     def score_ids(
         self,
         prompts: Sequence[list[int]],
@@ -173,6 +174,20 @@ class HFGenerator:
         progress: ProgressCallback | None = None,
     ) -> list[TokenLogprobs]:
         """The model's distribution at every completion token, prompt and completion given as ids."""
+        scored = self._distributions(prompts, completions, top_k, progress)
+        # scoring is prefill: every token read counts as a prompt token, as a server bills it
+        read = sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+        self.usage.add(Usage(requests=len(prompts), prompt_tokens=read))
+        return scored
+
+    @torch.inference_mode()
+    def _distributions(
+        self,
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        top_k: int,
+        progress: ProgressCallback | None,
+    ) -> list[TokenLogprobs]:
         config = self.model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise UserError(

@@ -141,6 +141,11 @@ def _list_array(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype.to_pandas_dtype())))
 
 
+def logprobs_file(directory: Path, shard: int) -> Path:
+    """Where shard `shard` of a generate (beside its traces) or score output keeps its distributions."""
+    return directory / f"logprobs-{shard:05d}.parquet"
+
+
 def write_logprobs(path: Path, rows: Sequence[tuple[str, int, TokenLogprobs]]) -> None:
     """Write (problem_id, sample_idx, distribution) rows as one parquet file, atomically."""
     columns = {

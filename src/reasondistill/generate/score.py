@@ -11,8 +11,6 @@ token, exactly as the student is trained on it when both share a tokenizer.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
 from ..errors import UserError
@@ -23,7 +21,7 @@ from ..stages import Stage
 from ..tasks.stage import problems_by_id
 from ..ui import note
 from .backends import BackendOptions, backend_model, backend_requirements, open_generator
-from .logprobs import TokenLogprobs, read_logprobs, write_logprobs
+from .logprobs import TokenLogprobs, logprobs_file, read_logprobs, write_logprobs
 from .shards import ShardedJob, usage_totals
 from .stage import finish_sharded_step, trace_shards, usage_stats
 
@@ -65,14 +63,14 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
             return generator.score(prompts, [t.completion for t in rows], cfg.top_k, progress)
 
         def save(shard: int, pairs: list[tuple[Trace, TokenLogprobs]], keep_saved: bool) -> None:
-            path = _shard_path(out, shard)
+            path = logprobs_file(out, shard)
             rows = [(t.problem_id, t.sample_idx, logprobs) for t, logprobs in pairs]
             if keep_saved and path.exists():
                 rows = read_logprobs(path) + rows
             write_logprobs(path, rows)
 
         def saved_keys(shard: int) -> set[tuple[str, int]]:
-            path = _shard_path(out, shard)
+            path = logprobs_file(out, shard)
             return (
                 {(problem_id, sample) for problem_id, sample, _ in read_logprobs(path)}
                 if path.exists()
@@ -92,9 +90,9 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
         index = job.run(f"score {name}", overwrite)
         finish_sharded_step(f"score:{name}", index, cfg.allow_failures)
         usage = usage_stats(index, cfg.pricing, cfg.backend)
-        stored = sum(_shard_path(out, i).stat().st_size for i in sorted(index.finished))
+        stored = sum(logprobs_file(out, i).stat().st_size for i in sorted(index.finished))
         tokens = sum(
-            len(lp) for i in sorted(index.finished) for _, _, lp in read_logprobs(_shard_path(out, i))
+            len(lp) for i in sorted(index.finished) for _, _, lp in read_logprobs(logprobs_file(out, i))
         )
         return {
             "model": model.path,
@@ -112,10 +110,6 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
         f"score:{name}: top-{stats['top_k']} of {stats['traces']} traces, {stats['tokens']} tokens, "
         f"{stats['bytes_per_token']} bytes/token on disk"
     )
-
-
-def _shard_path(directory: Path, shard: int) -> Path:
-    return directory / f"logprobs-{shard:05d}.parquet"
 
 
 STAGE = Stage(

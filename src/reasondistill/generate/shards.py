@@ -143,8 +143,11 @@ class ShardedJob(Generic[Row, Result]):
             def advance(count: int) -> None:
                 bar.advance(count)
                 usage = generator.usage
-                rate = usage.completion_tokens / max(time.time() - started, 1e-9)
-                bar.status(f"{rate:,.0f} tok/s · {usage.retries} retries · {usage.failures} failed")
+                elapsed = max(time.time() - started, 1e-9)
+                bar.status(
+                    f"{usage.completion_tokens / elapsed:,.0f} tok/s out, {usage.prompt_tokens / elapsed:,.0f} in"
+                    f" · {usage.retries} retries · {usage.failures} failed"
+                )
 
             for i, rows in todo.items():
                 before, shard_started = _copy(generator.usage), time.time()

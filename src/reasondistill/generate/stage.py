@@ -26,7 +26,7 @@ from ..ui import note
 from ..verify.reasoning import split_reasoning
 from .backends import BackendOptions, backend_model, backend_requirements, open_generator
 from .base import Completion, Generator, SamplingParams
-from .logprobs import read_logprobs, write_logprobs
+from .logprobs import logprobs_file, read_logprobs, write_logprobs
 from .shards import Pricing, ShardedJob, ShardIndex, usage_totals
 
 
@@ -103,7 +103,7 @@ def trace_shards(directory: Path) -> list[Path]:
 def logprob_shards(directory: Path) -> list[Path]:
     """The teacher-distribution files beside the traces (generate with logprobs) or of `score`."""
     index = json.loads((directory / "index.json").read_text())
-    return [directory / f"logprobs-{i:05d}.parquet" for i in sorted(index["finished"])]
+    return [logprobs_file(directory, i) for i in sorted(index["finished"])]
 
 
 def usage_stats(index: ShardIndex, pricing: Pricing, generator: str) -> dict:
@@ -155,7 +155,7 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
         path = out / f"shard-{shard:05d}.parquet"
         traces = [make_trace(p, j, c, source) for (p, j), c in pairs]
         logprobs = [(p.id, j, c.logprobs) for (p, j), c in pairs if c.logprobs is not None]
-        logprobs_path = out / f"logprobs-{shard:05d}.parquet"
+        logprobs_path = logprobs_file(out, shard)
         if keep_saved and path.exists():
             traces = read_records(path, Trace) + traces
             if logprobs_path.exists():

@@ -246,6 +246,9 @@ class VLLMGenerator:
             for i, output in zip(send, outputs, strict=True):
                 prompt, completion = pairs[i]
                 rows[i] = self._scored(output.prompt_logprobs, len(prompt), completion, top_k)
+            # scoring is prefill: every token read counts as a prompt token, as a server bills it
+            read = sum(len(pairs[i][0]) + len(pairs[i][1]) for i in send)
+            self.usage.add(Usage(requests=len(send), prompt_tokens=read, failures=len(pairs) - len(send)))
             results.extend(rows)
             if progress:
                 progress(len(pairs))
