@@ -118,13 +118,8 @@ class OpenAIGenerator:
         if endpoint not in ("chat", "completions"):
             raise UserError(f"openai backend: endpoint must be chat or completions, got {endpoint!r}")
         self.model, self.base_url, self.endpoint = model, base_url.rstrip("/"), endpoint
-        self.api_key_env, self.concurrency, self.timeout, self.retry = (
-            api_key_env,
-            concurrency,
-            timeout,
-            retry,
-        )
-        self.tokenizer_name = tokenizer
+        self.api_key_env = api_key_env
+        self.concurrency, self.timeout, self.retry = concurrency, timeout, retry
         self.tokenizer = None
         if tokenizer:
             from transformers import AutoTokenizer
