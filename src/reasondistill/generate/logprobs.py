@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -159,6 +160,11 @@ def write_logprobs(path: Path, rows: Sequence[tuple[str, int, TokenLogprobs]]) -
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(pa.table(columns, schema=_SCHEMA), tmp, compression="zstd")
     os.replace(tmp, path)
+
+
+def stored_tokens(path: Path) -> int:
+    """Completion tokens in a logprobs file, from its `token_ids` column alone (no arrays decoded)."""
+    return pc.sum(pc.list_value_length(pq.read_table(path, columns=["token_ids"]).column(0))).as_py() or 0
 
 
 def read_logprobs(path: Path) -> list[tuple[str, int, TokenLogprobs]]:

@@ -21,7 +21,7 @@ from ..stages import Stage
 from ..tasks.stage import problems_by_id
 from ..ui import note
 from .backends import BackendOptions, backend_model, backend_requirements, open_generator
-from .logprobs import TokenLogprobs, logprobs_file, read_logprobs, write_logprobs
+from .logprobs import TokenLogprobs, logprobs_file, read_logprobs, stored_tokens, write_logprobs
 from .shards import ShardedJob, usage_totals
 from .stage import finish_sharded_step, trace_shards, usage_stats
 
@@ -91,9 +91,7 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
         finish_sharded_step(f"score:{name}", index, cfg.allow_failures)
         usage = usage_stats(index, cfg.pricing, cfg.backend)
         stored = sum(logprobs_file(out, i).stat().st_size for i in sorted(index.finished))
-        tokens = sum(
-            len(lp) for i in sorted(index.finished) for _, _, lp in read_logprobs(logprobs_file(out, i))
-        )
+        tokens = sum(stored_tokens(logprobs_file(out, i)) for i in sorted(index.finished))
         return {
             "model": model.path,
             "traces": len(traces) - len(usage["failed"]),
