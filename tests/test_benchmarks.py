@@ -167,3 +167,31 @@ def test_without_a_data_file_the_hub_dataset_is_read_with_its_config_and_split(m
     )
     with pytest.raises(UserError, match="could not load openai/gsm8k .*offline.*pass --data-file"):
         get_benchmark("gsm8k").load()
+
+
+def test_kd_loss_memory_benchmark_runs_its_three_variants_at_a_tiny_size(capsys):
+    """benchmarks/kd_loss_memory.py in-process at a tiny size: naive, TRL and reasondistill rows, equal losses."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kd_loss_memory.py"
+    spec = importlib.util.spec_from_file_location("kd_loss_memory", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    sizes = ["--vocab", "64", "--seq", "4", "--batch", "2", "--student-hidden", "8", "--teacher-hidden", "12"]
+    benchmark.main([*sizes, "--chunk-size", "3", "--in-process"])
+    lines = capsys.readouterr().out.splitlines()
+    losses = {}
+    for label, _, _ in benchmark.VARIANTS.values():
+        (row,) = [line for line in lines if line.startswith(label + " ")]
+        status, loss = row[len(label) :].split()[:2]
+        assert status == "ok", row
+        losses[label] = float(loss)
+    assert {label.split()[0] for label in losses} == {"naive", "TRL", "reasondistill"}
+    forward_kl = [
+        losses["naive forward KL"],
+        losses["TRL generalized_jsd β=0"],
+        losses["reasondistill forward_kl"],
+    ]
+    assert max(forward_kl) - min(forward_kl) < 1e-4
+    assert abs(losses["TRL generalized_jsd β=0.5"] - losses["reasondistill jsd β=0.5"]) < 1e-4

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from reasondistill.errors import UserError
-from reasondistill.objectives import IGNORE_INDEX, OBJECTIVES, ObjectiveInputs, completion_nll, get_objective
+from reasondistill.objectives import IGNORE_INDEX, OBJECTIVES, ObjectiveInputs, make_objective
+from reasondistill.objectives.heads import Head
 
 
 def reference_nll(logits, labels):
@@ -25,20 +26,32 @@ def batch(seed=0):
     return logits, labels
 
 
+def sft_loss(logits, labels, normaliser, chunk_size=1024):
+    """The SFT objective on a [B, S, V] batch, reduced to completion positions as the trainer does."""
+    predicts = labels[:, 1:] != IGNORE_INDEX
+    inputs = ObjectiveInputs(
+        student=Head(logits[:, :-1][predicts]),
+        labels=labels[:, 1:][predicts],
+        normaliser=normaliser,
+        sequence=predicts.nonzero()[:, 0],
+        num_sequences=len(labels),
+        chunk_size=chunk_size,
+    )
+    return make_objective("sft")(inputs)
+
+
 def test_sft_loss_is_the_completion_nll_divided_by_the_global_token_count():
     logits, labels = batch()
     tokens = labels[:, 1:].ne(IGNORE_INDEX).sum()
-    loss = completion_nll(ObjectiveInputs(logits, labels, tokens))
+    loss = sft_loss(logits, labels, tokens, chunk_size=4)
     assert loss.item() == pytest.approx(reference_nll(logits, labels) / tokens.item(), rel=1e-5)
 
 
 def test_micro_batches_with_the_global_normaliser_add_up_to_the_full_batch():
     logits, labels = batch(1)
     tokens = labels[:, 1:].ne(IGNORE_INDEX).sum()
-    full = completion_nll(ObjectiveInputs(logits, labels, tokens))
-    parts = sum(
-        completion_nll(ObjectiveInputs(logits[i : i + 1], labels[i : i + 1], tokens)) for i in range(3)
-    )
+    full = sft_loss(logits, labels, tokens)
+    parts = sum(sft_loss(logits[i : i + 1], labels[i : i + 1], tokens) for i in range(3))
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
 
@@ -47,13 +60,18 @@ def test_prompt_positions_do_not_contribute():
     changed = logits.clone()
     changed[:, :2] += 100 * torch.randn_like(changed[:, :2])  # these positions predict prompt tokens only
     tokens = labels[:, 1:].ne(IGNORE_INDEX).sum()
-    assert completion_nll(ObjectiveInputs(changed, labels, tokens)).item() == pytest.approx(
-        completion_nll(ObjectiveInputs(logits, labels, tokens)).item()
-    )
+    assert sft_loss(changed, labels, tokens).item() == pytest.approx(sft_loss(logits, labels, tokens).item())
 
 
 def test_registry():
-    assert get_objective("sft").fn is completion_nll
-    assert not OBJECTIVES["sft"].needs_teacher and OBJECTIVES["sft"].summary.startswith("SFT")
-    with pytest.raises(UserError, match="unknown objective 'kd'; known objectives: sft"):
-        get_objective("kd")
+    assert not OBJECTIVES["sft"].needs_teacher and OBJECTIVES["sft"].summary().startswith("SFT")
+    assert (
+        OBJECTIVES["forward_kl"].needs_teacher and "KL(teacher‖student)" in OBJECTIVES["forward_kl"].summary()
+    )
+    assert make_objective("jsd", {"beta": 0.9}).beta == 0.9
+    with pytest.raises(UserError, match="unknown objective 'kd'; known objectives: .*forward_kl.*sft"):
+        make_objective("kd")
+    with pytest.raises(UserError, match=r"objective jsd: objective_args.beta: .*less than or equal to 1"):
+        make_objective("jsd", {"beta": 2})
+    with pytest.raises(UserError, match=r"objective jsd: objective_args.bta: Extra inputs"):
+        make_objective("jsd", {"bta": 0.5})

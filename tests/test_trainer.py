@@ -3,7 +3,7 @@ import torch
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 
-from reasondistill.objectives import IGNORE_INDEX, completion_nll
+from reasondistill.objectives import IGNORE_INDEX, make_objective
 from reasondistill.train.data import CompletionCollator
 from reasondistill.train.trainer import DistillationTrainer
 
@@ -13,7 +13,7 @@ def examples():
     rows = []
     for i, (prompt, completion) in enumerate([(3, 1), (2, 9), (4, 2), (1, 6)]):
         ids = [(7 * i + j) % 40 + 2 for j in range(prompt + completion)]
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "length": len(ids)})
     return Dataset.from_list(rows)
 
 
@@ -42,13 +42,14 @@ def weights_after_one_step(tmp_path, batch_size, accumulation, sort_within_step=
         save_strategy="no",
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        remove_unused_columns=False,  # the sampler reads `length`, as in train_model
     )
     trainer = DistillationTrainer(
         model=model,
         args=args,
         train_dataset=examples(),
         data_collator=CompletionCollator(0),
-        objective=completion_nll,
+        objective=make_objective("sft"),
         sort_within_step=sort_within_step,
     )
     trainer.train()

@@ -87,10 +87,13 @@ def check_references(steps: list[Step], run: RunDir) -> None:
     """Every input of every step is made by an earlier step or already finished in the run directory."""
     available = set(run.manifest()["steps"])
     for step in steps:
-        for option, key in step.stage.requires(step.config).items():
-            if key not in available:
-                kind, _, name = key.partition(":")
-                made_by = f"a `{kind}` step" + (f" named {name!r}" if name else "")
+        for option, keys in step.stage.requires(step.config).items():
+            alternatives = keys if isinstance(keys, tuple) else (keys,)  # any one of them will do
+            if not available.intersection(alternatives):
+                made_by = " or ".join(
+                    f"a `{kind}` step" + (f" named {name!r}" if name else "")
+                    for kind, _, name in (key.partition(":") for key in alternatives)
+                )
                 raise UserError(
                     f"{step.where}.{option}: needs {made_by}, which no earlier step makes and {run.root} does not hold"
                 )

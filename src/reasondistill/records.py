@@ -70,6 +70,17 @@ class TrainingExample(Record):
     task: str
     messages: list[Message]
     completion: str
+    sample_idx: int | None = None  # the trace it came from, to find its teacher log-probabilities
+
+
+class PairExample(Record):
+    """A correct (chosen) and an incorrect (rejected) completion of one prompt, for DPO, REDI, AFT."""
+
+    problem_id: str
+    task: str
+    messages: list[Message]
+    chosen: str
+    rejected: str
 
 
 RecordT = TypeVar("RecordT", bound=Record)

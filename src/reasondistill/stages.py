@@ -35,7 +35,8 @@ class Stage:
     # The step keys a configuration writes, and the ones it reads ({option: step key}): a recipe is
     # checked with them before anything runs, so a typo fails in a second, not after an hour of work.
     produces: Callable[[StageConfig], list[str]] = lambda cfg: []
-    requires: Callable[[StageConfig], dict[str, str]] = lambda cfg: {}
+    # option -> the step it needs, or a tuple of steps any one of which will do
+    requires: Callable[[StageConfig], dict[str, str | tuple[str, ...]]] = lambda cfg: {}
     default_run_dir: str | None = (
         None  # for a stage that is often run alone (eval); else --run-dir is required
     )

@@ -1,7 +1,8 @@
 """`curate`: turn graded traces into a training set, recording what was kept and dropped.
 
-Operators here: rejection sampling by label, a cap of traces per problem, and stripping the
-reasoning to build an answer-only baseline set from the very same traces.
+Operators here: rejection sampling by label, a cap of traces per problem, stripping the
+reasoning to build an answer-only baseline set from the very same traces, and pairing a correct
+with an incorrect trace of the same problem (the data of DPO, REDI and AFT).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import UserError
-from ..records import GradedTrace, Label, TrainingExample, read_records, write_records
+from ..records import GradedTrace, Label, PairExample, TrainingExample, read_records, write_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
 from ..tasks.stage import problems_by_id
@@ -30,7 +31,14 @@ class CurateConfig(StageConfig):
     reasoning: Literal["keep", "drop"] = Field(
         "keep", description="drop: train on the final answer only, without the reasoning block"
     )
-    max_per_problem: int | None = Field(None, ge=1, description="keep at most this many traces per problem")
+    max_per_problem: int | None = Field(
+        None, ge=1, description="keep at most this many traces (pairs, with pairs: true) per problem"
+    )
+    pairs: bool = Field(
+        False,
+        description="write (chosen = correct, rejected = incorrect) pairs of the same problem instead of "
+        "single examples; `keep` is then ignored",
+    )
 
 
 def training_data(data: str, run: RunDir) -> tuple[Path, str]:
@@ -69,7 +77,11 @@ def curate(
         problem = problems[trace.problem_id]
         kept.append(
             TrainingExample(
-                problem_id=trace.problem_id, task=trace.task, messages=problem.messages, completion=completion
+                problem_id=trace.problem_id,
+                task=trace.task,
+                messages=problem.messages,
+                completion=completion,
+                sample_idx=trace.sample_idx,
             )
         )
     stats = {
@@ -81,12 +93,49 @@ def curate(
     return kept, stats
 
 
+def pair(graded: list[GradedTrace], problems: dict, cfg: CurateConfig) -> tuple[list[PairExample], dict]:
+    """The i-th correct with the i-th incorrect trace of each problem (in sample order), as REDI pairs
+    its first positive with its first negative; problems without both labels give no pair."""
+    by_problem: dict[str, dict[str, list[GradedTrace]]] = defaultdict(lambda: defaultdict(list))
+    for trace in sorted(graded, key=lambda t: (t.problem_id, t.sample_idx)):
+        by_problem[trace.problem_id][trace.label].append(trace)
+    pairs: list[PairExample] = []
+    unpaired: Counter = Counter()
+    for problem_id, labels in by_problem.items():
+        matched = list(zip(labels["correct"], labels["incorrect"], strict=False))[: cfg.max_per_problem]
+        if not matched:
+            unpaired[problems[problem_id].task] += 1
+        for chosen, rejected in matched:
+            reasoning = cfg.reasoning == "keep"
+            pairs.append(
+                PairExample(
+                    problem_id=problem_id,
+                    task=chosen.task,
+                    messages=problems[problem_id].messages,
+                    chosen=chosen.completion if reasoning else chosen.final,
+                    rejected=rejected.completion if reasoning else rejected.final,
+                )
+            )
+    stats = {
+        "input": len(graded),
+        "kept": dict(Counter(p.task for p in pairs)),
+        "dropped": {"problems without both a correct and an incorrect trace": dict(unpaired)},
+        "problems": len(by_problem) - sum(unpaired.values()),
+    }
+    return pairs, stats
+
+
 def run_curate(cfg: CurateConfig, run: RunDir, overwrite: bool) -> None:
     inputs = {"graded": run.finished_step(f"verify:{cfg.traces}")["fingerprint"]}
 
     def body(_fingerprint: str) -> dict:
-        examples, stats = curate(read_records(run.graded(cfg.traces), GradedTrace), problems_by_id(run), cfg)
-        write_records(run.curated(cfg.name), examples, TrainingExample)
+        graded = read_records(run.graded(cfg.traces), GradedTrace)
+        if cfg.pairs:
+            pairs, stats = pair(graded, problems_by_id(run), cfg)
+            write_records(run.curated(cfg.name), pairs, PairExample)
+        else:
+            examples, stats = curate(graded, problems_by_id(run), cfg)
+            write_records(run.curated(cfg.name), examples, TrainingExample)
         return stats
 
     outputs = [run.curated(cfg.name)]

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
 from ..chat import completion_ids, prompt_ids
-from ..objectives import IGNORE_INDEX
-from ..records import TrainingExample
+from ..errors import UserError
+from ..generate.logprobs import TokenLogprobs
+from ..objectives import IGNORE_INDEX, Objective
+from ..records import PairExample, TrainingExample
 
 
 @dataclass
@@ -32,7 +35,13 @@ def tokenize_examples(
     prompts = prompt_ids(tokenizer, [e.messages for e in examples])
     completions = completion_ids(tokenizer, [e.completion for e in examples])
     tokenized = []
-    for prompt, completion in zip(prompts, completions, strict=True):
+    for example, prompt, completion in zip(examples, prompts, completions, strict=True):
+        if len(prompt) >= max_length:
+            # no completion token would be left to train on (and a pair loss would compare nothing)
+            raise UserError(
+                f"problem {example.problem_id!r}: the prompt alone has {len(prompt)} tokens, "
+                f"max_length is {max_length}; raise max_length or leave the problem out"
+            )
         input_ids = (prompt + completion)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
         tokenized.append(
@@ -41,23 +50,126 @@ def tokenize_examples(
     return tokenized
 
 
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PairExample], max_length: int
+) -> list[tuple[TokenizedExample, TokenizedExample]]:
+    """(chosen, rejected) tokenized like `tokenize_examples`, sharing the prompt."""
+    messages = [p.messages for p in pairs]
+    chosen = tokenize_examples(tokenizer, _as_examples(pairs, messages, "chosen"), max_length)
+    rejected = tokenize_examples(tokenizer, _as_examples(pairs, messages, "rejected"), max_length)
+    return list(zip(chosen, rejected, strict=True))
+
+
+def _as_examples(pairs: Sequence[PairExample], messages, side: str) -> list[TrainingExample]:
+    return [
+        TrainingExample(problem_id=p.problem_id, task=p.task, messages=m, completion=getattr(p, side))
+        for p, m in zip(pairs, messages, strict=True)
+    ]
+
+
+@dataclass
+class SparseTeacherRows:
+    """A teacher's stored top-k distributions laid out on an example's token positions.
+
+    Row j describes the distribution of token j (predicted at position j − 1), like `labels[j]`;
+    prompt rows are zero and never read (their labels are ignored).
+    """
+
+    topk_ids: np.ndarray  # [L, k] int64
+    topk_logprobs: np.ndarray  # [L, k] float32
+    tail_logprob: np.ndarray  # [L] float32
+
+
+def sparse_teacher_rows(
+    examples: Sequence[TrainingExample],
+    tokenized: Sequence[TokenizedExample],
+    store: dict[tuple[str, int], TokenLogprobs],
+    source: str,
+) -> list[SparseTeacherRows]:
+    """Align stored teacher log-probabilities with the student's tokens, refusing any mismatch.
+
+    The store's `token_ids` are the completion tokens the teacher was scored on; they must be the
+    student's completion tokens exactly, or teacher and student would disagree about which token each
+    row describes.
+    """
+    rows = []
+    for example, tokens in zip(examples, tokenized, strict=True):
+        where = f"{source}: problem {example.problem_id!r} sample {example.sample_idx}"
+        if example.sample_idx is None or (example.problem_id, example.sample_idx) not in store:
+            raise UserError(f"{where}: no stored teacher log-probabilities for this training example")
+        stored = store[(example.problem_id, example.sample_idx)]
+        start = next(i for i, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
+        completion = tokens.input_ids[start:]
+        if stored.token_ids[: len(completion)].tolist() != completion or (
+            not tokens.truncated and len(stored) != len(completion)
+        ):
+            raise UserError(
+                f"{where}: the stored token ids differ from the student's tokenization of the completion "
+                "(another tokenizer or chat template, or traces changed since scoring)"
+            )
+        length, k = len(tokens.input_ids), stored.k
+        if k == 0 or (rows and k != rows[0].topk_ids.shape[1]):
+            expected = (
+                "top-k log-probabilities (generate --top-logprobs K, or score)"
+                if k == 0
+                else f"k={rows[0].topk_ids.shape[1]} like the other rows"
+            )
+            raise UserError(f"{where}: stored with k={k}; expected {expected}")
+        topk_ids = np.zeros((length, k), dtype=np.int64)
+        topk_logprobs = np.zeros((length, k), dtype=np.float32)
+        tail = np.zeros(length, dtype=np.float32)
+        topk_ids[start:] = stored.topk_ids[: len(completion)]
+        topk_logprobs[start:] = stored.topk_logprobs[: len(completion)]
+        tail[start:] = stored.tail_logprob[: len(completion)]
+        rows.append(SparseTeacherRows(topk_ids, topk_logprobs, tail))
+    return rows
+
+
 @dataclass
 class CompletionCollator:
-    """Right-pads a batch; padded positions get attention 0 and label IGNORE_INDEX."""
+    """Right-pads a batch; padded positions get attention 0 and label IGNORE_INDEX.
+
+    Features hold `input_ids` and `labels`, or `chosen_*` and `rejected_*` for pair objectives (chosen
+    rows first, then rejected rows in the same order), and an `index` into `sparse_teacher` when a
+    stored teacher distribution comes with the examples. The objective may then select the labels
+    it trains on (chunk-wise training), before the Trainer counts tokens for the normaliser.
+    """
 
     pad_token_id: int
+    objective: Objective | None = None
+    sparse_teacher: Sequence[SparseTeacherRows] | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "chosen_input_ids" in features[0]:
+            features = [
+                {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
+                for side in ("chosen", "rejected")
+                for f in features
+            ]
         width = max(len(f["input_ids"]) for f in features)
 
         def pad(values: list[int], fill: int) -> list[int]:
             return values + [fill] * (width - len(values))
 
-        return {
+        batch = {
             "input_ids": torch.tensor([pad(f["input_ids"], self.pad_token_id) for f in features]),
             "attention_mask": torch.tensor([pad([1] * len(f["input_ids"]), 0) for f in features]),
             "labels": torch.tensor([pad(f["labels"], IGNORE_INDEX) for f in features]),
         }
+        if self.sparse_teacher is not None:
+            rows = [self.sparse_teacher[f["index"]] for f in features]
+            k = rows[0].topk_ids.shape[1]
+            batch["teacher_topk_ids"] = torch.zeros((len(rows), width, k), dtype=torch.long)
+            batch["teacher_topk_logprobs"] = torch.zeros((len(rows), width, k))
+            batch["teacher_tail_logprob"] = torch.zeros((len(rows), width))
+            for i, row in enumerate(rows):
+                length = len(row.tail_logprob)
+                batch["teacher_topk_ids"][i, :length] = torch.from_numpy(row.topk_ids)
+                batch["teacher_topk_logprobs"][i, :length] = torch.from_numpy(row.topk_logprobs)
+                batch["teacher_tail_logprob"][i, :length] = torch.from_numpy(row.tail_logprob)
+        if self.objective is not None:
+            batch["labels"] = self.objective.select_labels(batch["input_ids"], batch["labels"])
+        return batch
 
 
 class SortedStepSampler(Sampler[int]):

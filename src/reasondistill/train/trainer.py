@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
-from ..objectives import IGNORE_INDEX, Objective, ObjectiveInputs, get_objective
-from ..records import TrainingExample
-from .data import CompletionCollator, SortedStepSampler, tokenize_examples
+from ..generate.logprobs import TokenLogprobs
+from ..objectives import IGNORE_INDEX, Objective, ObjectiveInputs, make_objective
+from ..objectives.heads import Head, SparseTargets
+from ..records import PairExample, TrainingExample
+from .data import (
+    CompletionCollator,
+    SortedStepSampler,
+    sparse_teacher_rows,
+    tokenize_examples,
+    tokenize_pairs,
+)
+from .teachers import causal_lm, check_head, final_hidden_states, head_rows, load_beside_student, output_head
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +41,12 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: str = Field("sft", description="training objective, by registered name")
+    objective_args: dict[str, Any] = Field(
+        default_factory=dict, description="options of the objective (e.g. beta, temperature)"
+    )
+    logit_chunk_size: int = Field(
+        1024, ge=1, description="completion positions projected to the vocabulary at a time in the loss"
+    )
     epochs: float = Field(3.0, gt=0, description="passes over the training data")
     learning_rate: float = Field(1e-5, gt=0, description="peak learning rate")
     lr_scheduler: str = Field(
@@ -59,12 +75,33 @@ class Hyperparameters(BaseModel):
 
 
 class DistillationTrainer(Trainer):
-    """`transformers.Trainer` computing a registered objective on completion tokens."""
+    """`transformers.Trainer` computing a registered objective on completion positions.
 
-    def __init__(self, *args, objective: Objective, sort_within_step: bool = False, **kwargs):
+    The student's logits are never formed for the whole batch: the forward pass stops at the final
+    hidden states, and the objective projects completion positions chunk by chunk. The teacher is a
+    frozen model run on the same ids (`teacher`), or stored top-k distributions that arrive with
+    the batch (`teacher_topk_*` from the collator); `reference` is a frozen model some objectives
+    compare against (DPO, AdaSPEC).
+    """
+
+    def __init__(
+        self,
+        *args,
+        objective: Objective,
+        teacher: torch.nn.Module | None = None,
+        reference: torch.nn.Module | None = None,
+        vocab_size: int | None = None,
+        logit_chunk_size: int = 1024,
+        sort_within_step: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.teacher, self.reference = teacher, reference
+        self.vocab_size = vocab_size
+        self.logit_chunk_size = logit_chunk_size
         self.sort_within_step = sort_within_step
+        check_head(self.model, "student")
         # Objectives divide by the completion tokens of the whole global batch (`num_items_in_batch`),
         # so the Trainer must count them and must not divide by the accumulation steps once more.
         self.model_accepts_loss_kwargs = True
@@ -78,20 +115,66 @@ class DistillationTrainer(Trainer):
             * self.args.gradient_accumulation_steps
             * self.args.world_size
         )
-        return SortedStepSampler([len(ids) for ids in dataset["input_ids"]], step, seed=self.args.seed)
+        return SortedStepSampler(dataset["length"], step, seed=self.args.seed)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        if self.objective.data != "pairs":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        pairs = torch.tensor(sum(len(batch["input_ids"]) // 2 for batch in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            pairs = self.accelerator.gather(pairs).sum()
+        return pairs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        normaliser = (
-            num_items_in_batch if num_items_in_batch is not None else labels[:, 1:].ne(IGNORE_INDEX).sum()
+        input_ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        progress = self.state.global_step / max(self.state.max_steps, 1)
+        # input noise is part of training only (the Trainer also calls this for evaluation)
+        student_ids = (
+            self.objective.corrupt_inputs(input_ids, labels, progress) if model.training else input_ids
         )
-        loss = self.objective(ObjectiveInputs(outputs.logits, labels, normaliser))
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        # Position t predicts token t + 1: keep the positions whose next token is a completion token.
+        predicts = labels[:, 1:] != IGNORE_INDEX
+        hidden = final_hidden_states(model, student_ids, attention)[:, :-1][predicts]
+        if num_items_in_batch is None:
+            num_items_in_batch = len(labels) // 2 if self.objective.data == "pairs" else predicts.sum()
+        loss = self.objective(
+            ObjectiveInputs(
+                student=output_head(model, hidden, self.vocab_size),
+                labels=labels[:, 1:][predicts],
+                normaliser=num_items_in_batch,
+                sequence=predicts.nonzero()[:, 0],
+                num_sequences=len(labels),
+                teacher=self._teacher_targets(inputs, predicts),
+                reference=self._frozen_head(self.reference, input_ids, attention, predicts),
+                progress=progress,
+                step=self.state.global_step,
+                chunk_size=self.logit_chunk_size,
+            )
+        )
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
             # num_items_in_batch counts the tokens of every process, and DDP averages gradients over
             # processes: scale back so that the result is sum / global tokens.
             loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        return (loss, None) if return_outputs else loss
+
+    @torch.no_grad()
+    def _frozen_head(self, model, input_ids, attention, predicts) -> Head | None:
+        if model is None:
+            return None
+        hidden = (
+            causal_lm(model).get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        )
+        return output_head(model, hidden[:, :-1][predicts], self.vocab_size)
+
+    def _teacher_targets(self, inputs, predicts) -> Head | SparseTargets | None:
+        if "teacher_topk_ids" in inputs:
+            # row j of the stored arrays describes token j, like labels[j]
+            return SparseTargets(
+                inputs["teacher_topk_ids"][:, 1:][predicts],
+                inputs["teacher_topk_logprobs"][:, 1:][predicts].float(),
+                inputs["teacher_tail_logprob"][:, 1:][predicts].float(),
+            )
+        return self._frozen_head(self.teacher, inputs["input_ids"], inputs["attention_mask"], predicts)
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:
@@ -100,12 +183,76 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+@dataclass
+class Teachers:
+    """What a training run distils from, besides its data."""
+
+    model: Path | str | None = None  # online teacher, run on the same token ids
+    stored: dict[tuple[str, int], TokenLogprobs] | None = None  # offline top-k, by (problem, sample)
+    stored_source: str = ""  # where `stored` was read, for error messages
+    reference: Path | str | None = None  # frozen reference policy (DPO, AdaSPEC); default: init
+
+
+def _model_dtype(flags: dict[str, bool]) -> torch.dtype:
+    return torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else torch.float32
+
+
+def _build_dataset(
+    objective: Objective,
+    tokenizer,
+    examples: Sequence[TrainingExample] | Sequence[PairExample],
+    hp: Hyperparameters,
+    teachers: Teachers,
+    description: str,
+) -> tuple[Dataset, list | None, int, int]:
+    """(dataset, stored teacher rows, examples cut at max_length, completion tokens)."""
+    wanted = PairExample if objective.data == "pairs" else TrainingExample
+    if not all(isinstance(e, wanted) for e in examples):
+        raise UserError(
+            f"{description}: objective {objective.name} trains on "
+            f"{'pairs (curate with pairs: true)' if wanted is PairExample else 'single completions, not pairs'}"
+        )
+    if wanted is PairExample:
+        if teachers.stored is not None:
+            raise UserError(
+                f"{description}: stored teacher log-probabilities are for single completions, not pairs"
+            )
+        pairs = tokenize_pairs(tokenizer, examples, hp.max_length)
+        rows = [
+            {
+                "chosen_input_ids": c.input_ids,
+                "chosen_labels": c.labels,
+                "rejected_input_ids": r.input_ids,
+                "rejected_labels": r.labels,
+                "length": max(len(c.input_ids), len(r.input_ids)),
+            }
+            for c, r in pairs
+        ]
+        tokenized = [t for pair in pairs for t in pair]
+        stored_rows = None
+    else:
+        tokenized = tokenize_examples(tokenizer, examples, hp.max_length)
+        rows = [
+            {"input_ids": t.input_ids, "labels": t.labels, "length": len(t.input_ids), "index": i}
+            for i, t in enumerate(tokenized)
+        ]
+        stored_rows = (
+            sparse_teacher_rows(examples, tokenized, teachers.stored, teachers.stored_source)
+            if teachers.stored is not None
+            else None
+        )
+    truncated = sum(t.truncated for t in tokenized)
+    completion_tokens = sum(sum(label != IGNORE_INDEX for label in t.labels) for t in tokenized)
+    return Dataset.from_list(rows), stored_rows, truncated, completion_tokens
+
+
 def train_model(
     init: Path,
-    examples: Sequence[TrainingExample],
+    examples: Sequence[TrainingExample] | Sequence[PairExample],
     output_dir: Path,
     hp: Hyperparameters,
     *,
+    teachers: Teachers | None = None,
     description: str = "train",
     resume_key: str = "",
 ) -> dict:
@@ -115,23 +262,31 @@ def train_model(
     with the same `resume_key` (the step fingerprint), and starts afresh otherwise; the finished
     model appears at `output_dir` atomically. Returns training statistics.
     """
-    objective = get_objective(hp.objective)
-    if objective.needs_teacher:
-        raise UserError(f"objective {hp.objective!r} needs a teacher; this training path has none")
+    teachers = teachers or Teachers()
+    objective = make_objective(hp.objective, hp.objective_args)
+    has_teacher = teachers.model is not None or teachers.stored is not None
+    if objective.needs_teacher and not has_teacher:
+        raise UserError(
+            f"{description}: objective {hp.objective!r} needs a teacher: set teacher (a model) or "
+            "teacher_logprobs (stored top-k distributions)"
+        )
+    if has_teacher and not objective.needs_teacher:
+        raise UserError(f"{description}: objective {hp.objective!r} does not use a teacher; remove it")
     if not examples:
         raise UserError(f"{description}: no training examples")
     tokenizer = AutoTokenizer.from_pretrained(init)
-    tokenized = tokenize_examples(tokenizer, examples, hp.max_length)
-    truncated = sum(t.truncated for t in tokenized)
+    objective.setup(tokenizer)
+    dataset, stored_rows, truncated, completion_tokens = _build_dataset(
+        objective, tokenizer, examples, hp, teachers, description
+    )
     if truncated:
         log.warning(
-            "%s: %d of %d examples are longer than max_length=%d and were cut",
+            "%s: %d of %d sequences are longer than max_length=%d and were cut",
             description,
             truncated,
-            len(tokenized),
+            len(dataset),
             hp.max_length,
         )
-    dataset = Dataset.from_list([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized])
 
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
     ours = dict(
@@ -170,13 +325,36 @@ def train_model(
         raise UserError(f"{description}: invalid training arguments: {err}") from None
 
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    flags = _precision_flags(hp.precision)
+    vocab_size, frozen = head_rows(model), {}
+    reference = teachers.reference or (init if objective.reference_defaults_to_init else None)
+    if objective.needs_reference and reference is None:
+        raise UserError(f"{description}: objective {hp.objective!r} needs a reference model: set reference")
+    if reference is not None and not objective.needs_reference:
+        raise UserError(
+            f"{description}: objective {hp.objective!r} does not use a reference model; remove it"
+        )
+    for role, path in (("teacher", teachers.model), ("reference", reference)):
+        if path is not None:
+            frozen[role], shared = load_beside_student(
+                path, tokenizer, head_rows(model), args.device, _model_dtype(flags)
+            )
+            vocab_size = min(vocab_size, shared)
+    if stored_rows is not None and max(int(r.topk_ids.max(initial=0)) for r in stored_rows) >= vocab_size:
+        raise UserError(
+            f"{teachers.stored_source}: stored token ids exceed the student's {vocab_size} vocabulary rows"
+        )
     trainer = DistillationTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=CompletionCollator(tokenizer.pad_token_id),
+        data_collator=CompletionCollator(tokenizer.pad_token_id, objective, stored_rows),
         processing_class=tokenizer,
-        objective=objective.fn,
+        objective=objective,
+        teacher=frozen.get("teacher"),
+        reference=frozen.get("reference"),
+        vocab_size=vocab_size,
+        logit_chunk_size=hp.logit_chunk_size,
         sort_within_step=hp.sort_within_step,
     )
     resume_from = get_last_checkpoint(str(work_dir))
@@ -186,9 +364,10 @@ def train_model(
 
     stats = {
         "init": str(init),
-        "examples": len(tokenized),
+        "objective": {"name": hp.objective, **objective.model_dump()},
+        "examples": len(dataset),
         "truncated_examples": truncated,
-        "completion_tokens": sum(sum(label != IGNORE_INDEX for label in t.labels) for t in tokenized),
+        "completion_tokens": completion_tokens,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),

@@ -1,0 +1,114 @@
+"""Logits of completion positions, projected chunk by chunk so [tokens, vocab] never exists whole.
+
+A language-model head turns hidden states [N, H] into logits [N, V]. At V = 151,936 and a few
+thousand completion tokens, the float32 logits and log-probabilities of student and teacher are
+the largest tensors of a distillation step. Here the trainer keeps only the final hidden states of
+the completion positions; every objective maps a per-token function over chunks of positions
+(`map_token_chunks`), and each chunk's logits are recomputed in the backward pass instead of being
+stored (activation checkpointing per chunk), so the peak is one chunk's [chunk, V] tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Head:
+    """Hidden states of N positions and the output projection that turns them into logits.
+
+    With `weight` None, `hidden` already holds logits (models whose head cannot be called apart).
+    `vocab_size` keeps the first rows of the projection only: padded vocabulary rows (Qwen2.5 pads
+    151,665 tokens to 151,936 or 152,064 rows) are never a real token and are cut so that teacher
+    and student distributions live on the same support.
+    """
+
+    hidden: torch.Tensor  # [N, H], or [N, V] logits when weight is None
+    weight: torch.Tensor | None = None  # [V', H]
+    bias: torch.Tensor | None = None  # [V']
+    vocab_size: int | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [n, V] of a chunk of `hidden`."""
+        if self.weight is None:
+            return hidden[:, : self.vocab_size].float()
+        weight = self.weight[: self.vocab_size]
+        bias = None if self.bias is None else self.bias[: self.vocab_size]
+        return torch.nn.functional.linear(hidden, weight, bias).float()
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+@dataclass
+class SparseTargets:
+    """A teacher's top-k log-probabilities per position, as stored by `generate --logprobs` / `score`.
+
+    `tail_logprob` = log(1 − Σ top-k p), the mass the store does not itemise.
+    """
+
+    ids: torch.Tensor  # [N, k] int64
+    logprobs: torch.Tensor  # [N, k] float32
+    tail_logprob: torch.Tensor  # [N] float32
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+Rows = torch.Tensor | Head | SparseTargets | None
+
+
+def chunk_of(value: Rows, start: int, stop: int) -> Rows:
+    """Positions start:stop of a per-position value (tensor, Head or SparseTargets)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value[start:stop]
+    if isinstance(value, Head):
+        return Head(value.hidden[start:stop], value.weight, value.bias, value.vocab_size)
+    return SparseTargets(value.ids[start:stop], value.logprobs[start:stop], value.tail_logprob[start:stop])
+
+
+TokenFunction = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+
+
+def map_token_chunks(
+    fn: TokenFunction, student: Head, rows: dict[str, Rows], chunk_size: int
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Apply `fn(student_logits [n, V], **rows_chunk)` to chunks of positions; concatenate its [n] outputs.
+
+    `rows` holds per-position values (tensors, teacher `Head`s, `SparseTargets`); a Head in `rows`
+    is projected to logits under no_grad before `fn` sees it. When the student needs gradients each
+    chunk runs under activation checkpointing: its [n, V] tensors are freed after the forward pass
+    and recomputed during backward, so memory holds one chunk's logits at a time.
+    """
+    outputs = []
+    for start in range(0, max(len(student), 1), chunk_size):  # one (empty) chunk when N = 0
+        stop = min(start + chunk_size, len(student))
+        chunk_rows = {name: chunk_of(value, start, stop) for name, value in rows.items()}
+        hidden = student.hidden[start:stop]
+
+        def run(hidden: torch.Tensor, chunk_rows=chunk_rows) -> torch.Tensor | tuple[torch.Tensor, ...]:
+            resolved = {}
+            for name, value in chunk_rows.items():
+                if isinstance(value, Head):
+                    with torch.no_grad():
+                        value = value.logits(value.hidden)
+                resolved[name] = value
+            return fn(student.logits(hidden), **resolved)
+
+        if torch.is_grad_enabled() and (hidden.requires_grad or _requires_grad(student)):
+            outputs.append(checkpoint(run, hidden, use_reentrant=False))
+        else:
+            outputs.append(run(hidden))
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+    return torch.cat(outputs)
+
+
+def _requires_grad(head: Head) -> bool:
+    return any(t is not None and t.requires_grad for t in (head.weight, head.bias))

@@ -1,0 +1,174 @@
+"""Token-level knowledge distillation: a divergence between teacher and student at every completion token.
+
+The teacher is an online model (`train.teacher`), run on the same token ids, or the offline top-k
+store written by `generate --logprobs` / `score` (`train.teacher_logprobs`), which the divergences
+see as k tokens plus a tail bin. Both at `temperature`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PrivateAttr
+
+from . import Objective, ObjectiveInputs, register, sum_over_tokens
+from .divergences import (
+    adaptive_kl,
+    generalized_jsd,
+    kl_student_teacher,
+    kl_teacher_student,
+    shared_support,
+    skew_kl_student_mixture,
+    skew_kl_teacher_mixture,
+    total_variation,
+)
+from .heads import map_token_chunks
+
+
+class TokenDistillation(Objective):
+    """Base: Σ_t D(p_T(·|c_t), p_S(·|c_t)) over completion tokens, plus an optional SFT term."""
+
+    needs_teacher = True
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of both models in the loss")
+    sft_weight: float = Field(
+        0.0, ge=0, description="weight of the completion NLL added to the divergence (DistillKit-style mix)"
+    )
+
+    def divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        def per_token(logits, teacher, labels):
+            loss = self.divergence(*shared_support(logits, teacher, self.temperature))
+            if self.sft_weight:
+                loss = loss + self.sft_weight * F.cross_entropy(logits, labels, reduction="none")
+            return loss
+
+        rows = {"teacher": inputs.teacher, "labels": inputs.labels}
+        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+
+
+@register("forward_kl")
+class ForwardKL(TokenDistillation):
+    """Forward KL(teacher‖student) per token (mean-seeking; TRL β=0, DistillKit `kl`)."""
+
+    def divergence(self, student, teacher):
+        return kl_teacher_student(student, teacher)
+
+
+@register("reverse_kl")
+class ReverseKL(TokenDistillation):
+    """Reverse KL(student‖teacher) per token (mode-seeking; TRL β=1)."""
+
+    def divergence(self, student, teacher):
+        return kl_student_teacher(student, teacher)
+
+
+@register("jsd")
+class GeneralizedJSD(TokenDistillation):
+    """Generalized JSD_β(teacher‖student): β=0 forward KL, β=1 reverse KL (TRL/GKD convention)."""
+
+    beta: float = Field(
+        0.5, ge=0, le=1, description="weight of the teacher in the mixture M = βp_T + (1−β)p_S"
+    )
+
+    def divergence(self, student, teacher):
+        return generalized_jsd(student, teacher, self.beta)
+
+
+@register("skew_forward_kl")
+class SkewForwardKL(TokenDistillation):
+    """Skew forward KL(teacher‖λ·teacher+(1−λ)·student) per token (DistiLLM)."""
+
+    skew: float = Field(0.1, ge=0, lt=1, description="λ, the teacher's share of the mixture")
+
+    def divergence(self, student, teacher):
+        return skew_kl_teacher_mixture(student, teacher, self.skew)
+
+
+@register("skew_reverse_kl")
+class SkewReverseKL(TokenDistillation):
+    """Skew reverse KL(student‖λ·student+(1−λ)·teacher) per token (DistiLLM)."""
+
+    skew: float = Field(0.1, ge=0, lt=1, description="λ, the student's share of the mixture")
+
+    def divergence(self, student, teacher):
+        return skew_kl_student_mixture(student, teacher, self.skew)
+
+
+@register("tvd")
+class TotalVariation(TokenDistillation):
+    """Total variation ½·Σ|p_T − p_S| per token."""
+
+    def divergence(self, student, teacher):
+        return total_variation(student, teacher)
+
+
+@register("akl")
+class AdaptiveKL(TokenDistillation):
+    """Adaptive KL: forward KL(teacher‖student) on the teacher's head, reverse KL(student‖teacher) on its tail, weighted by the gaps."""
+
+    head_mass: float = Field(0.5, gt=0, le=1, description="μ: cumulative teacher mass that makes up the head")
+
+    def divergence(self, student, teacher):
+        return adaptive_kl(student, teacher, self.head_mass)
+
+
+def taid_target(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """TAID's intermediate target: log softmax((1−t)·sg[log p_S] + t·log p_T).
+
+    Interpolating log-probabilities equals interpolating logits (they differ by a constant per
+    position, which softmax removes); the student part is detached, so it moves the target only.
+    """
+    return torch.log_softmax((1 - t) * student.detach() + t * teacher, dim=-1)
+
+
+@register("taid")
+class TAID(TokenDistillation):
+    """TAID: KL(p_t‖student) toward p_t = softmax((1−t)·sg[z_S] + t·z_T), t rising adaptively to 1."""
+
+    t_start: float = Field(0.4, ge=0, le=1, description="interpolation t at step 0")
+    t_end: float = Field(1.0, ge=0, le=1, description="final t (1 = the teacher itself)")
+    alpha: float = Field(5e-4, ge=0, description="step size of the adaptive increase of t")
+    momentum: float = Field(0.99, ge=0, lt=1, description="β of the moving average of relative loss decrease")
+    adaptive: bool = Field(True, description="false: t follows the linear schedule only")
+
+    _t: float | None = PrivateAttr(None)
+    _state: dict = PrivateAttr(
+        default_factory=lambda: {"step": None, "loss": 0.0, "previous": None, "m": 0.0}
+    )
+
+    def divergence(self, student, teacher):
+        return kl_teacher_student(student, taid_target(student, teacher, self.t))
+
+    @property
+    def t(self) -> float:
+        return self.t_start if self._t is None else self._t
+
+    def update_t(self, loss: float, progress: float) -> None:
+        """After an optimizer step with loss L: m ← β·m + (1−β)·(L_prev − L)/L_prev;
+        t ← min(t_end, max(t_linear(progress), t + α·σ(m)·(1 − t)))."""
+        state = self._state
+        linear = self.t_start + (self.t_end - self.t_start) * progress
+        if state["previous"] is not None and self.adaptive:
+            relative = (state["previous"] - loss) / (state["previous"] + 1e-15)
+            state["m"] = self.momentum * state["m"] + (1 - self.momentum) * relative
+            step_up = self.t + self.alpha / (1 + math.exp(-state["m"])) * (1 - self.t)
+            self._t = min(self.t_end, max(linear, step_up))
+        else:
+            self._t = min(self.t_end, max(linear, self.t))
+        state["previous"] = loss
+
+    def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        # t moves once per optimizer step, with the loss summed over that step's micro-batches
+        # (the reference code moves it at every forward call, validation included).
+        state = self._state
+        if state["step"] is not None and inputs.step != state["step"]:
+            self.update_t(state["loss"], inputs.progress)
+            state["loss"] = 0.0
+        state["step"] = inputs.step
+        loss = super().__call__(inputs)
+        state["loss"] += loss.item()
+        return loss
