@@ -195,3 +195,24 @@ def test_kd_loss_memory_benchmark_runs_its_three_variants_at_a_tiny_size(capsys)
     ]
     assert max(forward_kl) - min(forward_kl) < 1e-4
     assert abs(losses["TRL generalized_jsd β=0.5"] - losses["reasondistill jsd β=0.5"]) < 1e-4
+
+
+def test_kd_throughput_benchmark_times_both_trainers_and_prints_their_ratio(capsys):
+    """benchmarks/kd_throughput.py --quick: both trainers take their steps, each gets a row and the ratio is printed."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kd_throughput.py"
+    spec = importlib.util.spec_from_file_location("kd_throughput", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--quick", "--threads", str(torch.get_num_threads())])  # leaves torch's setting as it is
+    out = capsys.readouterr().out
+    for label in (benchmark.OURS, benchmark.BASELINE):
+        (row,) = [line for line in out.splitlines() if line.startswith(label + " ")]
+        assert all(float(value.replace(",", "")) > 0 for value in row[len(label) :].split()), row
+    ratio = re.search(r"^ratio reasondistill / TRL GKDTrainer λ=0, online teacher: ([\d.]+)x", out, re.M)
+    assert ratio and float(ratio.group(1)) > 0, out

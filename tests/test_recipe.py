@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,32 @@ def test_a_benchmark_only_eval_needs_no_problems_step(tmp_path):
             "run_dir: r\nsteps:\n  - problems: {}\n  - eval: {models: ['testbed:teacher', student]}\n",
             "recipe.yaml: steps[1].eval.models[1]: needs a `train` step named 'student'",
         ),
+        (
+            "run_dir: r\nsteps:\n  - train: {name: s, init: i, data: d.jsonl, objective: kl}\n",
+            "recipe.yaml: steps[0].train: Value error, unknown objective 'kl'; known objectives: ",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - train: {name: s, init: i, data: d.jsonl, objective: jsd, "
+            "objective_args: {beta: 2}, teacher: t}\n",
+            "recipe.yaml: steps[0].train: Value error, objective jsd: objective_args.beta: "
+            "Input should be less than or equal to 1",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - train: {name: s, init: i, data: d.jsonl, objective: reverse_kl}\n",
+            "recipe.yaml: steps[0].train: Value error, objective 'reverse_kl' needs a teacher",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - train: {name: s, init: i, data: d.jsonl, teacher: t}\n",
+            "recipe.yaml: steps[0].train: Value error, objective 'sft' does not use a teacher",
+        ),
+        (
+            "run_dir: r\nsteps:\n  - train: {name: s, init: i, data: d.jsonl, objective: adaspec, teacher: t}\n",
+            "recipe.yaml: steps[0].train: Value error, objective 'adaspec' needs a reference model",
+        ),
+        (
+            "run_dir: r\ndefaults: {training: {}}\nsteps:\n  - problems: {}\n",
+            "recipe.yaml: defaults.training: unknown stage",
+        ),
     ],
 )
 def test_malformed_recipes_fail_before_anything_runs_with_one_line(tmp_path, recipe, expected):
@@ -136,3 +163,58 @@ def test_the_packaged_demo_recipe_is_valid_and_trains_both_students_alike(tmp_pa
     assert distilled.data == "distill" and answer_only.data == "answer-only"
     differing = {k for k, v in distilled.model_dump().items() if answer_only.model_dump()[k] != v}
     assert differing == {"name", "data"}  # the baseline differs only in what it learns from
+
+
+def test_recipe_defaults_fill_in_what_a_step_does_not_set(tmp_path):
+    recipe = (
+        "run_dir: r\ndefaults: {train: {init: 'testbed:student', learning_rate: 0.003}}\nsteps:\n"
+        "  - train: {name: a, data: a.jsonl}\n  - train: {name: b, data: b.jsonl, learning_rate: 0.1}\n"
+    )
+    _, steps = load_recipe(write(tmp_path, recipe))
+    assert [(s.config.init, s.config.learning_rate) for s in steps] == [
+        ("testbed:student", 0.003),
+        ("testbed:student", 0.1),
+    ]
+
+
+def packaged_recipes():
+    from importlib import resources
+
+    folder = resources.files("reasondistill") / "recipes"
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", packaged_recipes())
+def test_every_packaged_recipe_is_valid(tmp_path, name):
+    from importlib import resources
+
+    with resources.as_file(resources.files("reasondistill") / "recipes" / name) as path:
+        _, steps = load_recipe(path)
+    check_references(steps, RunDir(tmp_path / "run"))
+
+
+def test_every_objective_has_a_packaged_recipe():
+    from importlib import resources
+
+    from reasondistill.objectives import OBJECTIVES
+
+    used = set()
+    for name in packaged_recipes():
+        with resources.as_file(resources.files("reasondistill") / "recipes" / name) as path:
+            used |= {s.config.objective for s in load_recipe(path)[1] if s.stage.name == "train"}
+    assert used == set(OBJECTIVES)
+
+
+def test_a_packaged_recipe_runs_by_name(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import reasondistill.recipe
+    from reasondistill.cli import cli
+
+    ran = []
+    monkeypatch.setattr(
+        reasondistill.recipe, "run_recipe", lambda path, *_: ran.append(Path(path).read_text())
+    )
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(cli, ["run", "token-kd"]).exit_code == 0
+    assert "run_dir: runs/token-kd" in ran[0]

@@ -138,15 +138,29 @@ def cli(debug: bool) -> None:
     _setup_logging(debug)
 
 
+def _builtin_recipes() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml") for p in (resources.files("reasondistill") / "recipes").iterdir()
+    )
+
+
 @cli.command("run")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--run-dir", type=click.Path(path_type=Path), help="override the recipe's run_dir")
 @click.option("--overwrite", is_flag=True, help="recompute steps whose settings changed since they ran")
 def run_command(recipe: Path, run_dir: Path | None, overwrite: bool) -> None:
-    """Run the steps of a YAML recipe in order (finished steps are skipped)."""
+    """Run the steps of a YAML recipe in order (finished steps are skipped).
+
+    RECIPE is a YAML file or the name of a recipe that comes with reasondistill (token-kd,
+    sequence-level, negative-aware, demo).
+    """
     from .recipe import run_recipe
 
-    run_recipe(recipe, run_dir, overwrite)
+    if not recipe.exists() and str(recipe) in _builtin_recipes():
+        with resources.as_file(resources.files("reasondistill") / "recipes" / f"{recipe}.yaml") as path:
+            run_recipe(path, run_dir, overwrite)
+    else:
+        run_recipe(recipe, run_dir, overwrite)
 
 
 @cli.command()

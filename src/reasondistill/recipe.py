@@ -3,6 +3,8 @@
     description: what this recipe shows
     run_dir: runs/demo          # relative to the current directory
     seed: 0                     # default `seed` of every step that has one and does not set it
+    defaults:                   # options of every step of a stage, unless the step sets them
+      train: {init: "testbed:student", epochs: 2.5}
     steps:
       - problems: {tasks: [arithmetic], train: 200, test: 100}
       - generate: {model: "testbed:teacher", n: 4, temperature: 0.8}
@@ -33,6 +35,9 @@ class Recipe(BaseModel):
     description: str = ""
     run_dir: str = Field(description="run directory, relative to the current directory")
     seed: int | None = Field(None, description="default seed for steps that do not set one")
+    defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per stage name, options its steps start from"
+    )
     steps: list[Any] = Field(min_length=1)
 
 
@@ -61,6 +66,9 @@ def load_recipe(path: Path) -> tuple[Recipe, list[Step]]:
         raise UserError(describe_validation_error(err, str(path))) from None
 
     stages = all_stages()
+    unknown = sorted(recipe.defaults.keys() - stages.keys())
+    if unknown:
+        raise UserError(f"{path}: defaults.{unknown[0]}: unknown stage; stages: {', '.join(stages)}")
     steps = []
     for i, entry in enumerate(recipe.steps):
         where = f"{path}: steps[{i}]"
@@ -71,7 +79,9 @@ def load_recipe(path: Path) -> tuple[Recipe, list[Step]]:
         ((name, options),) = entry.items()
         if name not in stages:
             raise UserError(f"{where}: unknown stage {name!r}; stages: {', '.join(stages)}")
-        options = dict(options or {})
+        if not isinstance(options or {}, dict):
+            raise UserError(f"{where}.{name}: expected a mapping of options, got {options!r}")
+        options = {**recipe.defaults.get(name, {}), **(options or {})}
         stage = stages[name]
         if recipe.seed is not None and "seed" in stage.config.model_fields:
             options.setdefault("seed", recipe.seed)

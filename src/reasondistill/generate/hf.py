@@ -195,6 +195,9 @@ class HFGenerator:
                 "rescale their logits (final_logit_softcapping, logit_scale) are not supported by the hf backend"
             )
         head = self.model.get_output_embeddings()
+        # Rows beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936) are never a token; the
+        # store, like the trainer's loss, covers the real tokens only.
+        real_tokens = len(self.tokenizer)
         results: list[TokenLogprobs] = []
         for start in range(0, len(prompts), self.batch_size):
             pairs = list(
@@ -221,7 +224,7 @@ class HFGenerator:
                 results.append(
                     TokenLogprobs.concat(
                         [
-                            from_logits(head(chunk), target, top_k)
+                            from_logits(head(chunk)[:, :real_tokens], target, top_k)
                             for chunk, target in zip(
                                 states.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True
                             )

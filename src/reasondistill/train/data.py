@@ -105,7 +105,8 @@ def sparse_teacher_rows(
         ):
             raise UserError(
                 f"{where}: the stored token ids differ from the student's tokenization of the completion "
-                "(another tokenizer or chat template, or traces changed since scoring)"
+                "(training data other than the scored traces, another tokenizer or chat template, or traces "
+                "changed since scoring)"
             )
         length, k = len(tokens.input_ids), stored.k
         if k == 0 or (rows and k != rows[0].topk_ids.shape[1]):

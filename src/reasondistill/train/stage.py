@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..curate.stage import training_data, training_data_step
 from ..errors import UserError
@@ -16,7 +16,7 @@ from ..records import PairExample, TrainingExample, read_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
 from ..ui import note
-from .trainer import Hyperparameters, Teachers, train_model
+from .trainer import Hyperparameters, Teachers, missing_inputs, train_model
 
 
 class TrainConfig(StageConfig, Hyperparameters):
@@ -39,6 +39,20 @@ class TrainConfig(StageConfig, Hyperparameters):
         None,
         description="frozen reference model: DPO's reference policy (default: the init weights), AdaSPEC's draft",
     )
+
+    @model_validator(mode="after")
+    def _objective_gets_what_it_needs(self) -> TrainConfig:
+        """Checked when a recipe is loaded, not after the steps before this one have run."""
+        if self.teacher and self.teacher_logprobs:
+            raise ValueError("set teacher (online) or teacher_logprobs (stored), not both")
+        try:
+            objective = make_objective(self.objective, self.objective_args)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        problem = missing_inputs(objective, bool(self.teacher or self.teacher_logprobs), bool(self.reference))
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 def stored_logprobs_dir(name: str, run: RunDir) -> tuple[Path, str]:

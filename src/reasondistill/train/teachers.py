@@ -12,7 +12,13 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..errors import UserError
 from ..objectives.heads import Head
@@ -91,10 +97,10 @@ def preflight(
     teacher_rows: int,
     teacher_name: str,
 ) -> int:
-    """Check that teacher and student share tokenizer, EOS and chat template; return the shared vocabulary size.
+    """Check that teacher and student share tokenizer, EOS and chat template; return the vocabulary size.
 
-    The returned size is what both heads are cut to: padded rows beyond the tokenizer (Qwen2.5's
-    151,936 vs 152,064) differ between model sizes and are never a real token.
+    Both heads are cut to the tokenizer's size: padded rows beyond it (Qwen2.5 pads 151,665 tokens
+    to 151,936 rows, and to 152,064 in its larger sizes) are never a real token.
     """
     prefix = f"teacher {teacher_name} is not compatible with the student"
     if student.get_vocab() != teacher.get_vocab():
@@ -112,26 +118,31 @@ def preflight(
             "(save the student's template with the teacher's tokenizer, or the reverse)"
         )
     tokens = len(student)
-    shared = min(student_rows, teacher_rows)
-    if shared < tokens:
-        raise UserError(f"{prefix}: a head has {shared} rows for a tokenizer of {tokens} tokens")
-    if student_rows != teacher_rows:
+    if min(student_rows, teacher_rows) < tokens:
+        raise UserError(
+            f"{prefix}: a head has {min(student_rows, teacher_rows)} rows for a tokenizer of {tokens} tokens"
+        )
+    if max(student_rows, teacher_rows) > tokens:
         log.info(
-            "vocabulary rows differ (student %d, teacher %d) beyond the tokenizer's %d tokens: "
+            "vocabulary rows beyond the tokenizer's %d tokens (student %d, teacher %d) are padding: "
             "both heads are cut to the first %d rows",
+            tokens,
             student_rows,
             teacher_rows,
             tokens,
-            shared,
         )
-    return shared
+    return tokens
 
 
 def load_beside_student(
     path: str | Path, student_tokenizer: PreTrainedTokenizerBase, student_rows: int, device, dtype
 ) -> tuple[PreTrainedModel, int]:
-    """Load a frozen teacher/reference, run the pre-flight check, return it with the shared vocabulary size."""
+    """Run the pre-flight check, then load the frozen teacher/reference; return it with the vocabulary size.
+
+    The check reads the tokenizer and config only, so an incompatible 70B teacher is refused in
+    seconds, not after its weights are loaded.
+    """
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_frozen(path, device, dtype)
-    shared = preflight(student_tokenizer, tokenizer, student_rows, head_rows(model), str(path))
-    return model, shared
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    shared = preflight(student_tokenizer, tokenizer, student_rows, config.vocab_size, str(path))
+    return load_frozen(path, device, dtype), shared

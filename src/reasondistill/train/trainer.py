@@ -102,6 +102,12 @@ class DistillationTrainer(Trainer):
         self.logit_chunk_size = logit_chunk_size
         self.sort_within_step = sort_within_step
         check_head(self.model, "student")
+        if self.args.n_gpu > 1:
+            # DataParallel replicas would all fire the hook that captures the final hidden states
+            raise UserError(
+                "several GPUs in one process (torch DataParallel) are not supported: start one process "
+                "per GPU with `accelerate launch` or torchrun"
+            )
         # Objectives divide by the completion tokens of the whole global batch (`num_items_in_batch`),
         # so the Trainer must count them and must not divide by the accumulation steps once more.
         self.model_accepts_loss_kwargs = True
@@ -135,7 +141,8 @@ class DistillationTrainer(Trainer):
         # Position t predicts token t + 1: keep the positions whose next token is a completion token.
         predicts = labels[:, 1:] != IGNORE_INDEX
         hidden = final_hidden_states(model, student_ids, attention)[:, :-1][predicts]
-        if num_items_in_batch is None:
+        counted_globally = num_items_in_batch is not None
+        if not counted_globally:
             num_items_in_batch = len(labels) // 2 if self.objective.data == "pairs" else predicts.sum()
         loss = self.objective(
             ObjectiveInputs(
@@ -151,7 +158,7 @@ class DistillationTrainer(Trainer):
                 chunk_size=self.logit_chunk_size,
             )
         )
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+        if counted_globally and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # num_items_in_batch counts the tokens of every process, and DDP averages gradients over
             # processes: scale back so that the result is sum / global tokens.
             loss = loss * self.accelerator.num_processes
@@ -246,6 +253,22 @@ def _build_dataset(
     return Dataset.from_list(rows), stored_rows, truncated, completion_tokens
 
 
+def missing_inputs(objective: Objective, has_teacher: bool, has_reference: bool) -> str | None:
+    """What is wrong with the teacher / reference given for `objective`, or None."""
+    if objective.needs_teacher and not has_teacher:
+        return (
+            f"objective {objective.name!r} needs a teacher: set teacher (a model) or teacher_logprobs "
+            "(stored top-k distributions)"
+        )
+    if has_teacher and not objective.needs_teacher:
+        return f"objective {objective.name!r} does not use a teacher; remove it"
+    if objective.needs_reference and not (has_reference or objective.reference_defaults_to_init):
+        return f"objective {objective.name!r} needs a reference model: set reference"
+    if has_reference and not objective.needs_reference:
+        return f"objective {objective.name!r} does not use a reference model; remove it"
+    return None
+
+
 def train_model(
     init: Path,
     examples: Sequence[TrainingExample] | Sequence[PairExample],
@@ -265,13 +288,9 @@ def train_model(
     teachers = teachers or Teachers()
     objective = make_objective(hp.objective, hp.objective_args)
     has_teacher = teachers.model is not None or teachers.stored is not None
-    if objective.needs_teacher and not has_teacher:
-        raise UserError(
-            f"{description}: objective {hp.objective!r} needs a teacher: set teacher (a model) or "
-            "teacher_logprobs (stored top-k distributions)"
-        )
-    if has_teacher and not objective.needs_teacher:
-        raise UserError(f"{description}: objective {hp.objective!r} does not use a teacher; remove it")
+    problem = missing_inputs(objective, has_teacher, teachers.reference is not None)
+    if problem:
+        raise UserError(f"{description}: {problem}")
     if not examples:
         raise UserError(f"{description}: no training examples")
     tokenizer = AutoTokenizer.from_pretrained(init)
@@ -313,12 +332,6 @@ def train_model(
         raise UserError(
             f"{description}: trainer_args.{duplicated[0]} is set by reasondistill; use its own option instead"
         )
-    key_file = work_dir / "resume_key"
-    if work_dir.is_dir() and (not key_file.exists() or key_file.read_text() != resume_key):
-        log.info("%s: discarding checkpoints of an unfinished run with other settings", description)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(resume_key)
     try:
         args = TrainingArguments(**ours, **hp.trainer_args)
     except (TypeError, ValueError) as err:
@@ -327,13 +340,7 @@ def train_model(
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     flags = _precision_flags(hp.precision)
     vocab_size, frozen = head_rows(model), {}
-    reference = teachers.reference or (init if objective.reference_defaults_to_init else None)
-    if objective.needs_reference and reference is None:
-        raise UserError(f"{description}: objective {hp.objective!r} needs a reference model: set reference")
-    if reference is not None and not objective.needs_reference:
-        raise UserError(
-            f"{description}: objective {hp.objective!r} does not use a reference model; remove it"
-        )
+    reference = teachers.reference or (init if objective.needs_reference else None)
     for role, path in (("teacher", teachers.model), ("reference", reference)):
         if path is not None:
             frozen[role], shared = load_beside_student(
@@ -344,6 +351,13 @@ def train_model(
         raise UserError(
             f"{teachers.stored_source}: stored token ids exceed the student's {vocab_size} vocabulary rows"
         )
+    # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
+    key_file = work_dir / "resume_key"
+    if work_dir.is_dir() and (not key_file.exists() or key_file.read_text() != resume_key):
+        log.info("%s: discarding checkpoints of an unfinished run with other settings", description)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(resume_key)
     trainer = DistillationTrainer(
         model=model,
         args=args,

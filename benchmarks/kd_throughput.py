@@ -1,0 +1,255 @@
+"""Training tokens per second of forward-KL distillation: offline top-k store vs TRL's online teacher.
+
+Both trainers distil the same randomly initialised teacher into the same student (testbed shapes:
+`TEACHER_SHAPE`, `STUDENT_SHAPE`, the testbed tokenizer), with forward KL(teacher‖student) at
+temperature 1 on completion tokens, from the same batches: testbed problems of all tasks with their
+gold solutions as completions, in the same order, with the same optimizer, learning rate, batch
+size and thread count, in one process.
+
+* reasondistill — `DistillationTrainer` with objective `forward_kl`; the teacher's top-k
+  log-probabilities (k = `--top-k`) and tail mass are computed once before timing with the scoring
+  stage's own functions (`from_logits`, `sparse_teacher_rows`) and arrive with each batch from
+  `CompletionCollator`: no teacher runs during training.
+* TRL — `GKDTrainer` (trl.experimental.gkd) at λ = 0 (no on-policy generation) and β = 0 (forward
+  KL): every step runs the teacher forward on the batch and forms both models' full logits. Its data
+  is pre-tokenized (input ids and completion mask, the same tokens), so its collator does not
+  re-tokenize, and the model's activation checkpointing (on by default in its config) is off, as in
+  ours.
+
+Each trainer runs `--warmup` optimizer steps and then `--steps` timed ones (wall-clock: data
+loading, forward, backward, optimizer), on a fresh copy of the same initial student. The two run
+back to back `--repeats` times; the ratio is the median of the pairs' ratios, so that load from other
+processes between pairs cancels out. Tokens/s counts the completion tokens the loss is computed on,
+and all (prompt + completion) tokens, of the timed steps. `--teacher-hidden` / `--teacher-layers`
+size the teacher up (intermediate size 4 × hidden, as the testbed's) to see the ratio at a more
+realistic teacher : student cost.
+
+    .venv/bin/python benchmarks/kd_throughput.py [--steps 20] [--batch-size 8] [--top-k 20]
+        [--teacher-hidden 128] [--teacher-layers 3] [--threads 1] [--repeats 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, Qwen2ForCausalLM, TrainerCallback, TrainingArguments
+
+from reasondistill.generate.logprobs import from_logits
+from reasondistill.objectives import IGNORE_INDEX, make_objective
+from reasondistill.records import TrainingExample
+from reasondistill.tasks import TASKS
+from reasondistill.testbed.models import STUDENT_SHAPE, TEACHER_SHAPE, ModelShape, _model_config
+from reasondistill.testbed.tokenizer import build_tokenizer
+from reasondistill.train.data import CompletionCollator, sparse_teacher_rows, tokenize_examples
+from reasondistill.train.trainer import DistillationTrainer
+
+BASELINE = "TRL GKDTrainer λ=0, online teacher"
+OURS = "reasondistill, offline top-k store"
+
+
+class StepClock(TrainerCallback):
+    """perf_counter at the end of every optimizer step."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def training_examples(count: int) -> list[TrainingExample]:
+    """Testbed problems of every task in turn (default difficulties), gold solutions as completions."""
+    problems = [task.sample("train", count, seed=0) for task in TASKS.values()]
+    return [
+        TrainingExample(
+            problem_id=problem.id,
+            task=problem.task,
+            messages=problem.messages,
+            completion=problem.solution,
+            sample_idx=0,
+        )
+        for problem in (problems[i % len(problems)][i] for i in range(count))
+    ]
+
+
+@torch.no_grad()
+def score(teacher, examples, tokenized, k: int):
+    """The offline store: the teacher's top-k per completion token, as `score` writes it, aligned to the rows."""
+    store = {}
+    for example, tokens in zip(examples, tokenized, strict=True):
+        start = next(j for j, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
+        ids = torch.tensor(tokens.input_ids)
+        logits = teacher(input_ids=ids[None]).logits[0, start - 1 : -1]
+        store[(example.problem_id, 0)] = from_logits(logits, ids[start:], k)
+    return sparse_teacher_rows(examples, tokenized, store, "benchmark store")
+
+
+def shared_arguments(args: argparse.Namespace, output_dir: str) -> dict:
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",  # the same batches, in the same order, for both
+        activation_checkpointing=False,
+        bf16=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        seed=0,
+    )
+
+
+def ours(args, student, tokenizer, tokenized, rows, output_dir) -> DistillationTrainer:
+    dataset = Dataset.from_list(
+        [
+            {"input_ids": t.input_ids, "labels": t.labels, "length": len(t.input_ids), "index": i}
+            for i, t in enumerate(tokenized)
+        ]
+    )
+    objective = make_objective("forward_kl")
+    return DistillationTrainer(
+        model=student,
+        args=TrainingArguments(**shared_arguments(args, output_dir)),
+        train_dataset=dataset,
+        data_collator=CompletionCollator(tokenizer.pad_token_id, objective, rows),
+        processing_class=tokenizer,
+        objective=objective,
+        vocab_size=len(tokenizer),
+    )
+
+
+def trl(args, student, teacher, tokenizer, examples, tokenized, output_dir):
+    """The baseline: TRL's GKD at λ = 0, β = 0, the teacher run on every batch."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    # pre-tokenized rows for its default collator (DataCollatorForChatML): the ids with the
+    # completion mask, and the prompt text it requires beside them
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": tokenizer.apply_chat_template(
+                    [m.model_dump() for m in e.messages], add_generation_prompt=True, tokenize=False
+                ),
+                "input_ids": t.input_ids,
+                "completion_mask": [int(label != IGNORE_INDEX) for label in t.labels],
+            }
+            for e, t in zip(examples, tokenized, strict=True)
+        ]
+    )
+    config = GKDConfig(**shared_arguments(args, output_dir), lmbda=0.0, beta=0.0, temperature=1.0)
+    return GKDTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def step_ends(trainer) -> list[float]:
+    """Train; perf_counter at the end of every optimizer step."""
+    clock = StepClock()
+    trainer.add_callback(clock)
+    trainer.remove_callback(PrinterCallback)  # its line of final metrics
+    trainer.train()
+    return clock.ends
+
+
+def throughput(ends: list[float], tokenized, args) -> dict:
+    """Seconds and tokens/s of the timed steps (the batches after the warm-up ones)."""
+    timed = tokenized[args.warmup * args.batch_size : (args.warmup + args.steps) * args.batch_size]
+    seconds = ends[-1] - ends[args.warmup - 1]
+    completion = sum(sum(label != IGNORE_INDEX for label in t.labels) for t in timed)
+    total = sum(len(t.input_ids) for t in timed)
+    return {"seconds": seconds, "completion/s": completion / seconds, "tokens/s": total / seconds}
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them (>= 1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=20, help="teacher tokens per position in the store")
+    parser.add_argument("--teacher-hidden", type=int, default=TEACHER_SHAPE.hidden_size)
+    parser.add_argument("--teacher-layers", type=int, default=TEACHER_SHAPE.num_hidden_layers)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (models this small gain little from more, and timings on a shared"
+        " machine stay stable with one)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="back-to-back runs of the two; medians count")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, batch 2, 1 repeat")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.batch_size, args.repeats = 2, 1, 2, 1
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit(
+            "--warmup and --steps must be at least 1: timing starts at the end of a warm-up step"
+        )
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(Path(tmp) / "tokenizer")
+        teacher_shape = ModelShape(args.teacher_hidden, args.teacher_layers, 4 * args.teacher_hidden)
+        torch.manual_seed(0)
+        teacher = Qwen2ForCausalLM(_model_config(teacher_shape, tokenizer)).eval().requires_grad_(False)
+        initial_student = Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
+        examples = training_examples((args.warmup + args.steps) * args.batch_size)
+        tokenized = tokenize_examples(tokenizer, examples, max_length=1024)
+        started = time.perf_counter()
+        rows = score(teacher, examples, tokenized, args.top_k)
+        scoring = time.perf_counter() - started
+        parameters = {
+            name: sum(p.numel() for p in model.parameters())
+            for name, model in (("teacher", teacher), ("student", initial_student))
+        }
+        print(
+            f"teacher hidden {args.teacher_hidden} x {args.teacher_layers} layers ({parameters['teacher']:,}"
+            f" parameters), student hidden {STUDENT_SHAPE.hidden_size} x {STUDENT_SHAPE.num_hidden_layers}"
+            f" layers ({parameters['student']:,}), vocab {len(tokenizer)}; batch {args.batch_size},"
+            f" {args.warmup} + {args.steps} steps, top-k {args.top_k}, threads {args.threads},"
+            f" {args.repeats} repeats"
+        )
+        print(f"store: {len(rows)} sequences scored in {scoring:.2f} s before timing (not part of a step)")
+        results: dict[str, list[dict]] = {OURS: [], BASELINE: []}
+        for repeat in range(args.repeats):
+            output_dir = str(Path(tmp) / f"run{repeat}")
+            trainer = ours(args, copy.deepcopy(initial_student), tokenizer, tokenized, rows, output_dir)
+            results[OURS].append(throughput(step_ends(trainer), tokenized, args))
+            trainer = trl(
+                args, copy.deepcopy(initial_student), teacher, tokenizer, examples, tokenized, output_dir
+            )
+            results[BASELINE].append(throughput(step_ends(trainer), tokenized, args))
+    ratios = sorted(
+        a["tokens/s"] / b["tokens/s"] for a, b in zip(results[OURS], results[BASELINE], strict=True)
+    )
+    print(f"\n{'trainer (median of repeats)':<36} {'s/step':>7} {'completion tok/s':>17} {'all tok/s':>10}")
+    for name, runs in results.items():
+        seconds, completion, total = (
+            median(run[key] for run in runs) for key in ("seconds", "completion/s", "tokens/s")
+        )
+        print(f"{name:<36} {seconds / args.steps:>7.3f} {completion:>17,.0f} {total:>10,.0f}")
+    print(
+        f"\nratio reasondistill / {BASELINE}: {median(ratios):.2f}x tokens/s (target >= 1.5x);"
+        f" median of {len(ratios)} back-to-back pairs, range {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Every registered objective, trained briefly on the testbed, raises the student's accuracy.
+
+The student starts as the testbed teacher with Gaussian noise on every weight (σ = 0.3 × the
+tensor's standard deviation): about 30% greedy accuracy on held-out 3-digit additions against the
+teacher's 90%, so 30 optimizer steps show which way an objective moves it. (The random testbed
+student needs hundreds of steps before its first right answer.) Token-level objectives distil the
+teacher on gold solutions, online or (FIRST) from the stored top-20; pair objectives learn from
+correct and incorrect teacher samples of the same problem; AdaSPEC's reference is the forward-KL
+student.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reasondistill.generate.base import SamplingParams
+from reasondistill.generate.hf import HFGenerator
+from reasondistill.objectives import OBJECTIVES, make_objective
+from reasondistill.records import PairExample, TrainingExample
+from reasondistill.tasks import TASKS
+from reasondistill.train.trainer import Hyperparameters, Teachers, train_model
+
+pytestmark = pytest.mark.slow
+
+TASK = TASKS["arithmetic"]
+NOISE = 0.3
+STEPS = 30
+MARGIN = 0.05  # accuracy must rise by more than this: 7 of 128 problems
+TOKEN_LEVEL = {"learning_rate": 3e-4, "batch_size": 16}
+# Pair losses push the rejected completions' likelihood down without bound (REDI, SimPO) or through
+# a margin only (DPO): at the token-level rate all three fell to 10% or less here (the REDI paper
+# uses 1e-6 on 1.5B models). The window is narrow: in 30 steps DPO needs 4e-5 to rise (34% at
+# 2e-5), while SimPO falls at 4e-5 (25%) and rises at 2e-5.
+PAIRS = {"learning_rate": 2e-5, "batch_size": 16}
+PAIR_LEARNING_RATE = {"dpo": 4e-5}
+OPTIONS = {
+    # The defaults (entropy weight 1, α 0.1) suit the paper's rate (5e-6). The ranking term over 10
+    # candidates is about 10 nats and the entropy term about 1, against a direct term near 0.005: at
+    # this rate they sharpen the noisy student's own guesses (measured 30% → 12%). Scaled to the
+    # direct term's size, all three terms still take part.
+    "tsd_kd": {"entropy_weight": 0.01, "alpha": 0.001},
+    # Masking a fifth of the digits the solution copies costs more than 30 steps can win back
+    # (30% → 24% measured); Masked Thought regularises over epochs.
+    "masked_thought": {"max_rate": 0.05},
+}
+
+
+def accuracy(model_dir: Path, problems) -> float:
+    outputs = HFGenerator(model_dir, batch_size=128).generate(
+        [p.messages for p in problems], SamplingParams(temperature=0, max_new_tokens=120)
+    )
+    right = sum(
+        TASK.grader.grade(o[0].text, p, o[0].finish_reason).label == "correct"
+        for o, p in zip(outputs, problems, strict=True)
+    )
+    return right / len(problems)
+
+
+def train(name: str, bench: dict) -> Path:
+    """Train `name` from the noisy student (once per session), return the model folder."""
+    output = bench["root"] / name
+    if output.exists():
+        return output
+    objective = make_objective(name, OPTIONS.get(name, {}))
+    data = bench["pairs"] if objective.data == "pairs" else bench["examples"]
+    settings = PAIRS if objective.data == "pairs" else TOKEN_LEVEL
+    hp = Hyperparameters(
+        objective=name,
+        objective_args=OPTIONS.get(name, {}),
+        epochs=STEPS * settings["batch_size"] / len(data),
+        learning_rate=PAIR_LEARNING_RATE.get(name, settings["learning_rate"]),
+        batch_size=settings["batch_size"],
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        max_length=256,
+        logging_steps=STEPS,
+        save_steps=10 * STEPS,
+    )
+    teachers = Teachers()
+    if name == "first":
+        teachers.stored, teachers.stored_source = bench["store"], "teacher top-20"
+    elif objective.needs_teacher:
+        teachers.model = bench["teacher"]
+    if name == "adaspec":
+        teachers.reference = train("forward_kl", bench)
+    train_model(bench["student"], data, output, hp, teachers=teachers, description=name)
+    return output
+
+
+def noisy_copy(model_dir: Path, output: Path) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * NOISE * parameter.std())
+    model.save_pretrained(output)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(output)
+    return output
+
+
+def teacher_pairs(teacher: HFGenerator, problems) -> list[PairExample]:
+    """(correct, incorrect) teacher samples of the same problem, at a temperature that makes mistakes."""
+    samples = teacher.generate(
+        [p.messages for p in problems], SamplingParams(n=4, temperature=1.3, max_new_tokens=120, seed=1)
+    )
+    pairs = []
+    for problem, completions in zip(problems, samples, strict=True):
+        labels = [TASK.grader.grade(c.text, problem, c.finish_reason).label for c in completions]
+        right = [c.text for c, label in zip(completions, labels, strict=True) if label == "correct"]
+        wrong = [c.text for c, label in zip(completions, labels, strict=True) if label == "incorrect"]
+        if right and wrong:
+            pairs.append(
+                PairExample(
+                    problem_id=problem.id,
+                    task=problem.task,
+                    messages=problem.messages,
+                    chosen=right[0],
+                    rejected=wrong[0],
+                )
+            )
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def bench(testbed, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("objective-runs")
+    train_problems = TASK.sample("train", 512, seed=5, difficulties=(2,))
+    examples = [
+        TrainingExample(
+            problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution, sample_idx=0
+        )
+        for p in train_problems
+    ]
+    teacher = HFGenerator(testbed / "teacher", batch_size=256)
+    scored = teacher.score([e.messages for e in examples], [e.completion for e in examples], top_k=20)
+    bench = {
+        "root": root,
+        "teacher": testbed / "teacher",
+        "student": noisy_copy(testbed / "teacher", root / "noisy-student"),
+        "examples": examples,
+        "store": {(e.problem_id, 0): lp for e, lp in zip(examples, scored, strict=True)},
+        "pairs": teacher_pairs(teacher, train_problems),
+        "test": TASK.sample("test", 128, seed=6, difficulties=(2,)),
+    }
+    assert len(bench["pairs"]) >= 200
+    bench["start"] = accuracy(bench["student"], bench["test"])
+    assert 0.15 <= bench["start"] <= 0.5  # a partly able student, well below the teacher
+    return bench
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_a_short_run_raises_the_students_accuracy(bench, name):
+    after = accuracy(train(name, bench), bench["test"])
+    assert after > bench["start"] + MARGIN, f"{name}: {bench['start']:.3f} → {after:.3f}"
