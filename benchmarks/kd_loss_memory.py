@@ -25,7 +25,7 @@ the machine has available minus 2 GiB, so a variant that does not fit fails with
 instead of taking the machine down; a variant killed by a signal is reported as such.
 
     .venv/bin/python benchmarks/kd_loss_memory.py [--vocab 151936] [--seq 1024] [--batch 4]
-        [--chunk-size 1024] [--threads N] [--memory-limit-gb 20] [--variants naive,trl-fkl,...]
+        [--chunk-size 512] [--threads N] [--memory-limit-gb 20] [--variants naive,trl-fkl,...]
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--student-hidden", type=int, default=896)
     parser.add_argument("--teacher-hidden", type=int, default=1536)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="reasondistill: positions per chunk")
+    parser.add_argument("--chunk-size", type=int, default=512, help="reasondistill: positions per chunk")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument(
         "--memory-limit-gb", type=float, default=20.0, help="cap on the memory one variant's step may map"

@@ -38,7 +38,7 @@ class ObjectiveInputs:
     reference: Head | None = None  # a frozen model: AdaSPEC's reference, DPO's reference policy
     progress: float = 0.0  # fraction of training done, for schedules
     step: int = 0  # optimizer step
-    chunk_size: int = 1024  # positions per chunk of [chunk, vocab] logits
+    chunk_size: int = 512  # positions per chunk of [chunk, vocab] logits
 
 
 class Objective(BaseModel):

