@@ -69,7 +69,7 @@ def test_generated_logprobs_are_the_teachers_own_distribution_over_the_completio
 
 def test_scoring_a_given_text_matches_the_logprobs_of_generating_it(teacher, prompts):
     (completion,) = teacher.generate(
-        prompts[:1], SamplingParams(temperature=0, max_new_tokens=80, top_logprobs=4)
+        prompts[:1], SamplingParams(temperature=0, max_new_tokens=160, top_logprobs=4)
     )[0]
     assert completion.finish_reason == "stop"  # ends with the end-of-turn token, as scoring appends it
     (scored,) = teacher.score(prompts[:1], [completion.text], top_k=4)

@@ -1,8 +1,9 @@
 """Every registered objective, trained briefly on the testbed, raises the student's accuracy.
 
 The student starts as the testbed teacher with Gaussian noise on every weight (σ = 0.3 × the
-tensor's standard deviation): about 30% greedy accuracy on held-out 3-digit additions against the
-teacher's 90%, so 30 optimizer steps show which way an objective moves it. (The random testbed
+tensor's standard deviation): 30-55% greedy accuracy on held-out 2-digit additions (depending on
+the teacher build) against the teacher's 90-100%, so 30 optimizer steps show which way an
+objective moves it. (The random testbed
 student needs hundreds of steps before its first right answer.) Token-level objectives distil the
 teacher on gold solutions, online or (FIRST) from the stored top-20; pair objectives learn from
 correct and incorrect teacher samples of the same problem; AdaSPEC's reference is the forward-KL
@@ -59,7 +60,7 @@ def accuracy(model_dir: Path, problems) -> float:
 
 
 def train(name: str, bench: dict) -> Path:
-    """Train `name` from the noisy student (once per session), return the model folder."""
+    """Train `name` from the noisy student (once per module), return the model folder."""
     output = bench["root"] / name
     if output.exists():
         return output
@@ -146,7 +147,7 @@ def bench(testbed, tmp_path_factory) -> dict:
     }
     assert len(bench["pairs"]) >= 200
     bench["start"] = accuracy(bench["student"], bench["test"])
-    assert 0.15 <= bench["start"] <= 0.5  # a partly able student, well below the teacher
+    assert 0.15 <= bench["start"] <= 0.6  # a partly able student, well below the teacher
     return bench
 
 

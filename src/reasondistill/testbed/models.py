@@ -45,9 +45,11 @@ STUDENT_SHAPE = ModelShape(hidden_size=96, num_hidden_layers=3, intermediate_siz
 
 # Gold solutions the teacher learns from: problems per task and the difficulties they cover. Sized so
 # that a cold `reasondistill demo` fits in 10 minutes on 2 cores: 3-digit accuracy depends on the
-# number of arithmetic examples (fewer than these drop it below 95%), the other two tasks trade a few
-# points of accuracy for a minute of training.
-TEACHER_DATA = {"arithmetic": (14000, (1, 2, 3)), "word_problems": (5000, (2, 3)), "logic": (5000, (1, 2))}
+# number of arithmetic examples, the other two tasks trade a few points of accuracy for a minute of
+# training. With 14,000 arithmetic examples the teacher sat at the edge: float-level changes in the
+# loss computation (same formula, other summation order) moved its 3-digit accuracy between 78% and
+# 97.5%; 20,000 keep it clear of that edge.
+TEACHER_DATA = {"arithmetic": (20000, (1, 2, 3)), "word_problems": (5000, (2, 3)), "logic": (5000, (1, 2))}
 TEACHER_HYPERPARAMETERS = Hyperparameters(
     epochs=1,
     learning_rate=3e-3,
