@@ -302,13 +302,15 @@ def test_top_k_forward_kl_is_the_top_k_terms_plus_one_tail_term(k):
 
 
 def extreme_teachers(n, vocab):
-    """One-hot-like dense logits (±1e4) and the same teacher as a sparse top-k store."""
+    """One-hot-like dense logits (±1e4) and the same teacher as a sparse top-k store (with the
+    log-probability of each position's label, `inputs`' arange(n) % vocab, as a served teacher sends)."""
     generator = torch.Generator().manual_seed(50)
     targets = torch.randint(0, vocab, (n,), generator=generator)
     dense = torch.full((n, vocab), -1e4)
     dense[torch.arange(n), targets] = 1e4
     logprobs, ids = torch.log_softmax(dense, -1).topk(4, -1)
-    return [Head(dense), SparseTargets(ids, logprobs, torch.full((n,), -math.inf))]
+    label_logprob = torch.log_softmax(dense, -1)[torch.arange(n), torch.arange(n) % vocab]
+    return [Head(dense), SparseTargets(ids, logprobs, torch.full((n,), -math.inf), label_logprob)]
 
 
 def teacher_objectives():
@@ -343,7 +345,9 @@ def test_gradients_are_finite_for_extreme_logits(name):
             ({}, {"temperature": 0.5}) if "temperature" in OBJECTIVES[name].model_fields else ({},)
         ):
             student = Head(student_logits.clone().requires_grad_())
-            loss = make_objective(name, options)(inputs(student, teacher))
+            batch = inputs(student, teacher)
+            batch.rewards, batch.groups = torch.tensor([1.0]), torch.tensor([0])  # GRPO-style objectives
+            loss = make_objective(name, options)(batch)
             loss.backward()
             assert torch.isfinite(loss), (name, type(teacher).__name__, options)
             assert torch.isfinite(student.hidden.grad).all(), (name, type(teacher).__name__, options)

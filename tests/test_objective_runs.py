@@ -13,8 +13,7 @@ student.
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from helpers import greedy_accuracy, noisy_copy
 
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
@@ -48,17 +47,6 @@ OPTIONS = {
 }
 
 
-def accuracy(model_dir: Path, problems) -> float:
-    outputs = HFGenerator(model_dir, batch_size=128).generate(
-        [p.messages for p in problems], SamplingParams(temperature=0, max_new_tokens=120)
-    )
-    right = sum(
-        TASK.grader.grade(o[0].text, p, o[0].finish_reason).label == "correct"
-        for o, p in zip(outputs, problems, strict=True)
-    )
-    return right / len(problems)
-
-
 def train(name: str, bench: dict) -> Path:
     """Train `name` from the noisy student (once per module), return the model folder."""
     output = bench["root"] / name
@@ -87,17 +75,6 @@ def train(name: str, bench: dict) -> Path:
     if name == "adaspec":
         teachers.reference = train("forward_kl", bench)
     train_model(bench["student"], data, output, hp, teachers=teachers, description=name)
-    return output
-
-
-def noisy_copy(model_dir: Path, output: Path) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * NOISE * parameter.std())
-    model.save_pretrained(output)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(output)
     return output
 
 
@@ -139,19 +116,19 @@ def bench(testbed, tmp_path_factory) -> dict:
     bench = {
         "root": root,
         "teacher": testbed / "teacher",
-        "student": noisy_copy(testbed / "teacher", root / "noisy-student"),
+        "student": noisy_copy(testbed / "teacher", root / "noisy-student", NOISE),
         "examples": examples,
         "store": {(e.problem_id, 0): lp for e, lp in zip(examples, scored, strict=True)},
         "pairs": teacher_pairs(teacher, train_problems),
         "test": TASK.sample("test", 128, seed=6, difficulties=(2,)),
     }
     assert len(bench["pairs"]) >= 200
-    bench["start"] = accuracy(bench["student"], bench["test"])
+    bench["start"] = greedy_accuracy(bench["student"], bench["test"])
     assert 0.15 <= bench["start"] <= 0.6  # a partly able student, well below the teacher
     return bench
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_a_short_run_raises_the_students_accuracy(bench, name):
-    after = accuracy(train(name, bench), bench["test"])
+    after = greedy_accuracy(train(name, bench), bench["test"])
     assert after > bench["start"] + MARGIN, f"{name}: {bench['start']:.3f} → {after:.3f}"

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from reasondistill.chat import completion_ids, prompt_ids
@@ -60,8 +61,19 @@ class FakeLLM:
         self.kwargs = kwargs
         self.calls: list[tuple[list, list]] = []
         self.reply = lambda prompt, j: (f"reply {j}", None, "stop")  # (text, token ids or None, finish)
-        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=FakeLLM.max_model_len))
+        self.loads: list[dict] = []  # weights pushed into the engine (a colocated one), per call
+        runner = SimpleNamespace(
+            model=SimpleNamespace(load_weights=lambda weights: self.loads.append(dict(weights)))
+        )
+        self.llm_engine = SimpleNamespace(
+            model_config=SimpleNamespace(max_model_len=FakeLLM.max_model_len),
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)),
+        )
+        self.prefix_cache_resets = 0
         FakeLLM.instances.append(self)
+
+    def reset_prefix_cache(self):
+        self.prefix_cache_resets += 1
 
     def get_tokenizer(self):
         return FakeLLM.tokenizer
@@ -403,3 +415,39 @@ def test_score_fails_sequences_longer_than_the_context(fake_vllm, monkeypatch, t
     assert len(short) == len(completion_ids(tokenizer, ["1"])[0])
     assert isinstance(long, Failure) and "max_model_len" in long.error
     assert len(llm.calls[0][0]) == 1 and done == [2]
+
+
+# ---- a colocated engine for on-policy sampling ----------------------------------------------------
+
+
+def test_on_policy_sampling_pushes_the_current_weights_before_every_step(fake_vllm, tokenizer, monkeypatch):
+    """sampler: vllm — each sampling step first writes every training parameter into the engine."""
+    from transformers import Qwen2ForCausalLM
+
+    from reasondistill.records import TrainingExample
+    from reasondistill.testbed.models import STUDENT_SHAPE, _model_config
+    from reasondistill.train.on_policy import OnPolicyOptions, StepBatches, prompt_rows
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    model = Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
+    options = OnPolicyOptions(sampler="vllm", samples_per_prompt=2, max_new_tokens=8)
+    examples = [TrainingExample(problem_id="p", task="arithmetic", messages=PROMPTS[0], completion="x")]
+    builder = StepBatches(
+        prompt_rows(tokenizer, examples, None, options, False, "t"), options, tokenizer, 64, 0, None
+    )
+    for step in range(2):
+        samples = builder._sample(model, builder.rows, seed=step)
+        engine = FakeLLM.instances[-1]
+        assert (
+            len(FakeLLM.instances) == 1
+            and engine.kwargs["distributed_executor_backend"] == "external_launcher"
+        )
+        pushed = engine.loads[-1]
+        assert len(engine.loads) == step + 1 and engine.prefix_cache_resets == step + 1
+        assert pushed.keys() == dict(model.named_parameters()).keys()
+        assert all(torch.equal(pushed[name], param.data) for name, param in model.named_parameters())
+        assert [s.text for s in samples] == ["reply 0", "reply 1"]
+        with torch.no_grad():  # an optimizer step
+            next(model.parameters()).add_(1.0)
+    assert sent_kwargs(engine.calls[-1][1][0])["n"] == 2

@@ -92,9 +92,25 @@ def backend_requirements(options: BackendOptions, reference: str) -> dict[str, s
 
 
 def open_generator(
-    options: BackendOptions, model: ResolvedModel, batch_size: int, top_logprobs: int
+    options: BackendOptions,
+    model: ResolvedModel,
+    batch_size: int,
+    top_logprobs: int,
+    gate: tuple[ResolvedModel, float] | None = None,
 ) -> Generator:
-    """`top_logprobs`: the largest k the step asks for (vLLM sizes its engine for it)."""
+    """`top_logprobs`: the largest k the step asks for (vLLM sizes its engine for it); `gate`: a
+    student and its threshold τ for student-gated decoding (RSD, rsd.py; local models only)."""
+    if gate is not None:
+        from .rsd import StudentGatedGenerator
+
+        student, threshold = gate
+        return StudentGatedGenerator(
+            model.path,
+            student.path,
+            threshold=threshold,
+            batch_size=batch_size,
+            trust_remote_code=options.trust_remote_code,
+        )
     if options.backend == "openai":
         from .openai import OpenAIGenerator, RetryPolicy
 

@@ -106,5 +106,14 @@ class Generator(Protocol):
     ) -> list[TokenLogprobs | Failure]:
         """The model's distribution over each given completion of each prompt (teacher forcing)."""
 
+    def score_ids(
+        self,
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs | Failure]:
+        """Like `score`, prompts (chat template applied) and completions given as token ids."""
+
     def close(self) -> None:
         """Release the model or connections."""

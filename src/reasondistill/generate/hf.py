@@ -7,12 +7,13 @@ and the [T, V] logits are projected in chunks of positions instead of being kept
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
@@ -35,24 +36,38 @@ class HFGenerator:
         trust_remote_code: bool = False,
     ):
         """`batch_size` counts sequences (prompts × n) decoded or scored together."""
-        self.path = str(path)
-        self.batch_size = batch_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self._attach(str(path), model.to(device).eval(), tokenizer, batch_size)
+
+    @classmethod
+    def around(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
+    ) -> HFGenerator:
+        """A generator over a model in memory: the student being trained samples its rollouts through it."""
+        generator = cls.__new__(cls)
+        # a copy: left padding for decoding must not leak into the trainer's tokenizer
+        generator._attach(model.config.name_or_path, model, copy.deepcopy(tokenizer), batch_size)
+        return generator
+
+    def _attach(self, path: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
+        self.path, self.model, self.tokenizer, self.batch_size = path, model, tokenizer, batch_size
         self.tokenizer.padding_side = "left"
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-        self.model.to(self.device).eval()
         self.usage = Usage()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def describe(self) -> dict:
         return {"backend": self.backend, "model": self.path, "name_or_path": self.model.config.name_or_path}
 
     def close(self) -> None:
+        on_gpu = self.device.type == "cuda"
         del self.model
-        if self.device.type == "cuda":
+        if on_gpu:
             torch.cuda.empty_cache()
 
     # ---- generation ---------------------------------------------------------------------------

@@ -182,10 +182,20 @@ class OpenAIGenerator:
                 "openai backend: scoring sends prompt + completion as token ids and needs `tokenizer` "
                 "(the teacher's tokenizer folder or Hub id)"
             )
-        prompts_ids = prompt_ids(self.tokenizer, prompts)
-        replies_ids = completion_ids(self.tokenizer, completions)
+        return self.score_ids(
+            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
+        )
+
+    def score_ids(
+        self,
+        prompts: Sequence[list[int]],
+        completions: Sequence[list[int]],
+        top_k: int,
+        progress: ProgressCallback | None = None,
+    ) -> list[TokenLogprobs | Failure]:
+        """The teacher's distribution at every completion token, prompt and completion given as ids."""
         requests = []
-        for prompt, reply in zip(prompts_ids, replies_ids, strict=True):
+        for prompt, reply in zip(prompts, completions, strict=True):
             body = {
                 "model": self.model,
                 "prompt": prompt + reply,

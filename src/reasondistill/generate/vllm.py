@@ -14,7 +14,8 @@ and the top k), so the completion's distribution is the slice from len(prompt) o
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,13 @@ class VLLMGenerator:
         max_logprobs: int = 64,
         seed: int = 0,
         trust_remote_code: bool = False,
+        colocate: bool = False,
     ):
-        """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests)."""
+        """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests).
+
+        `colocate`: the engine runs in this process beside a model being trained, whose weights
+        `load_weights` pushes into it (on-policy sampling), as TRL's colocate mode does.
+        """
         try:
             import vllm
             from vllm.inputs import TokensPrompt
@@ -81,6 +87,14 @@ class VLLMGenerator:
         self._tokens_prompt = TokensPrompt
         self.path = str(path)
         self.max_logprobs = max_logprobs
+        engine_options = {}
+        if colocate:
+            # in-process workers (the default spawns them), so that the weights can be written
+            # directly; a single process without torchrun still needs the rendezvous variables
+            engine_options["distributed_executor_backend"] = "external_launcher"
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29533")):  # fmt: skip
+                os.environ.setdefault(name, value)
         self.llm = vllm.LLM(
             model=self.path,
             tensor_parallel_size=tensor_parallel_size,
@@ -92,6 +106,7 @@ class VLLMGenerator:
             # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the
             # option exists, vLLM PR #21398; named so a change of default cannot change the teacher).
             logprobs_mode="raw_logprobs",
+            **engine_options,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = _engine_max_model_len(self.llm) or max_model_len
@@ -121,6 +136,12 @@ class VLLMGenerator:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Replace the colocated engine's weights with these (name → tensor, as `named_parameters` gives)."""
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        engine_model.load_weights((name, tensor.data) for name, tensor in named_tensors)
+        self.llm.reset_prefix_cache()  # cached prefixes hold activations of the old weights
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(

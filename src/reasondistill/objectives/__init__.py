@@ -36,6 +36,8 @@ class ObjectiveInputs:
     num_sequences: int
     teacher: Head | SparseTargets | None = None
     reference: Head | None = None  # a frozen model: AdaSPEC's reference, DPO's reference policy
+    rewards: torch.Tensor | None = None  # [num_sequences] verifier reward of each on-policy sample
+    groups: torch.Tensor | None = None  # [num_sequences] which prompt each sample answers (GRPO groups)
     progress: float = 0.0  # fraction of training done, for schedules
     step: int = 0  # optimizer step
     chunk_size: int = 512  # positions per chunk of [chunk, vocab] logits
@@ -52,6 +54,9 @@ class Objective(BaseModel):
     # DPO's reference is conventionally the policy it starts from; others need one named explicitly
     reference_defaults_to_init: ClassVar[bool] = False
     data: ClassVar[Literal["completions", "pairs"]] = "completions"
+    # policy-gradient objectives estimate E_{y~q_θ}[·] from samples of the current weights only
+    on_policy_only: ClassVar[bool] = False
+    needs_rewards: ClassVar[bool] = False  # verifier rewards of groups of samples (GRPO)
 
     def setup(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Called once with the student's tokenizer before training (special token ids, separators)."""
@@ -105,4 +110,4 @@ def sum_over_tokens(per_token: torch.Tensor, inputs: ObjectiveInputs) -> torch.T
     return per_token.sum() / inputs.normaliser
 
 
-from . import kd, preference, selective, self_distill, sequence  # noqa: E402,F401  (register the objectives)
+from . import kd, policy, preference, selective, self_distill, sequence  # noqa: E402,F401  (register the objectives)

@@ -48,12 +48,15 @@ class Head:
 class SparseTargets:
     """A teacher's top-k log-probabilities per position, as stored by `generate --logprobs` / `score`.
 
-    `tail_logprob` = log(1 − Σ top-k p), the mass the store does not itemise.
+    `tail_logprob` = log(1 − Σ top-k p), the mass the store does not itemise; `token_logprob` is the
+    teacher's log-probability of the token the position predicts, which may lie outside the top-k
+    (policy-gradient objectives need it for sampled tokens).
     """
 
     ids: torch.Tensor  # [N, k] int64
     logprobs: torch.Tensor  # [N, k] float32
     tail_logprob: torch.Tensor  # [N] float32
+    token_logprob: torch.Tensor | None = None  # [N] float32
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -70,7 +73,12 @@ def chunk_of(value: Rows, start: int, stop: int) -> Rows:
         return value[start:stop]
     if isinstance(value, Head):
         return Head(value.hidden[start:stop], value.weight, value.bias, value.vocab_size)
-    return SparseTargets(value.ids[start:stop], value.logprobs[start:stop], value.tail_logprob[start:stop])
+    return SparseTargets(
+        value.ids[start:stop],
+        value.logprobs[start:stop],
+        value.tail_logprob[start:stop],
+        None if value.token_logprob is None else value.token_logprob[start:stop],
+    )
 
 
 TokenFunction = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]

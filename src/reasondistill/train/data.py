@@ -69,7 +69,7 @@ def _as_examples(pairs: Sequence[PairExample], messages, side: str) -> list[Trai
 
 @dataclass
 class SparseTeacherRows:
-    """A teacher's stored top-k distributions laid out on an example's token positions.
+    """A teacher's top-k distributions laid out on an example's token positions.
 
     Row j describes the distribution of token j (predicted at position j − 1), like `labels[j]`;
     prompt rows are zero and never read (their labels are ignored).
@@ -78,6 +78,41 @@ class SparseTeacherRows:
     topk_ids: np.ndarray  # [L, k] int64
     topk_logprobs: np.ndarray  # [L, k] float32
     tail_logprob: np.ndarray  # [L] float32
+    token_logprob: np.ndarray  # [L] float32: log p_T of token j itself
+
+    @staticmethod
+    def on_positions(scored: TokenLogprobs, prompt_length: int, completion_length: int) -> SparseTeacherRows:
+        """The first `completion_length` scored tokens placed after a prompt of `prompt_length` tokens."""
+        length, k = prompt_length + completion_length, scored.k
+        rows = SparseTeacherRows(
+            np.zeros((length, k), dtype=np.int64),
+            np.zeros((length, k), dtype=np.float32),
+            np.zeros(length, dtype=np.float32),
+            np.zeros(length, dtype=np.float32),
+        )
+        rows.topk_ids[prompt_length:] = scored.topk_ids[:completion_length]
+        rows.topk_logprobs[prompt_length:] = scored.topk_logprobs[:completion_length]
+        rows.tail_logprob[prompt_length:] = scored.tail_logprob[:completion_length]
+        rows.token_logprob[prompt_length:] = scored.logprobs[:completion_length]
+        return rows
+
+
+def sparse_teacher_batch(rows: Sequence[SparseTeacherRows], width: int) -> dict[str, torch.Tensor]:
+    """The rows of a batch as right-padded `teacher_*` tensors of `width` positions."""
+    k = rows[0].topk_ids.shape[1]
+    batch = {
+        "teacher_topk_ids": torch.zeros((len(rows), width, k), dtype=torch.long),
+        "teacher_topk_logprobs": torch.zeros((len(rows), width, k)),
+        "teacher_tail_logprob": torch.zeros((len(rows), width)),
+        "teacher_token_logprob": torch.zeros((len(rows), width)),
+    }
+    for i, row in enumerate(rows):
+        length = len(row.tail_logprob)
+        batch["teacher_topk_ids"][i, :length] = torch.from_numpy(row.topk_ids)
+        batch["teacher_topk_logprobs"][i, :length] = torch.from_numpy(row.topk_logprobs)
+        batch["teacher_tail_logprob"][i, :length] = torch.from_numpy(row.tail_logprob)
+        batch["teacher_token_logprob"][i, :length] = torch.from_numpy(row.token_logprob)
+    return batch
 
 
 def sparse_teacher_rows(
@@ -108,7 +143,7 @@ def sparse_teacher_rows(
                 "(training data other than the scored traces, another tokenizer or chat template, or traces "
                 "changed since scoring)"
             )
-        length, k = len(tokens.input_ids), stored.k
+        k = stored.k
         if k == 0 or (rows and k != rows[0].topk_ids.shape[1]):
             expected = (
                 "top-k log-probabilities (generate --top-logprobs K, or score)"
@@ -116,13 +151,7 @@ def sparse_teacher_rows(
                 else f"k={rows[0].topk_ids.shape[1]} like the other rows"
             )
             raise UserError(f"{where}: stored with k={k}; expected {expected}")
-        topk_ids = np.zeros((length, k), dtype=np.int64)
-        topk_logprobs = np.zeros((length, k), dtype=np.float32)
-        tail = np.zeros(length, dtype=np.float32)
-        topk_ids[start:] = stored.topk_ids[: len(completion)]
-        topk_logprobs[start:] = stored.topk_logprobs[: len(completion)]
-        tail[start:] = stored.tail_logprob[: len(completion)]
-        rows.append(SparseTeacherRows(topk_ids, topk_logprobs, tail))
+        rows.append(SparseTeacherRows.on_positions(stored, start, len(completion)))
     return rows
 
 
@@ -159,15 +188,7 @@ class CompletionCollator:
         }
         if self.sparse_teacher is not None:
             rows = [self.sparse_teacher[f["index"]] for f in features]
-            k = rows[0].topk_ids.shape[1]
-            batch["teacher_topk_ids"] = torch.zeros((len(rows), width, k), dtype=torch.long)
-            batch["teacher_topk_logprobs"] = torch.zeros((len(rows), width, k))
-            batch["teacher_tail_logprob"] = torch.zeros((len(rows), width))
-            for i, row in enumerate(rows):
-                length = len(row.tail_logprob)
-                batch["teacher_topk_ids"][i, :length] = torch.from_numpy(row.topk_ids)
-                batch["teacher_topk_logprobs"][i, :length] = torch.from_numpy(row.topk_logprobs)
-                batch["teacher_tail_logprob"][i, :length] = torch.from_numpy(row.tail_logprob)
+            batch.update(sparse_teacher_batch(rows, width))
         if self.objective is not None:
             batch["labels"] = self.objective.select_labels(batch["input_ids"], batch["labels"])
         return batch

@@ -8,27 +8,52 @@ from pydantic import Field, model_validator
 
 from ..curate.stage import training_data, training_data_step
 from ..errors import UserError
+from ..generate.backends import BackendOptions, backend_model, backend_requirements, open_generator
 from ..generate.logprobs import read_logprobs
 from ..generate.stage import logprob_shards
 from ..modelref import required_steps, resolve_model
 from ..objectives import make_objective
 from ..records import PairExample, TrainingExample, read_records
 from ..rundir import RunDir
-from ..stages import Stage, StageConfig
+from ..stages import Stage
+from ..tasks.stage import ProblemSelection, load_problems, problems_by_id, run_tasks
 from ..ui import note
+from ..verify.stage import GraderChoice
+from .on_policy import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from .trainer import Hyperparameters, Teachers, missing_inputs, train_model
 
+PROBLEMS_DATA = "problems"  # `data: problems`: the run's train problems as on-policy prompts
 
-class TrainConfig(StageConfig, Hyperparameters):
+
+class ServedTeacher(BackendOptions):
+    """`train.teacher_server`: a teacher behind a generation backend, asked for its top-k over each sample."""
+
+    model: str = Field(
+        description="the teacher, as for generate (for openai: the name the server knows it by)"
+    )
+    top_k: int = Field(20, ge=1, le=1024, description="teacher tokens returned per sampled position")
+    batch_size: int = Field(16, ge=1, description="sequences scored together (hf)")
+
+
+class TrainConfig(GraderChoice, Hyperparameters):
     name: str = Field(description="output model name: checkpoints/<name>")
     init: str = Field(
         description="starting weights: testbed:student, a model trained in this run, a model folder or a Hub id"
     )
     data: str = Field(
-        description="a curated set of this run (curated/<name>), or a .jsonl/.parquet file of training examples"
+        description="a curated set of this run (curated/<name>), a .jsonl/.parquet file of training examples, "
+        "or `problems`: the run's train problems as prompts (on-policy, their gold solutions for off-policy steps)"
     )
     teacher: str | None = Field(
-        None, description="online teacher for token-level objectives: a model reference like init"
+        None,
+        description="online teacher for token-level objectives: a model reference like init, or `self` "
+        "(on-policy: the student's current weights, as in OPSD)",
+    )
+    teacher_server: ServedTeacher | None = Field(
+        None, description="on-policy: a teacher served by a generation backend instead of an online one"
+    )
+    on_policy: OnPolicyOptions | None = Field(
+        None, description="train on the student's own samples (GKD, OPSD, GRPO/KDRL, quality-gated)"
     )
     teacher_logprobs: str | None = Field(
         None,
@@ -43,13 +68,20 @@ class TrainConfig(StageConfig, Hyperparameters):
     @model_validator(mode="after")
     def _objective_gets_what_it_needs(self) -> TrainConfig:
         """Checked when a recipe is loaded, not after the steps before this one have run."""
-        if self.teacher and self.teacher_logprobs:
-            raise ValueError("set teacher (online) or teacher_logprobs (stored), not both")
+        if sum(map(bool, (self.teacher, self.teacher_logprobs, self.teacher_server))) > 1:
+            raise ValueError("set one of teacher (online), teacher_logprobs (stored) or teacher_server")
+        if self.teacher_server and not self.on_policy:
+            raise ValueError("teacher_server scores the student's samples: it needs on_policy")
+        if self.data == PROBLEMS_DATA and (not self.on_policy or self.on_policy.fraction < 1):
+            raise ValueError("data `problems` gives prompts only: set on_policy with fraction 1")
         try:
             objective = make_objective(self.objective, self.objective_args)
         except UserError as err:
             raise ValueError(str(err)) from None
-        problem = missing_inputs(objective, bool(self.teacher or self.teacher_logprobs), bool(self.reference))
+        has_teacher = bool(self.teacher or self.teacher_logprobs or self.teacher_server)
+        problem = missing_inputs(objective, has_teacher, bool(self.reference)) or on_policy_problem(
+            objective, self.on_policy, self.teacher == TEACHER_SELF
+        )
         if problem:
             raise ValueError(problem)
         return self
@@ -67,11 +99,34 @@ def stored_logprobs_dir(name: str, run: RunDir) -> tuple[Path, str]:
     )
 
 
+def read_examples(cfg: TrainConfig, run: RunDir, data_path: Path | None) -> list:
+    """The training examples: a curated set or file, or the run's train problems with their gold solutions."""
+    if data_path is not None:
+        objective = make_objective(cfg.objective, cfg.objective_args)
+        return read_records(data_path, PairExample if objective.data == "pairs" else TrainingExample)
+    return [
+        TrainingExample(
+            problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution or "", sample_idx=0
+        )
+        for p in load_problems(run, ProblemSelection(), "train")
+    ]
+
+
 def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
     init = resolve_model(cfg.init, run)
-    data_path, data_fingerprint = training_data(cfg.data, run)
+    if cfg.data == PROBLEMS_DATA:
+        data_path, data_fingerprint = None, run.finished_step("problems")["fingerprint"]
+    else:
+        data_path, data_fingerprint = training_data(cfg.data, run)
     inputs = {"init": init.fingerprint, "data": data_fingerprint}
-    teacher = resolve_model(cfg.teacher, run) if cfg.teacher else None
+    if cfg.on_policy:
+        # samples are graded against the problems, and the graders' versions shape the rewards
+        inputs["problems"] = run.finished_step("problems")["fingerprint"]
+        inputs["graders"] = {task: cfg.grader_for(task).id for task in run_tasks(run)}
+    served = backend_model(cfg.teacher_server, cfg.teacher_server.model, run) if cfg.teacher_server else None
+    if served:
+        inputs["teacher_server"] = served.fingerprint
+    teacher = resolve_model(cfg.teacher, run) if cfg.teacher and cfg.teacher != TEACHER_SELF else None
     reference = resolve_model(cfg.reference, run) if cfg.reference else None
     stored_dir = None
     if teacher:
@@ -83,10 +138,9 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
         inputs["teacher_logprobs"] = run.finished_step(writer)["fingerprint"]
 
     def body(step_fingerprint: str) -> dict:
-        objective = make_objective(cfg.objective, cfg.objective_args)
-        examples = read_records(data_path, PairExample if objective.data == "pairs" else TrainingExample)
+        examples = read_examples(cfg, run, data_path)
         teachers = Teachers(
-            model=teacher.path if teacher else None,
+            model=teacher.path if teacher else cfg.teacher,
             reference=reference.path if reference else None,
         )
         if stored_dir is not None:
@@ -98,12 +152,23 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
             teachers.stored_source = str(stored_dir)
         hyperparameters = Hyperparameters(**cfg.model_dump(include=set(Hyperparameters.model_fields)))
         note(
-            f"train:{cfg.name}: {len(examples)} examples from {data_path}, objective {cfg.objective}, init {cfg.init}"
+            f"train:{cfg.name}: {len(examples)} examples from {data_path or 'the train problems'}, "
+            f"objective {cfg.objective}{' on-policy' if cfg.on_policy else ''}, init {cfg.init}"
         )
-        return train_model(
-            Path(init.path), examples, run.checkpoint(cfg.name), hyperparameters, teachers=teachers,
-            description=f"train:{cfg.name}", resume_key=step_fingerprint,
-        )  # fmt: skip
+        if served:
+            teachers.scorer = open_generator(
+                cfg.teacher_server, served, cfg.teacher_server.batch_size, cfg.teacher_server.top_k
+            )
+            teachers.scorer_top_k = cfg.teacher_server.top_k
+        try:
+            return train_model(
+                Path(init.path), examples, run.checkpoint(cfg.name), hyperparameters, teachers=teachers,
+                on_policy=cfg.on_policy, problems=problems_by_id(run) if cfg.on_policy else None,
+                grader_for=cfg.grader_for, description=f"train:{cfg.name}", resume_key=step_fingerprint,
+            )  # fmt: skip
+        finally:
+            if teachers.scorer is not None:
+                teachers.scorer.close()
 
     outputs = [run.checkpoint(cfg.name)]
     stats = run.step(f"train:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)["stats"]
@@ -120,9 +185,11 @@ STAGE = Stage(
     produces=lambda cfg: [f"train:{cfg.name}"],
     requires=lambda cfg: {
         **required_steps("init", [cfg.init]),
-        **required_steps("teacher", [cfg.teacher] if cfg.teacher else []),
+        **required_steps("teacher", [cfg.teacher] if cfg.teacher and cfg.teacher != TEACHER_SELF else []),
+        **(backend_requirements(cfg.teacher_server, cfg.teacher_server.model) if cfg.teacher_server else {}),
+        **({"problems": "problems"} if cfg.on_policy else {}),
         **required_steps("reference", [cfg.reference] if cfg.reference else []),
-        **training_data_step(cfg.data),
+        **(training_data_step(cfg.data) if cfg.data != PROBLEMS_DATA else {}),
         **(
             {"teacher_logprobs": (f"score:{cfg.teacher_logprobs}", f"generate:{cfg.teacher_logprobs}")}
             if cfg.teacher_logprobs

@@ -6,10 +6,11 @@ stay the Trainer's job; this module only chooses the loss and prepares the data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
+from ..generate.base import Generator
 from ..generate.logprobs import TokenLogprobs
 from ..objectives import IGNORE_INDEX, Objective, ObjectiveInputs, make_objective
 from ..objectives.heads import Head, SparseTargets
-from ..records import PairExample, TrainingExample
+from ..records import PairExample, Problem, TrainingExample
+from ..tasks import default_grader
+from ..verify.graders import Grader
 from .data import (
     CompletionCollator,
     SortedStepSampler,
@@ -32,7 +36,24 @@ from .data import (
     tokenize_examples,
     tokenize_pairs,
 )
-from .teachers import causal_lm, check_head, final_hidden_states, head_rows, load_beside_student, output_head
+from .on_policy import (
+    TEACHER_SELF,
+    OnPolicyOptions,
+    StepBatches,
+    collate_indices,
+    on_policy_problem,
+    on_policy_stats,
+    prompt_rows,
+)
+from .teachers import (
+    causal_lm,
+    check_head,
+    final_hidden_states,
+    head_rows,
+    load_beside_student,
+    output_head,
+    preflight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +117,15 @@ class DistillationTrainer(Trainer):
         vocab_size: int | None = None,
         logit_chunk_size: int = 512,
         sort_within_step: bool = False,
+        teacher_is_student: bool = False,
+        step_batches: StepBatches | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.teacher, self.reference = teacher, reference
+        self.teacher_is_student = teacher_is_student  # OPSD: the current weights, without gradient
+        self.step_batches = step_batches  # on-policy: rebuilds each step's batches from the student's samples
         self.vocab_size = vocab_size
         self.logit_chunk_size = logit_chunk_size
         self.sort_within_step = sort_within_step
@@ -126,6 +151,20 @@ class DistillationTrainer(Trainer):
         )
         return SortedStepSampler(dataset["length"], step, seed=self.args.seed)
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The step's micro-batches; on-policy, rebuilt from samples before their tokens are counted."""
+        if self.step_batches is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if batches:
+            batches = self.step_batches(self, batches)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.step_batches is not None and "loss" in logs:
+            logs.update(self.step_batches.recent_metrics())
+        super().log(logs, start_time)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         if self.objective.data != "pairs":
             return super()._get_num_items_in_batch(batch_samples, device)
@@ -147,6 +186,9 @@ class DistillationTrainer(Trainer):
         counted_globally = num_items_in_batch is not None
         if not counted_globally:
             num_items_in_batch = len(labels) // 2 if self.objective.data == "pairs" else predicts.sum()
+        if torch.is_tensor(num_items_in_batch):
+            # a quality gate can reject every sample of a step: the loss is then 0, not 0/0
+            num_items_in_batch = num_items_in_batch.clamp_min(1)
         loss = self.objective(
             ObjectiveInputs(
                 student=output_head(model, hidden, self.vocab_size),
@@ -154,8 +196,10 @@ class DistillationTrainer(Trainer):
                 normaliser=num_items_in_batch,
                 sequence=predicts.nonzero()[:, 0],
                 num_sequences=len(labels),
-                teacher=self._teacher_targets(inputs, predicts),
+                teacher=self._teacher_targets(model, inputs, predicts),
                 reference=self._frozen_head(self.reference, input_ids, attention, predicts),
+                rewards=inputs.get("rewards"),
+                groups=inputs.get("groups"),
                 progress=progress,
                 step=self.state.global_step,
                 chunk_size=self.logit_chunk_size,
@@ -176,15 +220,24 @@ class DistillationTrainer(Trainer):
         )
         return output_head(model, hidden[:, :-1][predicts], self.vocab_size)
 
-    def _teacher_targets(self, inputs, predicts) -> Head | SparseTargets | None:
+    def _teacher_targets(self, model, inputs, predicts) -> Head | SparseTargets | None:
         if "teacher_topk_ids" in inputs:
-            # row j of the stored arrays describes token j, like labels[j]
+            # row j of the stored or served arrays describes token j, like labels[j]
             return SparseTargets(
                 inputs["teacher_topk_ids"][:, 1:][predicts],
                 inputs["teacher_topk_logprobs"][:, 1:][predicts].float(),
                 inputs["teacher_tail_logprob"][:, 1:][predicts].float(),
+                inputs["teacher_token_logprob"][:, 1:][predicts].float(),
             )
-        return self._frozen_head(self.teacher, inputs["input_ids"], inputs["attention_mask"], predicts)
+        teacher = model if self.teacher_is_student else self.teacher
+        if "teacher_input_ids" in inputs:
+            # the teacher reads its own (privileged) prompt before the same completion tokens, row by
+            # row in the same order, so its completion positions pair up with the student's
+            teacher_predicts = inputs["teacher_labels"][:, 1:] != IGNORE_INDEX
+            return self._frozen_head(
+                teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], teacher_predicts
+            )
+        return self._frozen_head(teacher, inputs["input_ids"], inputs["attention_mask"], predicts)
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:
@@ -197,10 +250,16 @@ def _precision_flags(precision: str) -> dict[str, bool]:
 class Teachers:
     """What a training run distils from, besides its data."""
 
-    model: Path | str | None = None  # online teacher, run on the same token ids
+    model: Path | str | None = None  # online teacher run on the same token ids, or TEACHER_SELF
     stored: dict[tuple[str, int], TokenLogprobs] | None = None  # offline top-k, by (problem, sample)
     stored_source: str = ""  # where `stored` was read, for error messages
     reference: Path | str | None = None  # frozen reference policy (DPO, AdaSPEC); default: init
+    scorer: Generator | None = None  # served teacher (on-policy): top-k of the samples via its scoring API
+    scorer_top_k: int = 20
+
+    @property
+    def given(self) -> bool:
+        return self.model is not None or self.stored is not None or self.scorer is not None
 
 
 def _model_dtype(flags: dict[str, bool]) -> torch.dtype:
@@ -279,6 +338,9 @@ def train_model(
     hp: Hyperparameters,
     *,
     teachers: Teachers | None = None,
+    on_policy: OnPolicyOptions | None = None,
+    problems: Mapping[str, Problem] | None = None,
+    grader_for: Callable[[str], Grader] = default_grader,
     description: str = "train",
     resume_key: str = "",
 ) -> dict:
@@ -287,20 +349,40 @@ def train_model(
     An interrupted run resumes from the newest checkpoint in `.<output_dir>.work` if that was made
     with the same `resume_key` (the step fingerprint), and starts afresh otherwise; the finished
     model appears at `output_dir` atomically. Returns training statistics.
+
+    With `on_policy` the examples are prompts the student answers itself (their completions serve
+    the off-policy steps, if any); `problems` (by id) grade those answers with `grader_for(task)`.
     """
     teachers = teachers or Teachers()
     objective = make_objective(hp.objective, hp.objective_args)
-    has_teacher = teachers.model is not None or teachers.stored is not None
-    problem = missing_inputs(objective, has_teacher, teachers.reference is not None)
+    problem = missing_inputs(objective, teachers.given, teachers.reference is not None) or on_policy_problem(
+        objective, on_policy, teachers.model == TEACHER_SELF
+    )
     if problem:
         raise UserError(f"{description}: {problem}")
     if not examples:
         raise UserError(f"{description}: no training examples")
     tokenizer = AutoTokenizer.from_pretrained(init)
     objective.setup(tokenizer)
-    dataset, stored_rows, truncated, completion_tokens = _build_dataset(
-        objective, tokenizer, examples, hp, teachers, description
-    )
+    step_batches = None
+    if on_policy is None:
+        dataset, stored_rows, truncated, completion_tokens = _build_dataset(
+            objective, tokenizer, examples, hp, teachers, description
+        )
+        collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows)
+    else:
+        if teachers.stored is not None:
+            raise UserError(
+                f"{description}: stored teacher log-probabilities describe the data's completions, not the "
+                "student's samples: use an online or served teacher on-policy"
+            )
+        rows = prompt_rows(tokenizer, examples, problems, on_policy, objective.needs_rewards, description)
+        step_batches = StepBatches(
+            rows, on_policy, tokenizer, hp.max_length, hp.seed, grader_for,
+            teachers.scorer, teachers.scorer_top_k,
+        )  # fmt: skip
+        dataset = Dataset.from_list([{"index": i} for i in range(len(rows))])
+        stored_rows, truncated, completion_tokens, collator = None, 0, None, collate_indices
     if truncated:
         log.warning(
             "%s: %d of %d sequences are longer than max_length=%d and were cut",
@@ -345,11 +427,22 @@ def train_model(
     vocab_size, frozen = head_rows(model), {}
     reference = teachers.reference or (init if objective.needs_reference else None)
     for role, path in (("teacher", teachers.model), ("reference", reference)):
-        if path is not None:
+        if path is not None and path != TEACHER_SELF:
             frozen[role], shared = load_beside_student(
                 path, tokenizer, head_rows(model), args.device, _model_dtype(flags)
             )
             vocab_size = min(vocab_size, shared)
+    if teachers.scorer is not None:
+        served_tokenizer = getattr(teachers.scorer, "tokenizer", None)
+        if served_tokenizer is None:
+            raise UserError(
+                f"{description}: the served teacher needs `tokenizer` (its tokenizer folder or Hub id) to "
+                "check that it numbers tokens as the student does"
+            )
+        vocab_size = min(
+            vocab_size,
+            preflight(tokenizer, served_tokenizer, head_rows(model), len(served_tokenizer), "server"),
+        )
     if stored_rows is not None and max(int(r.topk_ids.max(initial=0)) for r in stored_rows) >= vocab_size:
         raise UserError(
             f"{teachers.stored_source}: stored token ids exceed the student's {vocab_size} vocabulary rows"
@@ -365,19 +458,25 @@ def train_model(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=CompletionCollator(tokenizer.pad_token_id, objective, stored_rows),
+        data_collator=collator,
         processing_class=tokenizer,
         objective=objective,
         teacher=frozen.get("teacher"),
         reference=frozen.get("reference"),
         vocab_size=vocab_size,
         logit_chunk_size=hp.logit_chunk_size,
-        sort_within_step=hp.sort_within_step,
+        sort_within_step=hp.sort_within_step and on_policy is None,
+        teacher_is_student=teachers.model == TEACHER_SELF,
+        step_batches=step_batches,
     )
     resume_from = get_last_checkpoint(str(work_dir))
     if resume_from:
         log.info("%s: resuming from %s", description, resume_from)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if step_batches is not None:
+            step_batches.close()
 
     stats = {
         "init": str(init),
@@ -391,6 +490,8 @@ def train_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
+    if step_batches is not None:
+        stats["on_policy"] = on_policy_stats(step_batches.history)
     staging = output_dir.with_name(f".{output_dir.name}.final")
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))
