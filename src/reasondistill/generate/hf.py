@@ -125,9 +125,17 @@ class HFGenerator:
         completions = [
             self._completion(ids, len(p), sampling.stop) for ids, p in zip(new_tokens, owners, strict=True)
         ]
+        return self._finish_batch(owners, completions, sampling)
+
+    def _finish_batch(
+        self, prompts: Sequence[list[int]], completions: list[Completion], sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        """Attach the logprobs asked for, count usage, and group each prompt's `n` completions.
+
+        `prompts` holds the prompt of every completion (each prompt repeated n times)."""
         if sampling.wants_logprobs:
             scored = self._distributions(
-                owners, [c.token_ids for c in completions], sampling.top_logprobs, None
+                prompts, [c.token_ids for c in completions], sampling.top_logprobs, None
             )
             completions = [replace(c, logprobs=lp) for c, lp in zip(completions, scored, strict=True)]
         self.usage.add(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from transformers import (
 
 from ..errors import UserError
 from ..train.teachers import preflight
-from .base import Completion, SamplingParams, Usage
+from .base import Completion, SamplingParams
 from .hf import HFGenerator
 
 
@@ -91,21 +91,10 @@ class StudentGatedGenerator(HFGenerator):
             plain = self._completion(ids, len(prompt), sampling.stop)
             # count only the kept tokens: a stop string may cut the decoded ones short
             completions.append(GatedCompletion(**vars(plain), rejected=sum(flags[: plain.completion_tokens])))
-        if sampling.wants_logprobs:  # the teacher's own distribution over the gated trace
-            scored = self._distributions(
-                rows, [c.token_ids for c in completions], sampling.top_logprobs, None
-            )
-            completions = [replace(c, logprobs=lp) for c, lp in zip(completions, scored, strict=True)]
         self.gate_stats["tokens"] += sum(c.completion_tokens for c in completions)
         self.gate_stats["rejected"] += sum(c.rejected for c in completions)
-        self.usage.add(
-            Usage(
-                requests=len(completions),
-                prompt_tokens=sum(c.prompt_tokens for c in completions),
-                completion_tokens=sum(c.completion_tokens for c in completions),
-            )
-        )
-        return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
+        # logprobs asked for are the teacher's own distribution over the gated trace
+        return self._finish_batch(rows, completions, sampling)
 
     def _decode(
         self, input_ids: torch.Tensor, attention: torch.Tensor, sampling: SamplingParams
