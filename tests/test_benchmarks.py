@@ -216,3 +216,26 @@ def test_kd_throughput_benchmark_times_both_trainers_and_prints_their_ratio(caps
         assert all(float(value.replace(",", "")) > 0 for value in row[len(label) :].split()), row
     ratio = re.search(r"^ratio reasondistill / TRL GKDTrainer λ=0, online teacher: ([\d.]+)x", out, re.M)
     assert ratio and float(ratio.group(1)) > 0, out
+
+
+def test_on_policy_step_benchmark_times_both_trainers_and_prints_their_ratio(capsys):
+    """benchmarks/on_policy_step.py --quick: both trainers sample and step, each gets a row and the ratio is printed."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "on_policy_step.py"
+    spec = importlib.util.spec_from_file_location("on_policy_step", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--quick", "--threads", str(torch.get_num_threads())])  # leaves torch's setting as it is
+    out = capsys.readouterr().out
+    for label in (benchmark.OURS, benchmark.BASELINE):
+        (row,) = [line for line in out.splitlines() if line.startswith(label + " ")]
+        values = [float(value.replace(",", "")) for value in row[len(label) :].split()]
+        assert all(value > 0 for value in values), row
+        assert values[-1] <= 8, row  # mean sampled completion length, at most --quick's 8 new tokens
+    ratio = re.search(r"^ratio reasondistill / TRL GKDTrainer λ=1: ([\d.]+)x step time", out, re.M)
+    assert ratio and float(ratio.group(1)) > 0, out
