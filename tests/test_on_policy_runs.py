@@ -7,6 +7,7 @@ its own samples of 2-digit training problems.
 """
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from reasondistill.generate.server import serve_in_thread
 from reasondistill.recipe import run_recipe
 from reasondistill.records import TrainingExample
 from reasondistill.tasks import TASKS
-from reasondistill.train.on_policy import TEACHER_SELF, OnPolicyOptions, StepBatches
+from reasondistill.train.on_policy import TEACHER_SELF, OnPolicyOptions, StepBatches, privileged_messages
 from reasondistill.train.trainer import Hyperparameters, Teachers, train_model
 
 pytestmark = pytest.mark.slow
@@ -204,16 +205,69 @@ def test_a_recipe_trains_on_policy_from_the_runs_problems(bench, tmp_path):
     assert len(stats["loss_curve"]) == 4
 
 
-def test_opsd_teacher_is_the_student_reading_the_gold_solution(bench):
-    """OPSD: teacher `self` on the student's own prompt is the student itself (loss 0); with the gold
-    solution in its prompt it differs, and training follows it.
+READER_TEMPLATE = "{problem}\nReference solution: {solution}"
+READER_STEPS = 120
 
-    The testbed models never read a solution in their prompt, and the gain OPSD reports cannot be
-    shown here: with a reference solution in view the testbed teacher answers 0% (and a teacher
-    trained to read one lost that skill to weight noise faster than it lost arithmetic)."""
+
+@pytest.fixture(scope="module")
+def reader(bench) -> tuple[Path, float]:
+    """The noisy student taught to read a gold solution in its prompt, and its accuracy without one.
+
+    OPSD rests on the student solving far more with the solution in view, as LLMs do; the testbed
+    models were never shown one (with READER_TEMPLATE the testbed teacher answers 0%), so this
+    student first learns to read it (SFT on prompts that hold the solution), which leaves it a poor
+    solver without."""
+    problems = list(bench["problems"].values())
+    examples = [
+        TrainingExample(
+            problem_id=p.id,
+            task=p.task,
+            messages=privileged_messages(p, READER_TEMPLATE, "reader"),
+            completion=p.solution,
+        )
+        for p in problems
+    ]
+    output = bench["root"] / "reader"
+    train_model(
+        bench["student"],
+        examples,
+        output,
+        hyperparameters("sft", {}, 2e-4, 16, READER_STEPS, examples),
+        description="reader",
+    )
+    return output, greedy_accuracy(output, bench["test"])
+
+
+def test_opsd_distils_the_student_reading_the_solution_into_the_student_without_it(bench, reader):
+    """OPSD with the paper's fixed teacher: the initial weights, reading the gold solution, score the
+    student's samples of the bare problem (forward KL, the authors' final choice)."""
+    student, start = reader
+    with_solution = [
+        p.model_copy(update={"messages": privileged_messages(p, READER_TEMPLATE, "test")})
+        for p in bench["test"]
+    ]
+    assert greedy_accuracy(student, with_solution) > start + 0.3  # the premise
+    output = bench["root"] / "opsd"
+    train_model(
+        student,
+        bench["examples"],
+        output,
+        hyperparameters("forward_kl", {}, 1e-4, 16, STEPS, bench["examples"]),
+        teachers=Teachers(model=student),
+        on_policy=OnPolicyOptions(teacher_context=READER_TEMPLATE, **SAMPLING),
+        problems=bench["problems"],
+        description="opsd",
+    )
+    after = greedy_accuracy(output, bench["test"])
+    assert after > start + MARGIN, f"opsd: {start:.3f} → {after:.3f}"
+
+
+def test_opsd_self_teacher_is_the_student_until_it_reads_the_solution(bench):
+    """`teacher: self` on the student's own prompt is the student itself (loss 0, no signal); with
+    the gold solution in its prompt it is another distribution."""
     examples = bench["examples"][:8]
     losses = {}
-    for name, context in (("no-context", None), ("context", "{problem}\nReference solution: {solution}")):
+    for name, context in (("no-context", None), ("context", READER_TEMPLATE)):
         stats = train_model(
             bench["student"],
             examples,
