@@ -302,8 +302,9 @@ class StepBatches:
             completions = self._vllm_sampler(model).generate_ids(prompts, sampling)
         else:
             if self.sampler is None:
-                self.sampler = HFGenerator.around(model, self.tokenizer, batch_size=max(64, len(rows)))
+                self.sampler = HFGenerator.around(model, self.tokenizer)
             self.sampler.model = model
+            self.sampler.batch_size = len(prompts) * sampling.n  # the whole step in one generate call
             was_training = model.training
             model.eval()  # no dropout while sampling: the samples come from the policy being trained
             try:
