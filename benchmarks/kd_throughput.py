@@ -175,12 +175,8 @@ def throughput(ends: list[float], tokenized, args) -> dict:
     return {"seconds": seconds, "completion/s": completion / seconds, "tokens/s": total / seconds}
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per trainer")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them (>= 1)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=20, help="teacher tokens per position in the store")
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the throughput benchmarks that time two trainers back to back."""
     parser.add_argument("--teacher-hidden", type=int, default=TEACHER_SHAPE.hidden_size)
     parser.add_argument("--teacher-layers", type=int, default=TEACHER_SHAPE.num_hidden_layers)
     parser.add_argument(
@@ -191,6 +187,30 @@ def parser() -> argparse.ArgumentParser:
         " machine stay stable with one)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="back-to-back runs of the two; medians count")
+
+
+def testbed_models(args: argparse.Namespace, folder: Path):
+    """Checks the step counts, sets the threads; the testbed tokenizer (built in `folder`), a random
+    frozen teacher of `--teacher-hidden` × `--teacher-layers` and a random testbed-shaped student."""
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit(
+            "--warmup and --steps must be at least 1: timing starts at the end of a warm-up step"
+        )
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer(folder / "tokenizer")
+    teacher_shape = ModelShape(args.teacher_hidden, args.teacher_layers, 4 * args.teacher_hidden)
+    torch.manual_seed(0)
+    teacher = Qwen2ForCausalLM(_model_config(teacher_shape, tokenizer)).eval().requires_grad_(False)
+    return tokenizer, teacher, Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them (>= 1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=20, help="teacher tokens per position in the store")
+    add_shared_options(parser)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, batch 2, 1 repeat")
     return parser
 
@@ -199,17 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.repeats = 2, 1, 2, 1
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit(
-            "--warmup and --steps must be at least 1: timing starts at the end of a warm-up step"
-        )
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp) / "tokenizer")
-        teacher_shape = ModelShape(args.teacher_hidden, args.teacher_layers, 4 * args.teacher_hidden)
-        torch.manual_seed(0)
-        teacher = Qwen2ForCausalLM(_model_config(teacher_shape, tokenizer)).eval().requires_grad_(False)
-        initial_student = Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
+        tokenizer, teacher, initial_student = testbed_models(args, Path(tmp))
         examples = training_examples((args.warmup + args.steps) * args.batch_size)
         tokenized = tokenize_examples(tokenizer, examples, max_length=1024)
         started = time.perf_counter()

@@ -62,21 +62,25 @@ import time
 from pathlib import Path
 from statistics import median
 
-import torch
 from datasets import Dataset
-from transformers import Qwen2ForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from reasondistill.objectives import IGNORE_INDEX, make_objective
 from reasondistill.tasks import default_grader
-from reasondistill.testbed.models import STUDENT_SHAPE, TEACHER_SHAPE, ModelShape, _model_config
-from reasondistill.testbed.tokenizer import build_tokenizer
+from reasondistill.testbed.models import STUDENT_SHAPE
 from reasondistill.train.data import tokenize_examples
 from reasondistill.train.on_policy import OnPolicyOptions, StepBatches, collate_indices, prompt_rows
 from reasondistill.train.trainer import DistillationTrainer
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is there already
     sys.path.append(str(Path(__file__).resolve().parent))
-from kd_throughput import shared_arguments, step_ends, training_examples  # noqa: E402
+from kd_throughput import (  # noqa: E402
+    add_shared_options,
+    shared_arguments,
+    step_ends,
+    testbed_models,
+    training_examples,
+)
 
 BASELINE = "TRL GKDTrainer λ=1"
 OURS = "reasondistill on-policy λ=1"
@@ -221,16 +225,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch")
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="sampled tokens per prompt")
-    parser.add_argument("--teacher-hidden", type=int, default=TEACHER_SHAPE.hidden_size)
-    parser.add_argument("--teacher-layers", type=int, default=TEACHER_SHAPE.num_hidden_layers)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (models this small gain little from more, and timings on a shared"
-        " machine stay stable with one)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="back-to-back runs of the two; medians count")
+    add_shared_options(parser)
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 1 + 2 steps, batch 2, 8 new tokens, 1 repeat"
     )
@@ -241,17 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.quick:
         args.warmup, args.steps, args.batch_size, args.max_new_tokens, args.repeats = 1, 2, 2, 8, 1
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit(
-            "--warmup and --steps must be at least 1: timing starts at the end of a warm-up step"
-        )
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp) / "tokenizer")
-        teacher_shape = ModelShape(args.teacher_hidden, args.teacher_layers, 4 * args.teacher_hidden)
-        torch.manual_seed(0)
-        teacher = Qwen2ForCausalLM(_model_config(teacher_shape, tokenizer)).eval().requires_grad_(False)
-        initial_student = Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
+        tokenizer, teacher, initial_student = testbed_models(args, Path(tmp))
         examples = training_examples((args.warmup + args.steps) * args.batch_size * args.accumulation)
         tokenized = tokenize_examples(tokenizer, examples, max_length=MAX_LENGTH)
         parameters = {

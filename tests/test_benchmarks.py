@@ -197,45 +197,47 @@ def test_kd_loss_memory_benchmark_runs_its_three_variants_at_a_tiny_size(capsys)
     assert abs(losses["TRL generalized_jsd β=0.5"] - losses["reasondistill jsd β=0.5"]) < 1e-4
 
 
-def test_kd_throughput_benchmark_times_both_trainers_and_prints_their_ratio(capsys):
-    """benchmarks/kd_throughput.py --quick: both trainers take their steps, each gets a row and the ratio is printed."""
+def run_quick(name: str, capsys):
+    """benchmarks/<name>.py --quick, with torch's thread setting left as it is: (module, printed text)."""
     import importlib.util
-    import re
     from pathlib import Path
 
     import torch
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kd_throughput.py"
-    spec = importlib.util.spec_from_file_location("kd_throughput", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    benchmark.main(["--quick", "--threads", str(torch.get_num_threads())])  # leaves torch's setting as it is
-    out = capsys.readouterr().out
+    benchmark.main(["--quick", "--threads", str(torch.get_num_threads())])
+    return benchmark, capsys.readouterr().out
+
+
+def trainer_rows(benchmark, out: str) -> list[list[float]]:
+    """The numbers of the two trainers' rows (ours, then the baseline), each row printed once."""
+    rows = []
     for label in (benchmark.OURS, benchmark.BASELINE):
         (row,) = [line for line in out.splitlines() if line.startswith(label + " ")]
-        assert all(float(value.replace(",", "")) > 0 for value in row[len(label) :].split()), row
+        rows.append([float(value.replace(",", "")) for value in row[len(label) :].split()])
+    return rows
+
+
+def test_kd_throughput_benchmark_times_both_trainers_and_prints_their_ratio(capsys):
+    """benchmarks/kd_throughput.py --quick: both trainers take their steps, each gets a row and the ratio is printed."""
+    import re
+
+    benchmark, out = run_quick("kd_throughput", capsys)
+    assert all(value > 0 for row in trainer_rows(benchmark, out) for value in row), out
     ratio = re.search(r"^ratio reasondistill / TRL GKDTrainer λ=0, online teacher: ([\d.]+)x", out, re.M)
     assert ratio and float(ratio.group(1)) > 0, out
 
 
 def test_on_policy_step_benchmark_times_both_trainers_and_prints_their_ratio(capsys):
     """benchmarks/on_policy_step.py --quick: both trainers sample and step, each gets a row and the ratio is printed."""
-    import importlib.util
     import re
-    from pathlib import Path
 
-    import torch
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "on_policy_step.py"
-    spec = importlib.util.spec_from_file_location("on_policy_step", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    benchmark.main(["--quick", "--threads", str(torch.get_num_threads())])  # leaves torch's setting as it is
-    out = capsys.readouterr().out
-    for label in (benchmark.OURS, benchmark.BASELINE):
-        (row,) = [line for line in out.splitlines() if line.startswith(label + " ")]
-        values = [float(value.replace(",", "")) for value in row[len(label) :].split()]
-        assert all(value > 0 for value in values), row
-        assert values[-1] <= 8, row  # mean sampled completion length, at most --quick's 8 new tokens
+    benchmark, out = run_quick("on_policy_step", capsys)
+    for values in trainer_rows(benchmark, out):
+        assert all(value > 0 for value in values), out
+        assert values[-1] <= 8, out  # mean sampled completion length, at most --quick's 8 new tokens
     ratio = re.search(r"^ratio reasondistill / TRL GKDTrainer λ=1: ([\d.]+)x step time", out, re.M)
     assert ratio and float(ratio.group(1)) > 0, out
