@@ -2,6 +2,7 @@
 TokenLogprobs out, prompt-logprob slicing for scoring. No GPU, no vLLM."""
 
 import math
+import os
 import sys
 import types
 from types import SimpleNamespace
@@ -428,8 +429,9 @@ def test_on_policy_sampling_pushes_the_current_weights_before_every_step(fake_vl
     from reasondistill.testbed.models import STUDENT_SHAPE, _model_config
     from reasondistill.train.on_policy import OnPolicyOptions, StepBatches, prompt_rows
 
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    # the engine's rendezvous defaults go into a copy of the environment, gone after the test
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    monkeypatch.setattr(os, "environ", environment)
     model = Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
     options = OnPolicyOptions(sampler="vllm", samples_per_prompt=2, max_new_tokens=8)
     examples = [TrainingExample(problem_id="p", task="arithmetic", messages=PROMPTS[0], completion="x")]
