@@ -132,14 +132,11 @@ def ours(args, student, tokenizer, tokenized, rows, output_dir) -> DistillationT
     )
 
 
-def trl(args, student, teacher, tokenizer, examples, tokenized, output_dir):
-    """The baseline: TRL's GKD at λ = 0, β = 0, the teacher run on every batch."""
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    # pre-tokenized rows for its default collator (DataCollatorForChatML): the ids with the
-    # completion mask, and the prompt text it requires beside them
-    dataset = Dataset.from_list(
+def trl_dataset(tokenizer, examples, tokenized) -> Dataset:
+    """Pre-tokenized rows for TRL GKD's default collator (DataCollatorForChatML): the ids with the
+    completion mask (its zeros are the prompt, what on-policy steps sample from), and the prompt
+    text it requires beside them."""
+    return Dataset.from_list(
         [
             {
                 "prompt": tokenizer.apply_chat_template(
@@ -151,6 +148,14 @@ def trl(args, student, teacher, tokenizer, examples, tokenized, output_dir):
             for e, t in zip(examples, tokenized, strict=True)
         ]
     )
+
+
+def trl(args, student, teacher, tokenizer, examples, tokenized, output_dir):
+    """The baseline: TRL's GKD at λ = 0, β = 0, the teacher run on every batch."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    dataset = trl_dataset(tokenizer, examples, tokenized)
     config = GKDConfig(**shared_arguments(args, output_dir), lmbda=0.0, beta=0.0, temperature=1.0)
     return GKDTrainer(
         model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=tokenizer

@@ -80,6 +80,7 @@ from kd_throughput import (  # noqa: E402
     step_ends,
     testbed_models,
     training_examples,
+    trl_dataset,
 )
 
 BASELINE = "TRL GKDTrainer λ=1"
@@ -143,21 +144,7 @@ def trl(args, student, teacher, tokenizer, examples, tokenized, output_dir):
             )
             return ids, attention, labels
 
-    # pre-tokenized rows for its default collator (DataCollatorForChatML): the ids with the
-    # completion mask, whose zeros (the prompt) are what it samples from, and the prompt text it
-    # requires beside them
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": tokenizer.apply_chat_template(
-                    [m.model_dump() for m in e.messages], add_generation_prompt=True, tokenize=False
-                ),
-                "input_ids": t.input_ids,
-                "completion_mask": [int(label != IGNORE_INDEX) for label in t.labels],
-            }
-            for e, t in zip(examples, tokenized, strict=True)
-        ]
-    )
+    dataset = trl_dataset(tokenizer, examples, tokenized)
     config = GKDConfig(
         **arguments(args, output_dir),
         lmbda=1.0,

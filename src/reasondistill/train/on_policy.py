@@ -376,17 +376,17 @@ class StepBatches:
         batch = _padded(prompts, completions, kept, self.pad_token_id)
         batch["rewards"] = torch.tensor([s.reward if s.reward is not None else float("nan") for s in samples])
         batch["groups"] = torch.tensor([s.group for s in samples])
-        if any(s.row.teacher_prompt_ids for s in samples):
-            privileged = _padded(
-                [self._teacher_prompt(s) for s in samples], completions, kept, self.pad_token_id
-            )
-            batch.update({f"teacher_{name}": value for name, value in privileged.items()})
-        if teacher is not None:
+        if teacher is not None:  # served: it has read the privileged prompts already
             rows = [
                 SparseTeacherRows.on_positions(scored, len(prompt), len(completion))
                 for scored, prompt, completion in zip(teacher, prompts, completions, strict=True)
             ]
             batch.update(sparse_teacher_batch(rows, batch["input_ids"].shape[1]))
+        elif any(s.row.teacher_prompt_ids for s in samples):  # online: it reads them in the loss
+            privileged = _padded(
+                [self._teacher_prompt(s) for s in samples], completions, kept, self.pad_token_id
+            )
+            batch.update({f"teacher_{name}": value for name, value in privileged.items()})
         return batch
 
 
