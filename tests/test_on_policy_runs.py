@@ -281,3 +281,28 @@ def test_opsd_self_teacher_is_the_student_until_it_reads_the_solution(bench):
         losses[name] = [loss for _, loss in stats["loss_curve"]]
     assert max(losses["no-context"]) < 1e-6
     assert min(losses["context"]) > 1e-2
+
+
+def test_one_sampling_call_serves_every_accumulation_micro_batch(bench, monkeypatch):
+    """Samples are drawn once per optimizer step, for the prompts of all its micro-batches."""
+    calls = []
+    sample = StepBatches._sample
+
+    def counting(self, model, rows, seed):
+        calls.append(len(rows))
+        return sample(self, model, rows, seed)
+
+    monkeypatch.setattr(StepBatches, "_sample", counting)
+    examples = bench["examples"][:16]
+    hp = hyperparameters("forward_kl", {}, 3e-4, 4, 2, examples)
+    stats = train_model(
+        bench["student"],
+        examples,
+        bench["root"] / "accumulation",
+        hp.model_copy(update={"gradient_accumulation_steps": 2, "epochs": 1.0}),
+        teachers=Teachers(model=bench["testbed"] / "teacher"),
+        on_policy=OnPolicyOptions(**SAMPLING),
+        description="accumulation",
+    )
+    assert stats["steps"] == 2 and calls == [8, 8]  # 2 steps × (2 micro-batches of 4 prompts)
+    assert stats["on_policy"]["samples"] == 16
