@@ -98,3 +98,17 @@ def test_the_benchmarks_command_lists_each_benchmark_with_its_grader():
     output = CliRunner().invoke(cli, ["benchmarks"], terminal_width=250).output
     assert "openai/gsm8k (test)" in output and "numeric@1+" in output
     assert "clutrr" in output and "exact@1+" in output and "math-verify@1+" in output
+
+
+def test_nested_options_are_json_objects_on_the_command_line(tmp_path, capsys):
+    from reasondistill.cli import _parse_option
+    from reasondistill.train.stage import TrainConfig
+
+    field = TrainConfig.model_fields["on_policy"]
+    options = {"name": "s", "init": "testbed:student", "data": "problems", "objective": "reverse_kl_pg"}
+    options["on_policy"] = _parse_option('{"fraction": 1, "samples_per_prompt": 2}', field)
+    config = TrainConfig.model_validate({**options, "teacher": "testbed:teacher"})
+    assert (config.on_policy.fraction, config.on_policy.samples_per_prompt) == (1, 2)
+    with pytest.raises(SystemExit):
+        main(["train", "--run-dir", str(tmp_path), "--name", "s", "--init", "x", "--data", "d", "--on-policy", "x"])  # fmt: skip
+    assert capsys.readouterr().err.strip().startswith("error: --on-policy: expected a JSON object")

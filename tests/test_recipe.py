@@ -218,3 +218,15 @@ def test_a_packaged_recipe_runs_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert CliRunner().invoke(cli, ["run", "token-kd"]).exit_code == 0
     assert "run_dir: runs/token-kd" in ran[0]
+
+
+def test_every_curation_operator_has_a_packaged_recipe():
+    from importlib import resources
+
+    from reasondistill.curate.operators import OPERATORS
+
+    used = set()
+    for name in packaged_recipes():
+        with resources.as_file(resources.files("reasondistill") / "recipes" / name) as path:
+            used |= {op.op for s in load_recipe(path)[1] if s.stage.name == "curate" for op in s.config.ops}
+    assert used == set(OPERATORS)

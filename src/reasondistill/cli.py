@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import click
-from pydantic import AliasChoices, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import UserError, describe_validation_error
@@ -55,6 +55,21 @@ def _flag(location: tuple) -> str:
     return "--" + ".".join(str(part) for part in location).replace("_", "-")
 
 
+def _structured_list(annotation) -> bool:
+    """A list of mappings (curate's `ops`), typed on the command line as JSON rather than A,B,…"""
+    if typing.get_origin(annotation) is not list:
+        return False
+    (item,) = typing.get_args(annotation)
+    return item not in (str, int, float) and typing.get_origin(item) is not Literal
+
+
+def _json_object(annotation) -> bool:
+    """A mapping or a nested options model (train's `on_policy`): a JSON object on the command line."""
+    return typing.get_origin(annotation) is dict or (
+        isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    )
+
+
 def _option(name: str, field: FieldInfo) -> click.Option:
     annotation = _unwrap_optional(field.annotation)
     origin = typing.get_origin(annotation)
@@ -70,23 +85,27 @@ def _option(name: str, field: FieldInfo) -> click.Option:
         return click.Option(
             flags, type=click.Choice([str(a) for a in typing.get_args(annotation)]), help=help_text
         )
+    if _structured_list(annotation):
+        return click.Option(flags, help=help_text + "  (JSON list)", metavar="JSON")
     if origin is list:
         return click.Option(flags, help=help_text + "  (comma-separated)", metavar="A,B,…")
-    if origin is dict:
+    if _json_object(annotation):
         return click.Option(flags, help=help_text + "  (JSON object)", metavar="JSON")
     click_type = {int: click.INT, float: click.FLOAT}.get(annotation, click.STRING)
     return click.Option(flags, type=click_type, required=field.is_required(), help=help_text)
 
 
 def _parse_option(value, field: FieldInfo):
-    origin = typing.get_origin(_unwrap_optional(field.annotation))
-    if origin is list:
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    if origin is list and not _structured_list(annotation):
         return [item.strip() for item in value.split(",") if item.strip()]
-    if origin is dict:
+    if origin is list or _json_object(annotation):
         try:
             return json.loads(value)
         except json.JSONDecodeError as err:
-            raise UserError(f"expected a JSON object ({err.msg})") from None
+            kind = "list" if origin is list else "object"
+            raise UserError(f"expected a JSON {kind} ({err.msg})") from None
     return value
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .rundir import RunDir, fingerprint
-from .testbed.models import TESTBED_PREFIX, build_fingerprint, resolve_testbed_model
+from .testbed.models import TESTBED_PREFIX, resolve_testbed_model
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -57,7 +57,10 @@ def resolve_model(reference: str, run: RunDir) -> ResolvedModel:
     if reference.startswith(TESTBED_PREFIX):
         path = resolve_testbed_model(reference)
         return ResolvedModel(
-            reference_name(reference), str(path), f"testbed-{build_fingerprint()}-{path.name}"
+            # the folder above a testbed model is named after the fingerprint of its build
+            reference_name(reference),
+            str(path),
+            f"{path.parent.name}-{path.name}",
         )
     if trained_in_run(reference) and run.checkpoint(reference).is_dir():
         trained = run.finished_step(f"train:{reference}")

@@ -7,7 +7,11 @@
     <run>/logprobs/<name>/logprobs-*.parquet  a teacher's top-k over existing traces (`score`)
     <run>/graded/<name>.parquet
     <run>/curated/<name>.parquet
+    <run>/curation/<name>.parquet       what each curation operator kept and dropped, one row per trace
     <run>/decontamination/<name>.json   overlaps with evaluation benchmarks found by `decontaminate`
+    <run>/chunks/<name>.parquet         reasoning cut into chunks labelled reasoning / non-reasoning
+    <run>/teacher-selection/<name>.json teachers compared by what a student learns from them
+    <run>/analysis/<name>.json          provenance, memorization and trace statistics
     <run>/checkpoints/<name>/            a Hub-style model folder
     <run>/eval/<model>/<task>.json       + <task>.<greedy|sampled>.parquet (graded completions)
     <run>/report.md  report.html  figures/
@@ -76,8 +80,20 @@ class RunDir:
     def curated(self, name: str) -> Path:
         return self.root / "curated" / f"{name}.parquet"
 
+    def curation(self, name: str) -> Path:
+        return self.root / "curation" / f"{name}.parquet"
+
     def decontamination(self, name: str) -> Path:
         return self.root / "decontamination" / f"{name}.json"
+
+    def chunks(self, name: str) -> Path:
+        return self.root / "chunks" / f"{name}.parquet"
+
+    def teacher_selection(self, name: str) -> Path:
+        return self.root / "teacher-selection" / f"{name}.json"
+
+    def analysis(self, name: str) -> Path:
+        return self.root / "analysis" / f"{name}.json"
 
     def checkpoint(self, name: str) -> Path:
         return self.root / "checkpoints" / name

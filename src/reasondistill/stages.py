@@ -44,8 +44,14 @@ class Stage:
 
 def all_stages() -> dict[str, Stage]:
     # Imported here so that `import reasondistill.stages` stays light for the stage modules themselves.
+    from .analyze.memorization import STAGE as memorization
+    from .analyze.provenance import STAGE as provenance
+    from .analyze.trace_stats import STAGE as trace_stats
+    from .curate.chunks import STAGE as chunk
     from .curate.decontaminate import STAGE as decontaminate
+    from .curate.rewrite import STAGE as rewrite
     from .curate.stage import STAGE as curate
+    from .curate.teacher_selection import STAGE as select_teacher
     from .evaluate.stage import STAGE as evaluate
     from .generate.score import STAGE as score
     from .generate.stage import STAGE as generate
@@ -54,6 +60,8 @@ def all_stages() -> dict[str, Stage]:
     from .train.stage import STAGE as train
     from .verify.stage import STAGE as verify
 
-    return {
-        s.name: s for s in (problems, generate, score, verify, curate, decontaminate, train, evaluate, report)
-    }
+    stages = (
+        problems, generate, score, verify, rewrite, curate, chunk, decontaminate, select_teacher, train, evaluate, report,
+        trace_stats, provenance, memorization,
+    )  # fmt: skip
+    return {s.name: s for s in stages}

@@ -26,7 +26,7 @@ from ..stages import Stage
 from ..tasks import get_benchmark
 from ..tasks.stage import BenchmarkSelection, benchmark_inputs, load_benchmarks
 from ..ui import note, progress_bar
-from .stage import training_data, training_data_step
+from .sets import training_data, training_data_step
 
 _WORD = re.compile(r"\w+")
 MIN_TEMPLATE_PROBLEMS = 3  # an n-gram in this many problems or fewer is never called template text
@@ -97,12 +97,10 @@ def find_overlaps(
     return overlaps
 
 
-class DecontaminateConfig(BenchmarkSelection):
+class ContaminationCheck(BenchmarkSelection):
+    """What counts as an overlap with the evaluation benchmarks (the `decontaminate` stage and operator)."""
+
     benchmarks: list[str] = Field(min_length=1, description="evaluation benchmarks to compare with")
-    name: str = Field(description="output name: curated/<name> and decontamination/<name>.json")
-    data: str = Field(
-        description="a curated set of this run (curated/<name>), or a .jsonl/.parquet file of training examples"
-    )
     ngram: int = Field(8, ge=1, description="n-gram length in words")
     check: list[Literal["prompt", "completion"]] = Field(
         ["prompt"], min_length=1, description="which parts of each training example to compare"
@@ -113,6 +111,13 @@ class DecontaminateConfig(BenchmarkSelection):
         le=1,
         description="an n-gram in more than this share of a benchmark's problems (and in more than "
         f"{MIN_TEMPLATE_PROBLEMS}) is template text and ignored",
+    )
+
+
+class DecontaminateConfig(ContaminationCheck):
+    name: str = Field(description="output name: curated/<name> and decontamination/<name>.json")
+    data: str = Field(
+        description="a curated set of this run (curated/<name>), or a .jsonl/.parquet file of training examples"
     )
     drop: bool = Field(True, description="drop the overlapping examples (off: only report them)")
 

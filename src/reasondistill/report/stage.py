@@ -113,6 +113,29 @@ def pipeline_table(manifest: dict) -> Table:
     return ["step", "result", "time"], rows
 
 
+def curation_table(manifest: dict) -> Table:
+    """What each curation operator of each curate step kept and dropped, in the order they ran."""
+    rows = []
+    for key, step in manifest.get("steps", {}).items():
+        for op in step.get("stats", {}).get("operators", []):
+            dropped = ", ".join(f"{reason} {n}" for reason, n in op["dropped"].items()) or "–"
+            rows.append([key, op["op"], str(op["input"]), str(op["kept"]), dropped])
+    return ["step", "operator", "in", "kept", "dropped"], rows
+
+
+def analysis_sections(run: RunDir) -> list[tuple[str, Table]]:
+    """Teacher-selection tables and the analyses (trace statistics, provenance, memorization) of the run."""
+    # Imported here: they bring torch along, which the rest of the report does not need.
+    from ..analyze import memorization, provenance, trace_stats
+    from ..curate import teacher_selection
+
+    return [
+        section
+        for module in (teacher_selection, trace_stats, provenance, memorization)
+        for section in module.report_sections(run)
+    ]
+
+
 def usage_table(manifest: dict) -> Table:
     """What calling the teachers took: requests, retries, failures, tokens, time and money, with a total."""
     steps = {
@@ -223,6 +246,8 @@ def render(run: RunDir, cfg: ReportConfig) -> dict:
         ("Results", results_table(results)),
         ("Accuracy by difficulty (greedy / sampled pass@1)", difficulty_table(results)),
         ("Pipeline", pipeline_table(manifest)),
+        ("Curation", curation_table(manifest)),
+        *analysis_sections(run),
         ("Teacher usage and cost", usage_table(manifest)),
     ]
     sections = [(heading, table) for heading, table in sections if table[1]]

@@ -75,7 +75,9 @@ def build_fingerprint() -> str:
     """
     package = Path(__file__).resolve().parents[1]
     generators = {Path(inspect.getfile(type(task))) for task in TASKS.values()}
-    sources = sorted({*generators, package / "tasks" / "base.py", *(package / "testbed").glob("*.py")})
+    # Named, not globbed: the teacher zoo (zoo.py) trains on this testbed but does not shape it.
+    testbed = [package / "testbed" / name for name in ("__init__.py", "models.py", "tokenizer.py")]
+    sources = sorted({*generators, package / "tasks" / "base.py", *testbed})
     spec = {
         "version": TESTBED_VERSION,
         "sources": {str(p.relative_to(package)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sources},
@@ -165,10 +167,15 @@ def build_testbed(force: bool = False) -> Path:
 
 
 def resolve_testbed_model(reference: str) -> Path:
-    """`testbed:teacher` or `testbed:student` → the cached model folder, built on first use."""
+    """`testbed:teacher`, `testbed:student` or a zoo teacher → the cached model folder, built on first use."""
+    from .zoo import ZOO, build_zoo_model  # the zoo imports this module
+
     name = reference.removeprefix(TESTBED_PREFIX)
-    if name not in MODEL_NAMES:
-        raise UserError(
-            f"unknown testbed model {reference!r}; use one of: {', '.join(TESTBED_PREFIX + n for n in MODEL_NAMES)}"
-        )
-    return build_testbed() / name
+    if name in MODEL_NAMES:
+        return build_testbed() / name
+    if name in ZOO:
+        return build_zoo_model(name)
+    names = [*MODEL_NAMES, *ZOO]
+    raise UserError(
+        f"unknown testbed model {reference!r}; use one of: {', '.join(TESTBED_PREFIX + n for n in names)}"
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from ..curate.stage import training_data, training_data_step
+from ..curate.sets import training_data, training_data_step
 from ..errors import UserError
 from ..generate.backends import BackendOptions, backend_model, backend_requirements, open_generator
 from ..generate.logprobs import read_logprobs
