@@ -134,7 +134,10 @@ def test_a_finished_step_whose_output_is_gone_is_recomputed(run):
     run_recipe(run.root.parent / "recipe.yaml")
     assert read_records(path, TrainingExample) == before
     manifest = json.loads(run.manifest_path.read_text())
-    assert manifest["steps"]["curate:answer-only"]["outputs"] == ["curated/answer-only.parquet"]
+    assert manifest["steps"]["curate:answer-only"]["outputs"] == [
+        "curated/answer-only.parquet",
+        "curation/answer-only.parquet",
+    ]
 
 
 def test_changed_settings_stop_unless_overwrite(run, capsys):
@@ -146,6 +149,8 @@ def test_changed_settings_stop_unless_overwrite(run, capsys):
         "distill",
         "--traces",
         "teacher",
+        "--seed",
+        "5",  # the recipe's seed, as its steps get it
         "--max-per-problem",
         "1",
     ]

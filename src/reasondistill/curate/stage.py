@@ -74,14 +74,13 @@ class CurateConfig(StageConfig):
         return named
 
     @model_validator(mode="after")
-    def _pairs_need_both_labels(self) -> CurateConfig:
-        if self.pairs and self.keep is not None and not {"correct", "incorrect"} <= set(self.keep):
+    def _labels_to_keep(self) -> CurateConfig:
+        # Resolved here, so that the default and the same labels written out are one setting.
+        if self.keep is None:
+            self.keep = ["correct", "incorrect"] if self.pairs else ["correct"]
+        if self.pairs and not {"correct", "incorrect"} <= set(self.keep):
             raise ValueError("pairs: keep must include both correct and incorrect")
         return self
-
-    @property
-    def labels(self) -> list[str]:
-        return self.keep or (["correct", "incorrect"] if self.pairs else ["correct"])
 
 
 class CurationDecision(Record):
@@ -107,7 +106,7 @@ def run_operators(
     """Apply keep, the operators and the cap in order. Returns the surviving pool, one summary per
     step, (step, Drop) by id of each dropped candidate, and what the operators noted per problem."""
     ctx = Context(run=run, everything=candidates, seed=cfg.seed)
-    steps = [("keep", lambda pool, _ctx: _keep_labels(pool, cfg.labels))]
+    steps = [("keep", lambda pool, _ctx: _keep_labels(pool, cfg.keep))]
     steps += [(op.op, op.apply) for op in cfg.ops]
     if cfg.max_per_problem and not cfg.pairs:
         steps.append(("max_per_problem", lambda pool, _ctx: _cap(pool, cfg.max_per_problem)))

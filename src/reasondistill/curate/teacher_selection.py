@@ -45,7 +45,8 @@ from ..train.teachers import final_hidden_states, load_frozen, output_head
 from ..train.trainer import Hyperparameters, missing_inputs, train_model
 from ..ui import note, progress_bar
 from ..verify.stage import GraderChoice
-from .stage import CurateConfig, graded_fingerprint, graded_requirement, run_curate
+from .sets import graded_fingerprint, graded_requirement
+from .stage import CurateConfig, run_curate
 
 RankBy = Literal["proxy_accuracy", "student_nll", "accuracy", "length"]
 RANK_LABELS = {
