@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +64,27 @@ class Text:
     messages: list[Message] | None  # the prompt; None until joined with the run's problems
 
 
+def only_tasks(items: list, tasks: list[str] | None, limit: int | None, where: str) -> list:
+    """The items (anything with a `.task`) of `tasks`, at most `limit` per task in order; an error
+    naming `where` for a task with no items, or when nothing is left."""
+    if tasks is not None:
+        missing = sorted(set(tasks) - {item.task for item in items})
+        if missing:
+            raise UserError(f"{where}: no texts of task {missing[0]!r}")
+        items = [item for item in items if item.task in tasks]
+    if limit is not None:
+        seen: Counter = Counter()
+        limited = []
+        for item in items:
+            seen[item.task] += 1
+            if seen[item.task] <= limit:
+                limited.append(item)
+        items = limited
+    if not items:
+        raise UserError(f"{where}: no texts to analyse")
+    return items
+
+
 def selection_source(sel: TextSelection, default_eval_model: str | None = None) -> tuple[str, str]:
     """(kind, name) of the selected texts: ("graded" | "curated" | "eval", name)."""
     if sel.traces is not None:
@@ -112,21 +134,7 @@ def load_texts(
             raise UserError(f"{run.eval_dir(name)}: no {sel.decoding} evaluation completions")
         texts = [_from_graded(t) for path in files for t in read_records(path, GradedTrace)]
         description = f"eval/{name} ({sel.decoding})"
-    if sel.tasks is not None:
-        missing = sorted(set(sel.tasks) - {t.task for t in texts})
-        if missing:
-            raise UserError(f"{description}: no texts of task {missing[0]!r}")
-        texts = [t for t in texts if t.task in sel.tasks]
-    if sel.limit is not None:
-        kept: dict[str, int] = {}
-        limited = []
-        for text in texts:
-            if kept.get(text.task, 0) < sel.limit:
-                kept[text.task] = kept.get(text.task, 0) + 1
-                limited.append(text)
-        texts = limited
-    if not texts:
-        raise UserError(f"{description}: no texts to analyse")
+    texts = only_tasks(texts, sel.tasks, sel.limit, description)
     return texts, description, fingerprint
 
 

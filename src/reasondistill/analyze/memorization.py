@@ -24,7 +24,7 @@ which examples a student memorises; the output lists every example with it.
 from __future__ import annotations
 
 import zlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,14 +33,13 @@ from pydantic import Field
 
 from ..chat import completion_ids, prompt_ids
 from ..curate.sets import training_data, training_data_step
-from ..errors import UserError
 from ..generate.base import SamplingParams
 from ..modelref import required_steps, resolve_model
 from ..records import TrainingExample, read_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
 from ..ui import note, progress_bar
-from .common import Section, analyses, number, percent, write_analysis
+from .common import Section, analyses, number, only_tasks, percent, write_analysis
 
 KIND = "memorization"
 
@@ -152,23 +151,7 @@ def summarise(records: Sequence[dict]) -> dict:
 
 
 def _select(path: Path, cfg: MemorizationConfig) -> list[TrainingExample]:
-    examples = read_records(path, TrainingExample)
-    if cfg.tasks is not None:
-        missing = sorted(set(cfg.tasks) - {e.task for e in examples})
-        if missing:
-            raise UserError(f"{path}: no examples of task {missing[0]!r}")
-        examples = [e for e in examples if e.task in cfg.tasks]
-    if cfg.limit is not None:
-        seen: Counter = Counter()
-        limited = []
-        for example in examples:
-            seen[example.task] += 1
-            if seen[example.task] <= cfg.limit:
-                limited.append(example)
-        examples = limited
-    if not examples:
-        raise UserError(f"{path}: no examples to test")
-    return examples
+    return only_tasks(read_records(path, TrainingExample), cfg.tasks, cfg.limit, str(path))
 
 
 def _with_tasks(records: list[dict]) -> dict:

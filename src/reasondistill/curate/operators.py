@@ -16,6 +16,7 @@ options (`- dedup: {near: 0.8}`):
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,9 +68,10 @@ class Context:
 Outcome = tuple[list[Candidate], list[Drop]]
 
 
-class Op(StageConfig):
+class Op(StageConfig, ABC):
+    @abstractmethod
     def apply(self, pool: list[Candidate], ctx: Context) -> Outcome:
-        raise NotImplementedError
+        """The candidates kept, and a Drop for each one dropped."""
 
     def inputs(self, run: RunDir) -> dict[str, str]:
         """Fingerprints of what the operator reads besides the traces, for the step's fingerprint."""
