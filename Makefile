@@ -1,7 +1,7 @@
 # One command to set up and run the quickstart, one to set up and run the tests.
 VENV ?= .venv
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint check-builds update-pins clean
 
 setup:
 	@scripts/setup_env.sh
@@ -13,8 +13,17 @@ test: setup
 	$(VENV)/bin/python -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+# Before landing a change to a training-sensitive test, the testbed or the pins: those tests on 3 other
+# testbed builds, with the margin of every check (about 1 hour on 2 CPU cores the first time).
+check-builds: setup
+	$(VENV)/bin/python scripts/check_builds.py
+
+# Move constraints.txt to the newest versions pyproject.toml allows, if the whole suite passes with them.
+update-pins:
+	scripts/update_pins.sh
 
 clean:
 	rm -rf runs .pytest_cache

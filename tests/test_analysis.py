@@ -263,7 +263,8 @@ def planted(n: int, seed: int) -> list[TrainingExample]:
     ]
 
 
-def test_a_model_trained_hard_on_few_traces_gives_them_back(models, tmp_path):
+@pytest.mark.training_sensitive
+def test_a_model_trained_hard_on_few_traces_gives_them_back(models, tmp_path, margin):
     seen, unseen = planted(4, seed=1), planted(4, seed=2)
     short = TrainingExample(
         problem_id="short", task="arithmetic", messages=[Message(role="user", content="What is 1 + 1?")],
@@ -272,8 +273,9 @@ def test_a_model_trained_hard_on_few_traces_gives_them_back(models, tmp_path):
     data, heldout = tmp_path / "seen.jsonl", tmp_path / "unseen.jsonl"
     data.write_text("".join(e.model_dump_json() + "\n" for e in [*seen, short]))
     heldout.write_text("".join(e.model_dump_json() + "\n" for e in unseen))
-    # about 150 optimizer steps at a constant 3e-3 take the loss on these four to ~0
-    hp = Hyperparameters(epochs=150, learning_rate=3e-3, batch_size=4, warmup_ratio=0.0, lr_scheduler="constant",
+    # 300 optimizer steps at a constant 3e-3 take the loss on these four to ~0.001 on every testbed build
+    # (after 150 it was 0.06 on one build, and two of the four were not given back exactly)
+    hp = Hyperparameters(epochs=300, learning_rate=3e-3, batch_size=4, warmup_ratio=0.0, lr_scheduler="constant",
                          save_steps=10_000, logging_steps=1_000)  # fmt: skip
     trained = tmp_path / "rote"
     train_model(Path(models["student"]), seen, trained, hp)
@@ -282,7 +284,8 @@ def test_a_model_trained_hard_on_few_traces_gives_them_back(models, tmp_path):
           "--prefix-tokens", "8", "--suffix-tokens", "24", "--heldout", str(heldout)])  # fmt: skip
     result = json.loads(RunDir(run_dir).analysis("memorization").read_text())
     assert (result["examples"], result["tested"], result["too_short"]) == (5, 4, 1)  # counted, not dropped
-    assert result["exact_rate"] >= 0.75 and result["token_match_rate"] >= 0.9
+    margin("exact rate (memorised)", result["exact_rate"], ">=", 0.75)
+    margin("token match rate", result["token_match_rate"], ">=", 0.9)
     assert result["by_task"]["arithmetic"]["memorised"] == result["memorised"]
     untested = result["per_example"][4]
     assert (

@@ -1,9 +1,10 @@
 """On-policy distillation on the testbed: every variant raises the student's accuracy in a few steps,
 samples come from the current weights, and reverse KL against itself does not move the student.
 
-The student is the testbed teacher with noise on every weight (as in test_objective_runs.py):
-30-55% greedy accuracy on held-out 2-digit additions; each variant trains STEPS optimizer steps on
-its own samples of 2-digit training problems.
+The student is the partly able student (tests/conftest.py, as in test_objective_runs.py): the testbed
+teacher with noise on every weight, starting inside PARTLY_ABLE_WINDOW of greedy accuracy on held-out
+2-digit additions whatever the build; each variant trains STEPS optimizer steps on its own samples of
+2-digit training problems.
 """
 
 import textwrap
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import greedy_accuracy, noisy_copy
+from helpers import greedy_accuracy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasondistill.generate.base import SamplingParams
@@ -24,10 +25,9 @@ from reasondistill.tasks import TASKS
 from reasondistill.train.on_policy import TEACHER_SELF, OnPolicyOptions, StepBatches, privileged_messages
 from reasondistill.train.trainer import Hyperparameters, Teachers, train_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.training_sensitive]
 
 TASK = TASKS["arithmetic"]
-NOISE = 0.3
 STEPS = 12
 MARGIN = 0.05  # accuracy must rise by more than this: 7 of 128 problems
 SAMPLING = {"max_new_tokens": 100}
@@ -36,10 +36,14 @@ VARIANTS = {
     # GKD: half the steps on the student's samples, half on the gold solutions
     "gkd-jsd": ("jsd", {"beta": 0.5}, {"fraction": 0.5}, 3e-4, 16, "teacher"),
     "gkd-reverse-kl": ("reverse_kl", {}, {}, 3e-4, 16, "teacher"),
-    "reverse-kl-pg": ("reverse_kl_pg", {}, {}, 3e-4, 16, "teacher"),
+    # the per-token advantage log p_T − log q reaches −20 nats on a token the teacher rules out: at 3e-4
+    # those steps undid the rest (33% → 33% on one build, 54% → 53% on another); 1e-4 learns
+    "reverse-kl-pg": ("reverse_kl_pg", {}, {}, 1e-4, 16, "teacher"),
     # GRPO wants a learning rate far below the distillation losses' (at 3e-4 it fell to 39%); β is the paper's
     "kdrl": ("kdrl", {}, {"samples_per_prompt": 4}, 5e-5, 8, "teacher"),
-    "gated": ("forward_kl", {}, {"gate": "correct"}, 3e-4, 16, "teacher"),
+    # the gate leaves a third of the samples or fewer: at 3e-4 such noisy steps wrecked the student on
+    # two builds (34% → 20%, 54% → 30%); 1e-4 learns
+    "gated": ("forward_kl", {}, {"gate": "correct"}, 1e-4, 16, "teacher"),
     # a teacher behind an OpenAI-compatible server, answering with its top-20 over each sample
     "served-forward-kl": ("forward_kl", {}, {}, 3e-4, 16, "server"),
 }
@@ -61,22 +65,21 @@ def hyperparameters(objective, options, learning_rate, prompts, steps, examples)
 
 
 @pytest.fixture(scope="module")
-def bench(testbed, tmp_path_factory) -> dict:
+def bench(testbed, partly_able, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("on-policy")
     problems = TASK.sample("train", 256, seed=5, difficulties=(2,))
     bench = {
         "root": root,
         "testbed": testbed,
-        "student": noisy_copy(testbed / "teacher", root / "noisy-student", NOISE),
+        "student": partly_able.path,
         "problems": {p.id: p for p in problems},
         "examples": [
             TrainingExample(problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution)
             for p in problems
         ],
-        "test": TASK.sample("test", 128, seed=6, difficulties=(2,)),
+        "test": partly_able.problems,
+        "start": partly_able.accuracy,
     }
-    bench["start"] = greedy_accuracy(bench["student"], bench["test"])
-    assert 0.15 <= bench["start"] <= 0.6  # a partly able student, well below the teacher
     return bench
 
 
@@ -89,7 +92,7 @@ def served_teacher(testbed):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_each_on_policy_variant_raises_the_students_accuracy(bench, variant, request):
+def test_each_on_policy_variant_raises_the_students_accuracy(bench, variant, request, margin):
     objective, options, on_policy, learning_rate, prompts, teacher = VARIANTS[variant]
     teachers = Teachers()
     if teacher == "server":
@@ -116,7 +119,7 @@ def test_each_on_policy_variant_raises_the_students_accuracy(bench, variant, req
     if on_policy.get("gate"):
         assert 0 < sampled["kept_samples"] < sampled["samples"]  # the gate dropped the rejected samples
     after = greedy_accuracy(output, bench["test"])
-    assert after > bench["start"] + MARGIN, f"{variant}: {bench['start']:.3f} → {after:.3f}"
+    margin(f"{variant}: accuracy after {STEPS} steps", after, ">", bench["start"] + MARGIN)
 
 
 def test_samples_come_from_the_current_weights(bench, monkeypatch):
@@ -207,6 +210,9 @@ def test_a_recipe_trains_on_policy_from_the_runs_problems(bench, tmp_path):
 
 READER_TEMPLATE = "{problem}\nReference solution: {solution}"
 READER_STEPS = 120
+# At 2e-4 the reader learned to read the solution on one testbed build and not on another (31% with it
+# in view, against 5% without); at 1e-3 it reads, but OPSD from it then fails; 5e-4 does both.
+READER_LEARNING_RATE = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -232,13 +238,13 @@ def reader(bench) -> tuple[Path, float]:
         bench["student"],
         examples,
         output,
-        hyperparameters("sft", {}, 2e-4, 16, READER_STEPS, examples),
+        hyperparameters("sft", {}, READER_LEARNING_RATE, 16, READER_STEPS, examples),
         description="reader",
     )
     return output, greedy_accuracy(output, bench["test"])
 
 
-def test_opsd_distils_the_student_reading_the_solution_into_the_student_without_it(bench, reader):
+def test_opsd_distils_the_student_reading_the_solution_into_the_student_without_it(bench, reader, margin):
     """OPSD with the paper's fixed teacher: the initial weights, reading the gold solution, score the
     student's samples of the bare problem (forward KL, the authors' final choice)."""
     student, start = reader
@@ -246,7 +252,12 @@ def test_opsd_distils_the_student_reading_the_solution_into_the_student_without_
         p.model_copy(update={"messages": privileged_messages(p, READER_TEMPLATE, "test")})
         for p in bench["test"]
     ]
-    assert greedy_accuracy(student, with_solution) > start + 0.3  # the premise
+    margin(
+        "reader: accuracy with the solution in view",
+        greedy_accuracy(student, with_solution),
+        ">",
+        start + 0.3,
+    )
     output = bench["root"] / "opsd"
     train_model(
         student,
@@ -259,7 +270,7 @@ def test_opsd_distils_the_student_reading_the_solution_into_the_student_without_
         description="opsd",
     )
     after = greedy_accuracy(output, bench["test"])
-    assert after > start + MARGIN, f"opsd: {start:.3f} → {after:.3f}"
+    margin(f"opsd: accuracy after {STEPS} steps", after, ">", start + MARGIN)
 
 
 def test_opsd_self_teacher_is_the_student_until_it_reads_the_solution(bench):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from reasondistill.errors import UserError
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.logprobs import read_logprobs
-from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, parse_retry_after
+from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, parse_retry_after, request_seed
 from reasondistill.generate.server import FAULT_KINDS, Faults, serve_in_thread
 from reasondistill.generate.stage import logprob_shards, trace_shards
 from reasondistill.records import Problem, Trace, read_records
@@ -74,12 +75,37 @@ def test_completions_carry_the_teachers_own_logprobs_and_top_k(
                 np.exp(reference.tail_logprob),
             )
             np.testing.assert_allclose(tail_mass, reference_mass, atol=1e-3)
-    # per-request seeds: the two samples of a problem differ, and asking again gives the same ones
+    # per-request seeds: asking again gives the same samples
     again = client.generate(
         prompts, SamplingParams(n=2, temperature=0.9, max_new_tokens=60, top_logprobs=4, seed=2)
     )
     assert [[c.text for c in r] for r in again] == [[c.text for c in r] for r in results]
-    assert any(r[0].text != r[1].text for r in results)
+
+
+@pytest.mark.training_sensitive  # the teacher must be unsure of word problems
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_every_sample_is_drawn_with_its_own_seed(endpoint, server, testbed, hf_teacher, monkeypatch):
+    """n samples of a prompt are n requests, each with a seed of its own that alone decides its tokens.
+
+    (Two samples of an easy arithmetic prompt can still be the same text: the testbed teacher is
+    sure of nearly every token there. Where it is unsure — word problems — they differ.)"""
+    sent = []
+    body = OpenAIGenerator._completion_body
+    monkeypatch.setattr(
+        OpenAIGenerator, "_completion_body", lambda self, *args: sent.append(body(self, *args)) or sent[-1]
+    )
+    prompts = [p.messages for p in get_task("word_problems").sample("test", 3, seed=5)]
+    client = OpenAIGenerator(SERVED, server.base_url, endpoint=endpoint, tokenizer=str(testbed / "teacher"))
+    sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, seed=2, logprobs=True)  # ids come back
+    results = client.generate(prompts, sampling)
+    seeds = [[request_seed(2, i, j) for j in range(2)] for i in range(len(prompts))]
+    assert sorted(b["seed"] for b in sent) == sorted(s for row in seeds for s in row)
+    assert len({s for row in seeds for s in row}) == 6
+    for prompt, row, completions in zip(prompts, seeds, results, strict=True):
+        for seed, completion in zip(row, completions, strict=True):
+            local = hf_teacher.generate([prompt], replace(sampling, n=1, seed=seed))[0][0]
+            assert completion.token_ids == local.token_ids  # the server samples with the request's seed
+    assert all(r[0].text != r[1].text for r in results)
 
 
 def test_scoring_through_prompt_logprobs_equals_the_hf_forward_pass(server, testbed, hf_teacher, prompts):

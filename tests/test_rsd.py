@@ -1,9 +1,9 @@
 """Student-gated teacher traces (RSD) on the testbed: the gate's limits, its point, batching, the pipeline.
 
 The gate needs a student with opinions: the random testbed student gives every token about 1/594,
-so any threshold above that rejects everything. The partly able student here is the testbed
-teacher with noise on its weights: at τ = 0.01 it replaces under 1% of the teacher's tokens, and
-about half of the traces it gates stay correct (against 96% of the teacher's own).
+so any threshold above that rejects everything. The partly able student here (tests/conftest.py) is
+the testbed teacher with noise on its weights: at τ = 0.01 it replaces well under 1% of the teacher's
+tokens, the ones it finds very unlikely.
 """
 
 import json
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import noisy_copy
 
 from reasondistill.chat import prompt_ids
 from reasondistill.errors import UserError
@@ -26,8 +25,14 @@ from reasondistill.records import GradedTrace, Trace, TrainingExample, read_reco
 from reasondistill.rundir import RunDir
 from reasondistill.tasks import get_task
 
+# the gate's rejections and the traces' grades depend on how the testbed models trained
+pytestmark = pytest.mark.training_sensitive
+
 TASK = get_task("arithmetic")
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=100, seed=7)
+# The gate's threshold where its point is measured: at 0.01 the partly able student found only 3 teacher
+# tokens below it in 24 traces on one testbed build (6 to 12 on others); 0.05 finds about twice as many
+TAU = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,9 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def partly_able(testbed, tmp_path_factory) -> Path:
-    return noisy_copy(testbed / "teacher", tmp_path_factory.mktemp("rsd") / "partly-able", noise=0.3)
+def gate(partly_able) -> Path:
+    """The partly able student (tests/conftest.py): a gate with opinions."""
+    return partly_able.path
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +61,20 @@ def ids(results) -> list[list[int]]:
     return [c.token_ids for completions in results for c in completions]
 
 
-def student_nll(student: HFGenerator, prompts, results) -> float:
-    """Mean negative log-likelihood per completion token under the student (one completion per prompt)."""
+def student_logprobs(student: HFGenerator, prompts, results) -> list[np.ndarray]:
+    """log q(token) of every completion token under the student, per completion (one per prompt)."""
     scored = student.score_ids(prompt_ids(student.tokenizer, prompts), ids(results), top_k=0)
-    return -float(np.concatenate([s.logprobs.astype(np.float64) for s in scored]).mean())
+    return [s.logprobs.astype(np.float64) for s in scored]
+
+
+def nll(logprobs: list[np.ndarray]) -> float:
+    """Mean negative log-likelihood per token."""
+    return -float(np.concatenate(logprobs).mean())
+
+
+def below(logprobs: np.ndarray, threshold: float) -> int:
+    """Tokens the student gives a probability below `threshold`."""
+    return int((np.exp(logprobs) < threshold).sum())
 
 
 @pytest.mark.slow
@@ -96,34 +112,43 @@ def test_a_threshold_the_student_never_reaches_gives_the_students_own_text(testb
 
 @pytest.mark.slow
 def test_gated_traces_are_more_probable_for_the_student_than_the_teachers_own(
-    testbed, partly_able, prompts, plain
+    testbed, gate, prompts, plain, margin
 ):
-    gated = StudentGatedGenerator(testbed / "teacher", partly_able, threshold=0.01)
+    gated = StudentGatedGenerator(testbed / "teacher", gate, threshold=TAU)
     results = gated.generate(prompts, SAMPLING)
     stats = gated.gate_stats
     assert 0 < stats["rejected"] < stats["tokens"]
     assert stats["tokens"] == sum(c.completion_tokens for cs in results for c in cs)
     assert stats["rejected"] == sum(c.rejected for cs in results for c in cs)
-    student = HFGenerator(partly_able)
-    # measured 0.017 against 0.077 nats per token, with 12 of 1,620 tokens rejected
-    assert student_nll(student, prompts, results) < 0.5 * student_nll(student, prompts, plain)
+    student = HFGenerator(gate)
+    # the gate's work: the teacher's own samples hold tokens the student gives less than τ ...
+    plain_scores, gated_scores = (
+        student_logprobs(student, prompts, plain),
+        student_logprobs(student, prompts, results),
+    )
+    margin("tokens below τ in the plain teacher traces", sum(below(s, TAU) for s in plain_scores), ">", 0)
+    # ... and a gated trace holds none but those the student drew itself (where it rejected)
+    for scores, completions in zip(gated_scores, results, strict=True):
+        assert below(scores, TAU * 0.999) <= completions[0].rejected  # 0.1%: batched vs cached decoding
+    ratio = nll(gated_scores) / nll(plain_scores)
+    margin("student NLL of gated / plain teacher traces", ratio, "<", 0.8)
 
 
 @pytest.mark.slow
-def test_left_padded_batches_decode_as_prompts_alone_do(testbed, partly_able):
+def test_left_padded_batches_decode_as_prompts_alone_do(testbed, gate):
     prompts = [p.messages for p in TASK.sample("train", 4, seed=4, difficulties=(1, 2, 3))]
-    batched = StudentGatedGenerator(testbed / "teacher", partly_able, threshold=0.5, batch_size=4)
+    batched = StudentGatedGenerator(testbed / "teacher", gate, threshold=0.5, batch_size=4)
     assert len({len(p) for p in prompt_ids(batched.tokenizer, prompts)}) > 1  # padding happens
     greedy = SamplingParams(temperature=0, max_new_tokens=60)
     together = batched.generate(prompts, greedy)
-    alone = StudentGatedGenerator(testbed / "teacher", partly_able, threshold=0.5, batch_size=1)
+    alone = StudentGatedGenerator(testbed / "teacher", gate, threshold=0.5, batch_size=1)
     assert alone.generate(prompts, greedy) == together
     assert 0 < batched.gate_stats["rejected"] < batched.gate_stats["tokens"]
 
 
 @pytest.mark.slow
-def test_logprobs_are_the_teachers_distribution_over_the_gated_trace(testbed, partly_able, teacher, prompts):
-    gated = StudentGatedGenerator(testbed / "teacher", partly_able, threshold=0.05)
+def test_logprobs_are_the_teachers_distribution_over_the_gated_trace(testbed, gate, teacher, prompts):
+    gated = StudentGatedGenerator(testbed / "teacher", gate, threshold=0.05)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=40, top_logprobs=4, seed=1)
     completions = [cs[0] for cs in gated.generate(prompts[:4], sampling)]
     scored = teacher.score_ids(
@@ -190,8 +215,10 @@ steps:
   - verify: {{traces: plain}}
   - curate: {{name: plain, traces: plain, keep: [correct]}}
   # the gate is a model trained in this run: the partly able model, a little SFT on teacher traces
-  - train: {{name: gate, init: "{partly_able}", data: plain, epochs: 1, batch_size: 8, learning_rate: 0.0001}}
-  - generate: {{model: "testbed:teacher", gate_model: gate, n: 2, max_new_tokens: 100, shard_size: 16}}
+  - train: {{name: gate, init: "{gate}", data: plain, epochs: 1, batch_size: 8, learning_rate: 0.0001}}
+  # τ 0.5: the gate replaces every token it is less sure of than a coin toss; at 0.01 it replaced none
+  # of 2,000 on one testbed build, and the steps below need rejected tokens and correct traces
+  - generate: {{model: "testbed:teacher", gate_model: gate, gate_threshold: 0.5, n: 2, max_new_tokens: 100, shard_size: 16}}
   - verify: {{traces: teacher-rsd-gate}}
   - curate: {{name: rsd, traces: teacher-rsd-gate, keep: [correct]}}
   - train: {{name: student, init: "testbed:student", data: rsd, epochs: 1, batch_size: 4, logging_steps: 1}}
@@ -199,22 +226,23 @@ steps:
 
 
 @pytest.fixture(scope="module")
-def run(partly_able, tmp_path_factory) -> RunDir:
+def run(gate, tmp_path_factory) -> RunDir:
     root = tmp_path_factory.mktemp("rsd-run")
     recipe = root / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=root / "run", partly_able=partly_able)))
+    recipe.write_text(textwrap.dedent(RECIPE.format(run_dir=root / "run", gate=gate)))
     return run_recipe(recipe)
 
 
 @pytest.mark.slow
-def test_gated_traces_are_graded_curated_and_trained_on(run):
+def test_gated_traces_are_graded_curated_and_trained_on(run, margin):
     steps = run.manifest()["steps"]
     generate = steps["generate:teacher-rsd-gate"]
     assert generate["inputs"]["gate_model"] == steps["train:gate"]["fingerprint"]
     gate = generate["stats"]["gate"]
-    assert gate["model"] == str(run.checkpoint("gate")) and gate["threshold"] == 0.01
+    assert gate["model"] == str(run.checkpoint("gate")) and gate["threshold"] == 0.5
     assert gate["tokens"] == generate["stats"]["completion_tokens"]
-    assert 0 < gate["rejected"] < gate["tokens"]
+    margin("pipeline: rejected tokens", gate["rejected"], ">", 0)
+    assert gate["rejected"] < gate["tokens"]
     assert gate["rejection_rate"] == round(gate["rejected"] / gate["tokens"], 4)
 
     traces = [t for shard in trace_shards(run.traces("teacher-rsd-gate")) for t in read_records(shard, Trace)]
@@ -222,7 +250,7 @@ def test_gated_traces_are_graded_curated_and_trained_on(run):
     assert json.loads(traces[0].source)["gate"] == {
         "model": "gate",
         "path": str(run.checkpoint("gate")),
-        "threshold": 0.01,
+        "threshold": 0.5,
     }
     graded = read_records(run.graded("teacher-rsd-gate"), GradedTrace)
     assert sorted((g.problem_id, g.sample_idx) for g in graded) == sorted(
@@ -230,7 +258,8 @@ def test_gated_traces_are_graded_curated_and_trained_on(run):
     )
     correct = {(g.problem_id, g.sample_idx): g.completion for g in graded if g.label == "correct"}
     curated = read_records(run.curated("rsd"), TrainingExample)
-    assert 0 < len(curated) == len(correct)
+    margin("pipeline: correct gated traces", len(curated), ">", 0)
+    assert len(curated) == len(correct)
     assert all(correct[(e.problem_id, e.sample_idx)] == e.completion for e in curated)
     trained = steps["train:student"]["stats"]
     assert trained["examples"] == len(curated)

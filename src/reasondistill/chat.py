@@ -21,11 +21,18 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[Me
         )
         for messages in prompts
     ]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return encode_texts(tokenizer, texts)
 
 
 def completion_ids(tokenizer: PreTrainedTokenizerBase, completions: Sequence[str]) -> list[list[int]]:
     """Token ids of assistant replies followed by the end-of-turn token, as the student is trained on
     them: tokenized apart from the prompt, so the prompt/completion boundary is exact."""
-    encoded = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    return [[*ids, tokenizer.eos_token_id] for ids in encoded]
+    return [[*ids, tokenizer.eos_token_id] for ids in encode_texts(tokenizer, completions)]
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens, in one batch; none for no texts (transformers 5
+    raises IndexError on an empty batch, and an empty set of traces is no reason to crash)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]

@@ -13,7 +13,13 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..curate.sets import graded_fingerprint, graded_requirement, training_data, training_data_step
+from ..curate.sets import (
+    graded_fingerprint,
+    graded_requirement,
+    training_data,
+    training_data_name,
+    training_data_step,
+)
 from ..errors import UserError
 from ..records import GradedTrace, Message, TrainingExample, atomic_write_json, read_records
 from ..rundir import RunDir
@@ -81,7 +87,7 @@ def only_tasks(items: list, tasks: list[str] | None, limit: int | None, where: s
                 limited.append(item)
         items = limited
     if not items:
-        raise UserError(f"{where}: no texts to analyse")
+        raise UserError(f"{where} holds no texts to analyse")
     return items
 
 
@@ -111,9 +117,10 @@ def selection_requirements(
 
 
 def load_texts(
-    sel: TextSelection, run: RunDir, default_eval_model: str | None = None
+    sel: TextSelection, run: RunDir, step: str, default_eval_model: str | None = None
 ) -> tuple[list[Text], str, str]:
-    """The selected texts, a description of where they come from, and that input's fingerprint."""
+    """The selected texts, a description of where they come from, and that input's fingerprint; an
+    error naming `step` and the set when none are selected."""
     kind, name = selection_source(sel, default_eval_model)
     if kind == "graded":
         fingerprint = graded_fingerprint(run, name)
@@ -126,7 +133,7 @@ def load_texts(
             Text(e.problem_id, e.task, e.sample_idx, e.completion, None, None, list(e.messages))
             for e in read_records(path, TrainingExample)
         ]
-        description = f"curated/{name}" if path == run.curated(name) else str(path)
+        description = training_data_name(name, run, path)
     else:
         fingerprint = run.finished_step(f"eval:{name}")["fingerprint"]
         files = sorted(run.eval_dir(name).glob(f"*.{sel.decoding}.parquet"))
@@ -134,7 +141,7 @@ def load_texts(
             raise UserError(f"{run.eval_dir(name)}: no {sel.decoding} evaluation completions")
         texts = [_from_graded(t) for path in files for t in read_records(path, GradedTrace)]
         description = f"eval/{name} ({sel.decoding})"
-    texts = only_tasks(texts, sel.tasks, sel.limit, description)
+    texts = only_tasks(texts, sel.tasks, sel.limit, f"{step}: {description}")
     return texts, description, fingerprint
 
 

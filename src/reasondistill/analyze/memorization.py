@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from ..chat import completion_ids, prompt_ids
-from ..curate.sets import training_data, training_data_step
+from ..curate.sets import training_data, training_data_name, training_data_step
 from ..generate.base import SamplingParams
 from ..modelref import required_steps, resolve_model
 from ..records import TrainingExample, read_records
@@ -150,8 +150,9 @@ def summarise(records: Sequence[dict]) -> dict:
     }
 
 
-def _select(path: Path, cfg: MemorizationConfig) -> list[TrainingExample]:
-    return only_tasks(read_records(path, TrainingExample), cfg.tasks, cfg.limit, str(path))
+def _select(data: str, path: Path, cfg: MemorizationConfig, run: RunDir) -> list[TrainingExample]:
+    where = f"{KIND}:{cfg.name}: {training_data_name(data, run, path)}"
+    return only_tasks(read_records(path, TrainingExample), cfg.tasks, cfg.limit, where)
 
 
 def _with_tasks(records: list[dict]) -> dict:
@@ -175,8 +176,8 @@ def run_memorization(cfg: MemorizationConfig, run: RunDir, overwrite: bool) -> N
     def body(_fingerprint: str) -> dict:
         from ..generate.hf import HFGenerator
 
-        examples = _select(path, cfg)
-        heldout_examples = _select(heldout_path, cfg) if heldout_path is not None else None
+        examples = _select(cfg.data, path, cfg, run)
+        heldout_examples = _select(cfg.heldout, heldout_path, cfg, run) if heldout_path is not None else None
         generator = HFGenerator(model.path, batch_size=cfg.batch_size)
         records = _extract(generator, examples, cfg.prefix_tokens, cfg.suffix_tokens)
         heldout = None

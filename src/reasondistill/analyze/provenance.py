@@ -320,7 +320,9 @@ def _by_share(shares: list[tuple[float, str | None]], edges: list[float]) -> lis
 def run_provenance(cfg: ProvenanceConfig, run: RunDir, overwrite: bool) -> None:
     references = {"teacher": cfg.teacher, "student": cfg.student, "distilled": cfg.distilled}
     models: dict[str, ResolvedModel] = {role: resolve_model(ref, run) for role, ref in references.items()}
-    texts, description, texts_fingerprint = load_texts(cfg, run, models["distilled"].name)
+    texts, description, texts_fingerprint = load_texts(
+        cfg, run, f"{KIND}:{cfg.name}", models["distilled"].name
+    )
     inputs = {"texts": texts_fingerprint, **{role: m.fingerprint for role, m in models.items()}}
 
     def body(_fingerprint: str) -> dict:

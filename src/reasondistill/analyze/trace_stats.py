@@ -109,7 +109,7 @@ def trace_statistics(
 
 
 def run_trace_stats(cfg: TraceStatsConfig, run: RunDir, overwrite: bool) -> None:
-    texts, description, texts_fingerprint = load_texts(cfg, run)
+    texts, description, texts_fingerprint = load_texts(cfg, run, f"{KIND}:{cfg.name}")
     inputs = {"texts": texts_fingerprint}
     counter = resolve_model(cfg.tokenizer, run) if cfg.tokenizer else None
     if counter is not None:

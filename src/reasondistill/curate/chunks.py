@@ -78,7 +78,13 @@ from ..tasks.stage import problems_by_id
 from ..ui import note
 from ..verify.reasoning import format_completion, split_reasoning
 from .rewrite import LengthCounter, PromptRow, TeacherOptions, run_teacher_job, teacher_source, tokenizer_path
-from .sets import graded_fingerprint, graded_requirement, training_data, training_data_step
+from .sets import (
+    graded_fingerprint,
+    graded_requirement,
+    training_data,
+    training_data_name,
+    training_data_step,
+)
 
 ChunkLabel = Literal["reasoning", "non-reasoning"]
 
@@ -519,6 +525,12 @@ def load_items(cfg: ChunkConfig, run: RunDir) -> list[Item]:
     return items
 
 
+def _nothing_to_chunk(cfg: ChunkConfig, run: RunDir) -> str:
+    if cfg.traces is not None:
+        return f"graded/{cfg.traces} holds no traces labelled {' or '.join(cfg.keep)} to chunk"
+    return f"{training_data_name(cfg.data, run, training_data(cfg.data, run)[0])} holds no examples to chunk"
+
+
 def question_of(messages: Sequence[Message]) -> str:
     return "\n\n".join(m.content for m in messages if m.role == "user")
 
@@ -642,6 +654,8 @@ def run_chunk(cfg: ChunkConfig, run: RunDir, overwrite: bool) -> None:
 
     def body(step_fingerprint: str) -> dict:
         items = load_items(cfg, run)
+        if not items:
+            raise UserError(f"{key}: {_nothing_to_chunk(cfg, run)}")
         teacher = None
         if model:
 

@@ -20,13 +20,14 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..errors import UserError
 from ..records import Problem, TrainingExample, atomic_write_json, read_records, write_records
 from ..rundir import RunDir
 from ..stages import Stage
 from ..tasks import get_benchmark
 from ..tasks.stage import BenchmarkSelection, benchmark_inputs, load_benchmarks
 from ..ui import note, progress_bar
-from .sets import training_data, training_data_step
+from .sets import training_data, training_data_name, training_data_step
 
 _WORD = re.compile(r"\w+")
 MIN_TEMPLATE_PROBLEMS = 3  # an n-gram in this many problems or fewer is never called template text
@@ -129,6 +130,10 @@ def run_decontaminate(cfg: DecontaminateConfig, run: RunDir, overwrite: bool) ->
 
     def body(_fingerprint: str) -> dict:
         examples = read_records(data_path, TrainingExample)
+        if not examples:
+            raise UserError(
+                f"decontaminate:{cfg.name}: {training_data_name(cfg.data, run, data_path)} holds no examples"
+            )
         index = BenchmarkIndex(benchmarks, cfg.ngram, cfg.template_share)
         with progress_bar(f"decontaminate {cfg.name}", total=len(examples), unit="examples") as bar:
             overlaps = find_overlaps(examples, index, cfg.check, progress=bar.advance)

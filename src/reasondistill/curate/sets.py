@@ -40,6 +40,11 @@ def training_data(data: str, run: RunDir) -> tuple[Path, str]:
     )
 
 
+def training_data_name(data: str, run: RunDir, path: Path) -> str:
+    """How messages name a set of training examples: curated/<name>, or the file's path."""
+    return f"curated/{data}" if path == run.curated(data) else str(path)
+
+
 def training_data_step(data: str) -> dict[str, str]:
     """What a stage reading `data` requires: the step that curates it, unless it is a file."""
     return {} if Path(data).expanduser().is_file() else {"data": f"curate:{data}"}

@@ -254,10 +254,25 @@ def run_curate(cfg: CurateConfig, run: RunDir, overwrite: bool) -> None:
     outputs = [run.curated(cfg.name), run.curation(cfg.name)]
     stats = run.step(f"curate:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)["stats"]
     steps = ", ".join(f"{s['op']} {s['input']}→{s['kept']}" for s in stats["operators"])
+    what = "pairs" if cfg.pairs else "examples"
     note(
-        f"curate:{cfg.name}: kept {sum(stats['kept'].values())} {'pairs' if cfg.pairs else 'examples'} from "
+        f"curate:{cfg.name}: kept {sum(stats['kept'].values())} {what} from "
         f"{stats['input']} traces ({steps}); dropped {stats['dropped']}"
     )
+    if not stats["kept"]:
+        note(
+            f"[yellow]warning:[/] curate:{cfg.name}: curated/{cfg.name} holds no {what}: {emptied_by(cfg, stats)}"
+        )
+
+
+def emptied_by(cfg: CurateConfig, stats: dict) -> str:
+    """What left a curated set empty: its input, or the first step of curation that kept nothing."""
+    if not stats["input"]:
+        sets = ", ".join(f"graded/{name}" for name in cfg.traces)
+        return f"{sets} {'holds' if len(cfg.traces) == 1 else 'hold'} no traces"
+    step = next(s for s in stats["operators"] if s["input"] and not s["kept"])
+    reasons = ", ".join(f"{reason} {count}" for reason, count in step["dropped"].items())
+    return f"{step['op']} dropped the last {step['input']} traces ({reasons})"
 
 
 def _requirements(cfg: CurateConfig) -> dict[str, str | tuple[str, ...]]:

@@ -18,6 +18,11 @@ of each), this stage measures per teacher
 The teachers are ranked (by proxy accuracy when there is one, otherwise by the student's NLL) into
 teacher-selection/<name>.json; the proxy students and their evaluations sit beside it in
 teacher-selection/<name>/. `curate_winner` also writes the winner's correct traces as a curated set.
+
+A teacher with traces but no correct one has nothing for the student to learn from: it gets no NLL
+and no proxy student (the table says "no correct traces"), and it ranks last whatever `rank_by`. If
+no teacher has a correct trace, `curate_winner` stops the step before anything is written: the
+winner's curated set would be empty.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoTokenizer
 
+from ..chat import completion_ids
 from ..errors import UserError
 from ..modelref import ResolvedModel, required_steps, resolve_model
 from ..objectives import IGNORE_INDEX, make_objective
@@ -49,6 +55,7 @@ from .sets import graded_fingerprint, graded_requirement
 from .stage import CurateConfig, run_curate
 
 RankBy = Literal["proxy_accuracy", "student_nll", "accuracy", "length"]
+NO_CORRECT = "– (no correct traces)"  # the NLL and proxy cells of a teacher without a correct trace
 RANK_LABELS = {
     "proxy_accuracy": "proxy accuracy (then student NLL)",
     "student_nll": "student NLL, lowest first",
@@ -283,8 +290,8 @@ def student_statistics(
     stats = {}
     with progress_bar(f"student NLL ({student.name})", total=total, unit="traces") as bar:
         for teacher, traces in graded.items():
-            encoded = tokenizer([t.completion for t in traces], add_special_tokens=False)["input_ids"]
-            length_mean, length_std = _mean_std([len(ids) + 1.0 for ids in encoded])  # + end of turn
+            encoded = completion_ids(tokenizer, [t.completion for t in traces])  # with the end of turn
+            length_mean, length_std = _mean_std([float(len(ids)) for ids in encoded])
             scored = completion_nll(
                 model, tokenizer, training_examples(traces, problems), cfg.batch_size, cfg.max_length,
                 progress=bar.advance,
@@ -330,6 +337,7 @@ def proxy_distillation(
             note(f"select_teacher:{cfg.name}: proxy student of {teacher} finished earlier, reused")
             return previous["result"]
     if not examples:
+        note(f"select_teacher:{cfg.name}: no proxy student for {teacher}: it has no correct traces")
         result = {"accuracy": None, "by_task": {}, "examples": 0, "note": "no correct traces to train on"}
         atomic_write_json(record, {"fingerprint": step_fingerprint, "result": result})
         return result
@@ -369,7 +377,8 @@ def _ascending(value: float | None) -> float:
 
 
 def rank(rows: list[dict], rank_by: RankBy) -> list[str]:
-    """Teacher names, best first; a missing measurement ranks last, ties go to the lower NLL, then the name."""
+    """Teacher names, best first; a teacher without a correct trace ranks last, then a missing measurement,
+    ties go to the lower NLL, then the name."""
 
     def primary(row: dict) -> float:
         if rank_by == "proxy_accuracy":
@@ -381,8 +390,45 @@ def rank(rows: list[dict], rank_by: RankBy) -> list[str]:
             return _ascending(row["length_mean"])
         return _ascending(row["student_nll"])
 
-    ordered = sorted(rows, key=lambda r: (primary(r), _ascending(r["student_nll"]), r["teacher"]))
+    ordered = sorted(
+        rows, key=lambda r: (_no_correct(r), primary(r), _ascending(r["student_nll"]), r["teacher"])
+    )
     return [r["teacher"] for r in ordered]
+
+
+def _no_correct(row: dict) -> bool:
+    """A teacher with traces but no correct one: nothing for the student to learn from."""
+    return row.get("correct") == 0
+
+
+def check_some_correct(cfg: SelectTeacherConfig, graded: dict[str, list[GradedTrace]]) -> None:
+    """With curate_winner, refuse before anything is written when no teacher has a correct trace."""
+    if cfg.curate_winner and not any(t.label == "correct" for traces in graded.values() for t in traces):
+        sets = ", ".join(f"graded/{teacher}" for teacher in graded)
+        raise UserError(
+            f"select_teacher:{cfg.name}: no teacher has a correct trace ({sets}), so curate_winner "
+            f"{cfg.curate_winner!r} would be an empty training set; generate more traces or drop curate_winner"
+        )
+
+
+def proxy_test_problems(
+    cfg: SelectTeacherConfig, run: RunDir, graded: dict[str, list[GradedTrace]]
+) -> dict[str, list[Problem]]:
+    """The held-out problems each proxy student is evaluated on, by task: never one a teacher answered."""
+    tasks = sorted({t.task for traces in graded.values() for t in traces})
+    selection = ProblemSelection(tasks=tasks, limit=cfg.proxy.problems)
+    test_problems: dict[str, list[Problem]] = defaultdict(list)
+    for problem in load_problems(run, selection, "test", step=f"select_teacher:{cfg.name}: proxy"):
+        test_problems[problem.task].append(problem)
+    overlap = {t.problem_id for t in graded[cfg.teachers[0]]} & {
+        p.id for ps in test_problems.values() for p in ps
+    }
+    if overlap:
+        raise UserError(
+            f"select_teacher:{cfg.name}: the teachers answered {len(overlap)} test problem(s) "
+            f"(e.g. {sorted(overlap)[0]!r}); the proxy students are evaluated on them: generate on the train split"
+        )
+    return dict(test_problems)
 
 
 def select_teachers(
@@ -393,29 +439,19 @@ def select_teachers(
         if not traces:
             raise UserError(f"select_teacher:{cfg.name}: graded/{teacher} holds no traces")
     check_same_prompts(cfg.name, graded)
+    check_some_correct(cfg, graded)
+    test_problems = proxy_test_problems(cfg, run, graded) if cfg.proxy else None
     problems = problems_by_id(run)
     rows = {teacher: {"teacher": teacher, **trace_statistics(traces)} for teacher, traces in graded.items()}
     for teacher, stats in student_statistics(student, graded, problems, cfg).items():
         rows[teacher].update(stats)
     for row in rows.values():
         row["proxy"] = None
-    if cfg.proxy:
-        tasks = sorted({t.task for traces in graded.values() for t in traces})
-        test_problems: dict[str, list[Problem]] = defaultdict(list)
-        for problem in load_problems(run, ProblemSelection(tasks=tasks, limit=cfg.proxy.problems), "test"):
-            test_problems[problem.task].append(problem)
-        overlap = {t.problem_id for t in graded[cfg.teachers[0]]} & {
-            p.id for ps in test_problems.values() for p in ps
-        }
-        if overlap:
-            raise UserError(
-                f"select_teacher:{cfg.name}: the teachers answered {len(overlap)} test problem(s) "
-                f"(e.g. {sorted(overlap)[0]!r}); the proxy students are evaluated on them: generate on the train split"
-            )
+    if test_problems is not None:
         for teacher in cfg.teachers:
             examples = training_examples(graded[teacher], problems)
             rows[teacher]["proxy"] = proxy_distillation(
-                teacher, examples, student, dict(test_problems), cfg, run, step_fingerprint
+                teacher, examples, student, test_problems, cfg, run, step_fingerprint
             )
     ranking = rank(list(rows.values()), cfg.ranking())
     for position, teacher in enumerate(ranking, start=1):
@@ -443,7 +479,8 @@ def run_select_teacher(cfg: SelectTeacherConfig, run: RunDir, overwrite: bool) -
         atomic_write_json(run.teacher_selection(cfg.name), result)
         summary = {
             row["teacher"]: {
-                key: row[key] for key in ("rank", "accuracy", "pass_rate", "length_mean", "student_nll")
+                key: row[key]
+                for key in ("rank", "accuracy", "correct", "pass_rate", "length_mean", "student_nll")
             }
             | ({"proxy_accuracy": row["proxy"]["accuracy"]} if row["proxy"] else {})
             for row in result["teachers"]
@@ -455,8 +492,8 @@ def run_select_teacher(cfg: SelectTeacherConfig, run: RunDir, overwrite: bool) -
     stats = result["stats"]
     lines = [
         f"{row['rank']}. {teacher}: accuracy {100 * row['accuracy']:.1f}%, length {row['length_mean']:.1f}, "
-        f"student NLL {_format(row['student_nll'], '.3f')}"
-        + (f", proxy {_percent(row.get('proxy_accuracy'))}" if "proxy_accuracy" in row else "")
+        f"student NLL {_nll_cell(row)}"
+        + (f", proxy {_proxy_cell(row, row['proxy_accuracy'])}" if "proxy_accuracy" in row else "")
         for teacher, row in sorted(stats["teachers"].items(), key=lambda item: item[1]["rank"])
     ]
     note(f"select_teacher:{cfg.name}: ranked by {stats['rank_by']}: " + "; ".join(lines))
@@ -475,6 +512,14 @@ def _format(value: float | None, spec: str) -> str:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _nll_cell(row: dict) -> str:
+    return NO_CORRECT if _no_correct(row) else _format(row["student_nll"], ".3f")
+
+
+def _proxy_cell(row: dict, accuracy: float | None) -> str:
+    return NO_CORRECT if _no_correct(row) else _percent(accuracy)
 
 
 def _spread(mean: float | None, std: float | None) -> str:
@@ -496,8 +541,8 @@ def selection_table(result: dict) -> tuple[list[str], list[list[str]]]:
             str(row["rank"]), teacher, str(row["traces"]), _percent(row["accuracy"]), _percent(row["pass_rate"]),
             _spread(row["length_mean"], row["length_std"]),
             _spread(row["teacher_tokens_mean"], row["teacher_tokens_std"]),
-            _format(row["student_nll"], ".3f"),
-            *([_percent((row["proxy"] or {}).get("accuracy"))] if with_proxy else []),
+            _nll_cell(row),
+            *([_proxy_cell(row, (row["proxy"] or {}).get("accuracy"))] if with_proxy else []),
         ])  # fmt: skip
     return headers, rows
 

@@ -116,7 +116,7 @@ def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
     problems: dict[str, list[Problem]] = defaultdict(list)
     inputs = {}
     if cfg.uses_run_problems():
-        for problem in load_problems(run, cfg, cfg.split):
+        for problem in load_problems(run, cfg, cfg.split, step="eval"):
             problems[problem.task].append(problem)
         inputs["problems"] = run.finished_step("problems")["fingerprint"]
     benchmarks = load_benchmarks(cfg, cfg.limit)

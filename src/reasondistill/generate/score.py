@@ -57,6 +57,8 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
                         f"{shard} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
                     )
                 traces.append(trace)
+        if not traces:
+            raise UserError(f"score:{name}: traces/{cfg.traces} holds no traces to score")
 
         def process(generator, _shard: int, rows: list[Trace], progress) -> list:
             prompts = [problems[t.problem_id].messages for t in rows]

@@ -169,7 +169,7 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
     model = backend_model(cfg, cfg.model, run)
     gate = resolve_model(cfg.gate_model, run) if cfg.gate_model else None
     name = cfg.name or default_trace_name(model.name, gate.name if gate else None)
-    problems = load_problems(run, cfg, cfg.split)
+    problems = load_problems(run, cfg, cfg.split, step=f"generate:{name}")
     inputs = {"problems": run.finished_step("problems")["fingerprint"], "model": model.fingerprint}
     provenance = {"model": model.name, "path": model.path, "backend": cfg.backend}
     if gate:

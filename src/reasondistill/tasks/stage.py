@@ -91,8 +91,10 @@ def run_tasks(run: RunDir) -> list[str]:
     return sorted(p.name for p in (run.root / "problems").glob("*") if p.is_dir())
 
 
-def load_problems(run: RunDir, selection: ProblemSelection, split: str) -> list[Problem]:
-    """Problems of `split` for the selected tasks, in a stable order."""
+def load_problems(run: RunDir, selection: ProblemSelection, split: str, *, step: str) -> list[Problem]:
+    """Problems of `split` for the selected tasks, in a stable order. An error naming `step` when a task
+    named in the selection has none, or when there are none at all (a task left to the default may have
+    none: `train_per_task: {logic: 0}` keeps logic for testing)."""
     tasks = selection.tasks or run_tasks(run)
     if not tasks:
         raise UserError(f"{run.root}: no problems; run the `problems` stage first")
@@ -102,8 +104,21 @@ def load_problems(run: RunDir, selection: ProblemSelection, split: str) -> list[
         path = run.problems(task, split)
         if not path.exists():
             raise UserError(f"{path}: no {split} problems for task {task!r}; add it to the `problems` stage")
-        problems.extend(read_records(path, Problem)[: selection.limit])
+        found = read_records(path, Problem)[: selection.limit]
+        if not found and selection.tasks is not None:
+            raise _none_in(step, run, [task], split)
+        problems.extend(found)
+    if not problems:
+        raise _none_in(step, run, tasks, split)
     return problems
+
+
+def _none_in(step: str, run: RunDir, tasks: list[str], split: str) -> UserError:
+    files = ", ".join(str(run.problems(task, split).relative_to(run.root)) for task in tasks)
+    return UserError(
+        f"{step}: {files} {'holds' if len(tasks) == 1 else 'hold'} no {split} problems; "
+        f"give the `problems` stage some (its `{split}` option)"
+    )
 
 
 def problems_by_id(run: RunDir) -> dict[str, Problem]:

@@ -7,6 +7,7 @@ Hub-style folders (config.json, model.safetensors, tokenizer.json), loaded with 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -14,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,10 +63,34 @@ TEACHER_HYPERPARAMETERS = Hyperparameters(
     save_steps=200,
 )
 MODEL_NAMES = ("teacher", "student")
+# Seeds of the student's and the teacher's initial weights and of the teacher's data order.
+SEEDS = {"student": 1, "teacher": 2, "data_order": 0}
+# Another build of the same testbed: `REASONDISTILL_TESTBED_SEED=N` (N ≥ 1) derives every seed above from N,
+# so the models differ as much as two training runs can. Tests whose outcome depends on how well the
+# testbed trained are checked against several such builds (`make check-builds`), standing in for the
+# last-bit differences another CPU or library version makes.
+SEED_VARIABLE = "REASONDISTILL_TESTBED_SEED"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("REASONDISTILL_CACHE", Path.home() / ".cache" / "reasondistill"))
+
+
+def build_variant() -> int | None:
+    """The build seed from REASONDISTILL_TESTBED_SEED, or None for the default build."""
+    value = os.environ.get(SEED_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{SEED_VARIABLE}={value!r}: expected a whole number >= 1 (unset: the default build)")
+    return int(value)
+
+
+def build_seeds() -> dict[str, int]:
+    variant = build_variant()
+    if variant is None:
+        return dict(SEEDS)
+    return {name: 1000 * variant + seed for name, seed in SEEDS.items()}
 
 
 def build_fingerprint() -> str:
@@ -86,6 +112,8 @@ def build_fingerprint() -> str:
         "data": TEACHER_DATA,
         "hyperparameters": TEACHER_HYPERPARAMETERS.model_dump(),
     }
+    if build_variant() is not None:  # the default build has no seeds entry, as before builds had seeds
+        spec["seeds"] = build_seeds()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -135,11 +163,35 @@ def teacher_training_examples() -> list[TrainingExample]:
     return examples
 
 
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One build at a time across processes (test workers, parallel recipes) of what `lock` guards."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_testbed(force: bool = False) -> Path:
     """Build (or reuse) the tokenizer, the student initialisation and the trained teacher."""
     root = testbed_dir()
     if (root / "DONE").exists() and not force:
         return root
+    with exclusive(root.with_name(f".{root.name}.lock")):
+        if (root / "DONE").exists() and not force:
+            return root  # another process built it while this one waited
+        return _build(root)
+
+
+def _build(root: Path) -> Path:
     started = time.time()
     log.info("building the testbed models in %s (a few minutes on 2 CPU cores, once)", root)
     shutil.rmtree(root, ignore_errors=True)
@@ -148,15 +200,18 @@ def build_testbed(force: bool = False) -> Path:
     staging = root.with_name(f".{root.name}.building")
     if not (staging / "tokenizer").exists():
         build_tokenizer(staging / "tokenizer")
+    seeds = build_seeds()
     if not (staging / "student").exists():
-        save_initial_model(STUDENT_SHAPE, staging / "tokenizer", staging / "student", seed=1)
+        save_initial_model(STUDENT_SHAPE, staging / "tokenizer", staging / "student", seed=seeds["student"])
     if not (staging / "teacher-init").exists():
-        save_initial_model(TEACHER_SHAPE, staging / "tokenizer", staging / "teacher-init", seed=2)
+        save_initial_model(
+            TEACHER_SHAPE, staging / "tokenizer", staging / "teacher-init", seed=seeds["teacher"]
+        )
     stats = train_model(
         staging / "teacher-init",
         teacher_training_examples(),
         staging / "teacher",
-        TEACHER_HYPERPARAMETERS,
+        TEACHER_HYPERPARAMETERS.model_copy(update={"seed": seeds["data_order"]}),
         description="testbed teacher",
         resume_key=build_fingerprint(),
     )

@@ -15,7 +15,8 @@ against 52), terse ones about 0.7 times (38). Every style ends with the task's f
 ("The answer is 132."), so the task's grader grades zoo traces like any other.
 
 A zoo teacher is a Hub-style folder at `<cache>/zoo-<fingerprint>/<name>`, built on first use (10 to
-35 seconds on 2 CPU cores each) and named `testbed:<name>` wherever a model reference is accepted.
+40 seconds each on 2 idle CPU cores, over 4 testbed builds) and named `testbed:<name>` wherever a model
+reference is accepted.
 The fingerprint hashes the testbed's (the zoo starts from its teacher and uses its tokenizer), this
 file and the zoo's specification, so a changed style or size rebuilds instead of reusing a stale
 teacher.
@@ -23,7 +24,6 @@ teacher.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +42,7 @@ from ..tasks.arithmetic import PLACES
 from ..tasks.base import final_answer_text
 from ..train.trainer import Hyperparameters, train_model
 from ..verify.reasoning import format_completion
-from .models import build_fingerprint, build_testbed, cache_root
+from .models import build_fingerprint, build_testbed, cache_root, exclusive
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,15 @@ class ZooTeacher:
 
 
 # Each teacher starts from the testbed teacher, which already adds column by column, and learns its
-# new style in 150 optimizer steps. From random weights the same budget teaches nothing: a model
+# new style in 300 optimizer steps (two passes over its 1,200 examples). 150 steps sat on an edge: the
+# 3-layer verbose teacher answered 40% on one testbed build and 2% and 8% on two others; after 300 it
+# answered 95% and 77% of those two greedily (the 2-layer verbose one stays weak on some builds: 13%).
+# From random weights the same budget teaches nothing: a model
 # the testbed teacher's size trained on 4,000 verbose solutions from scratch (125 steps of 32, over
 # 5 minutes on 2 busy cores) still answered 0% of held-out problems. Fewer layers make a smaller
 # teacher (pruning by depth, as in Minitron or Sheared LLaMA) that recovers by the same training.
 HYPERPARAMETERS = Hyperparameters(
-    epochs=1,
+    epochs=2,
     learning_rate=1e-3,  # the teacher's own peak of 3e-3 with fresh Adam moments wrecks it at once
     warmup_ratio=0.1,
     batch_size=8,
@@ -190,23 +193,6 @@ def save_first_layers(model_dir: Path, layers: int, path: Path) -> None:
     staging.rename(path)
 
 
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """One build of a zoo model at a time across processes (test workers, parallel recipes)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as for the testbed itself
-        yield
-        return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_zoo_model(name: str, force: bool = False) -> Path:
     """Build (or reuse) the zoo teacher `name`; returns its model folder."""
     teacher = ZOO[name]
@@ -215,7 +201,7 @@ def build_zoo_model(name: str, force: bool = False) -> Path:
     if (path / "DONE").exists() and not force:
         return path
     testbed = build_testbed()
-    with _exclusive(root / f".{name}.lock"):
+    with exclusive(root / f".{name}.lock"):
         if (path / "DONE").exists() and not force:
             return path  # another process built it while this one waited
         started = time.time()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from ..curate.sets import training_data, training_data_step
+from ..curate.sets import training_data, training_data_name, training_data_step
 from ..errors import UserError
 from ..generate.backends import BackendOptions, backend_model, backend_requirements, open_generator
 from ..generate.logprobs import read_logprobs
@@ -108,7 +108,7 @@ def read_examples(cfg: TrainConfig, run: RunDir, data_path: Path | None) -> list
         TrainingExample(
             problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution or "", sample_idx=0
         )
-        for p in load_problems(run, ProblemSelection(), "train")
+        for p in load_problems(run, ProblemSelection(), "train", step=f"train:{cfg.name}")
     ]
 
 
@@ -139,6 +139,10 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
 
     def body(step_fingerprint: str) -> dict:
         examples = read_examples(cfg, run, data_path)
+        if not examples:  # (the train problems are checked by load_problems)
+            raise UserError(
+                f"train:{cfg.name}: {training_data_name(cfg.data, run, data_path)} holds no examples"
+            )
         teachers = Teachers(
             model=teacher.path if teacher else cfg.teacher,
             reference=reference.path if reference else None,

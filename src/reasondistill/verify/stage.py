@@ -86,6 +86,8 @@ def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
                     problem = problems[trace.problem_id]
                     graded.append(grade_trace(trace, problem, cfg.grader_for(problem.task)))
                 bar.advance(1)
+        if not graded:
+            raise UserError(f"verify:{cfg.traces}: traces/{cfg.traces} holds no traces to grade")
         write_records(run.graded(cfg.traces), graded, GradedTrace)
         return {"labels": label_counts(graded), "graders": {g.task: g.grader for g in graded}}
 
