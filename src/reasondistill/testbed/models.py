@@ -112,7 +112,7 @@ def build_fingerprint() -> str:
         "data": TEACHER_DATA,
         "hyperparameters": TEACHER_HYPERPARAMETERS.model_dump(),
     }
-    if build_variant() is not None:  # the default build has no seeds entry, as before builds had seeds
+    if build_variant() is not None:  # only another build adds its seeds: the default one has fixed seeds
         spec["seeds"] = build_seeds()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
