@@ -6,10 +6,12 @@ sharp transition in training (README, Quickstart), so one build's numbers say li
 machine's. This script is how the README's demo table and testbed teacher table are measured:
 
     scripts/measure_builds.py --seeds 0,1,2,3   # 0: the default build; others: REASONDISTILL_TESTBED_SEED
+    scripts/measure_builds.py --parts selection  # only the teacher-selection table
 
-Each build's demo runs in --out/demo-<seed> (resumed if it is there), with its testbed cached in --cache.
-Prints two markdown tables: the demo (greedy accuracy, sampled pass@1 and pass@4, mean tokens per
-answer) with the wall time of each demo, and the testbed teacher's greedy accuracy per difficulty.
+Each build's runs go to --out/<part>-<seed> (resumed if they are there), with its testbed cached in
+--cache. Prints markdown tables: the demo (greedy accuracy, sampled pass@1 and pass@4, mean tokens per
+answer) with the wall time of each demo; the testbed teacher's greedy accuracy per difficulty; and the
+teacher-selection recipe's ranking (its steps up to `select_teacher`: the table, not the final student).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -132,6 +136,53 @@ def teacher_table(tables: list[dict[str, float]]) -> list[str]:
     return lines
 
 
+SELECTION_RECIPE = ROOT / "src" / "reasondistill" / "recipes" / "teacher-selection.yaml"
+
+
+def run_selection(seed: int, args: argparse.Namespace) -> dict:
+    """The teacher-selection recipe up to its select_teacher step on build `seed`; its result JSON."""
+    recipe = yaml.safe_load(SELECTION_RECIPE.read_text())
+    last = next(i for i, step in enumerate(recipe["steps"]) if "select_teacher" in step)
+    recipe["steps"] = recipe["steps"][: last + 1]
+    recipe["run_dir"] = str(args.out / f"selection-{seed}")
+    path = args.out / f"selection-{seed}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    print(f"measure-builds: teacher selection, build {seed or 'default'} → {recipe['run_dir']}", flush=True)
+    with open(args.out / f"selection-{seed}.log", "w") as log:
+        subprocess.run(
+            [sys.executable, "-m", "reasondistill.cli", "run", str(path)],
+            cwd=ROOT, env=build_env(seed, args), stdout=log, stderr=subprocess.STDOUT, check=True,
+        )  # fmt: skip
+    name = recipe["steps"][last]["select_teacher"]["name"]
+    return json.loads((Path(recipe["run_dir"]) / "teacher-selection" / f"{name}.json").read_text())
+
+
+def selection_table(results: list[dict]) -> list[str]:
+    """Per teacher: its rank on each build, then mean (min–max) of each measurement."""
+    teachers = [row["teacher"] for row in results[0]["teachers"]]
+    lines = [
+        "| teacher | rank per build | verified acc. | length (student tokens) | proxy student acc. |",
+        "|---|---|---|---|---|",
+    ]
+    ordered = sorted(teachers, key=lambda t: statistics.fmean(_row(r, t)["rank"] for r in results))
+    for teacher in ordered:
+        rows = [_row(r, teacher) for r in results]
+        proxies = [
+            row["proxy"]["accuracy"] for row in rows if row["proxy"] and row["proxy"]["accuracy"] is not None
+        ]
+        lines.append(
+            f"| {teacher} | {', '.join(str(row['rank']) for row in rows)} | "
+            f"{cell([row['accuracy'] for row in rows], True)} | "
+            f"{cell([row['length_mean'] for row in rows if row['length_mean'] is not None], False)} | "
+            f"{cell(proxies, True) if proxies else '–'} |"
+        )
+    return lines
+
+
+def _row(result: dict, teacher: str) -> dict:
+    return next(row for row in result["teachers"] if row["teacher"] == teacher)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,24 +190,45 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3", help="testbed builds, comma-separated (0: the default)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "reasondistill-builds")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "measure-builds")
+    parser.add_argument(
+        "--parts",
+        default="demo,teacher,selection",
+        help="which tables, comma-separated: demo, teacher, selection",
+    )
     args = parser.parse_args()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    runs = [run_demo(seed, args) for seed in seeds]
-    teachers = [teacher_accuracy(seed, args) for seed in seeds]
-    lines = [
-        f"Demo on {len(runs)} testbed builds ({args.seeds}): mean (min–max)",
-        "",
-        *table([d for d, _ in runs]),
-        "",
-        "wall time per demo (s): " + ", ".join(f"{seconds:.0f}" for _, seconds in runs),
-        "",
-        f"Testbed teacher, greedy accuracy on {TEACHER_PROBLEMS} held-out problems per difficulty: mean (min–max)",
-        "",
-        *teacher_table(teachers),
-    ]
+    parts = set(args.parts.split(","))
+    lines = []
+    if "demo" in parts:
+        runs = [run_demo(seed, args) for seed in seeds]
+        lines += [
+            f"Demo on {len(runs)} testbed builds ({args.seeds}): mean (min–max)",
+            "",
+            *table([d for d, _ in runs]),
+            "",
+            "wall time per demo (s): " + ", ".join(f"{seconds:.0f}" for _, seconds in runs),
+            "",
+        ]
+    if "teacher" in parts:
+        teachers = [teacher_accuracy(seed, args) for seed in seeds]
+        lines += [
+            f"Testbed teacher, greedy accuracy on {TEACHER_PROBLEMS} held-out problems per difficulty: "
+            "mean (min–max)",
+            "",
+            *teacher_table(teachers),
+            "",
+        ]
+    if "selection" in parts:
+        selections = [run_selection(seed, args) for seed in seeds]
+        lines += [
+            f"Teacher selection on {len(seeds)} builds ({args.seeds})",
+            "",
+            *selection_table(selections),
+        ]
     report = "\n".join(lines) + "\n"
-    (args.out / "report.md").write_text(report)
+    (args.out / f"report-{'-'.join(sorted(parts))}.md").write_text(report)
     print(report)
     return 0
 
