@@ -17,7 +17,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 # Before landing a change to a training-sensitive test, the testbed or the pins: those tests on 3 other
-# testbed builds, with the margin of every check (about 1 hour on 2 CPU cores the first time).
+# testbed builds, with the margin of every check (about 35 min on 2 idle CPU cores the first time, 15 after).
 check-builds: setup
 	$(VENV)/bin/python scripts/check_builds.py
 
