@@ -101,7 +101,8 @@ def check_references(steps: list[Step], run: RunDir) -> None:
             alternatives = keys if isinstance(keys, tuple) else (keys,)  # any one of them will do
             if not available.intersection(alternatives):
                 made_by = " or ".join(
-                    f"a `{kind}` step" + (f" named {name!r}" if name else "")
+                    f"{'an' if kind[0] in 'aeiou' else 'a'} `{kind}` step"
+                    + (f" named {name!r}" if name else "")
                     for kind, _, name in (key.partition(":") for key in alternatives)
                 )
                 raise UserError(
