@@ -33,8 +33,7 @@ else
     # torch is installed below, build by build; the rest comes from the pins
     grep -v '^torch==' "$CONSTRAINTS" >"$pins"
 fi
-torch_pin=$(sed -n 's/^torch==//p' "$pins")
-TORCH_VERSION=${TORCH_VERSION:-${torch_pin:-$(sed -n 's/^torch==//p' "$CONSTRAINTS")}}
+TORCH_VERSION=${TORCH_VERSION:-$(sed -n 's/^torch==//p' "$CONSTRAINTS")}  # pinned even when the rest is not
 
 if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     installed=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')

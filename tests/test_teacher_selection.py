@@ -207,12 +207,7 @@ def test_the_zoo_teachers_are_ranked_into_a_table(run, student, margin):
         "rank", "teacher", "traces", "verified acc.", "pass rate", "length (student tokens)",
         "length (teacher tokens)", "student NLL/token", "proxy acc. (greedy)",
     ]  # fmt: skip
-    assert [line[1] for line in table] == result["ranking"] and [line[0] for line in table] == [
-        "1",
-        "2",
-        "3",
-        "4",
-    ]
+    assert [line[1] for line in table] == result["ranking"] and [line[0] for line in table] == list("1234")
     assert table[-1][1] == "student" and table[-1][7:] == [NO_CORRECT, NO_CORRECT]
     first = rows[result["ranking"][0]]
     assert table[0][3] == f"{100 * first['accuracy']:.1f}%" and table[0][7] == f"{first['student_nll']:.3f}"
