@@ -96,8 +96,8 @@ def test_grader_and_benchmark_options_are_checked_before_anything_runs(tmp_path,
 
 def test_the_benchmarks_command_lists_each_benchmark_with_its_grader():
     output = CliRunner().invoke(cli, ["benchmarks"], terminal_width=250).output
-    assert "openai/gsm8k (test)" in output and "numeric@1+" in output
-    assert "clutrr" in output and "exact@1+" in output and "math-verify@1+" in output
+    assert "openai/gsm8k (test)" in output and "numeric@2+" in output
+    assert "clutrr" in output and "exact@1+" in output and "math-verify@2+" in output
 
 
 def test_nested_options_are_json_objects_on_the_command_line(tmp_path, capsys):

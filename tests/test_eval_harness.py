@@ -78,7 +78,7 @@ def test_the_harness_scores_gold_solutions_as_perfect_on_every_math_level():
     """The metrics path without a model: MATH-500 gold solutions, graded and summarised by level."""
     from reasondistill.generate.base import Completion
     from reasondistill.generate.stage import make_traces
-    from reasondistill.verify.stage import grade_trace
+    from reasondistill.verify.grading import grade_trace
 
     problems: list[Problem] = get_benchmark("math500").load(SHARED_BENCHMARKS / DATA["math500"])[::10]
     grader = default_grader("math500")

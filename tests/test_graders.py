@@ -11,6 +11,7 @@ from reasondistill.verify.graders import (
     LabelGrader,
     MathGrader,
     NumericGrader,
+    Verdict,
     grader_from_spec,
 )
 from reasondistill.verify.reasoning import format_completion, split_reasoning
@@ -39,6 +40,9 @@ LABEL = AnswerIsGrader("label", ("True", "False", "Unknown"))
         ),  # only the final part is graded
         ("<think>The answer is 1234. still thinking", "unparseable", None),  # reasoning never closed
         ("<think>x</think>The answer is twelve.", "unparseable", None),
+        ("<think>x</think>The answer is 1234 + 1.", "unparseable", None),  # an expression, not 1234
+        ("<think>x</think>The answer is 1234 \\times 10^3.", "unparseable", None),
+        ("<think>x</think>The answer is 1234. 5 is wrong.", "correct", "1234"),
         ("", "unparseable", None),
     ],
 )
@@ -65,7 +69,7 @@ def test_label_grader(final, label):
 
 def test_grader_ids_are_stable_and_depend_on_configuration():
     assert INTEGER.id == AnswerIsGrader("integer").id
-    assert INTEGER.id.startswith("answer-is-integer@1+")
+    assert INTEGER.id.startswith("answer-is-integer@2+") and LABEL.id.startswith("answer-is-label@1+")
     assert LABEL.id != AnswerIsGrader("label", ("yes", "no")).id
 
 
@@ -110,6 +114,80 @@ def test_numeric_grader_last_number_fallback_is_opt_in_and_changes_the_id():
     lenient = NumericGrader(last_number_fallback=True)
     assert lenient.grade("She has 18 apples.", problem("18")).label == "correct"
     assert lenient.id != NUMERIC.id
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        "The answer is 2^{10}.",
+        "The answer is $2^{10}$.",
+        "\\boxed{2^{10}}",
+        "#### 2^10",
+        "10^{10^{10^{10}}}",
+        "The answer is 3 \\times 10^6.",
+        "Final answer: 3 \\cdot 10^{6}",
+        "The answer is 3 * 10^6.",
+        "The answer is 2x.",
+        "The answer is 1.2.3.",
+        "The answer is 1,2345.",
+        "The answer is 1 234.",
+        "The answer is 2 (3 + 4).",
+    ],
+)
+def test_an_expression_is_never_read_as_its_first_number(final):
+    """The numeric grader evaluates no expressions: one in the answer slot is unparseable."""
+    for gold in ("2", "10", "3", "1", "1024", "3000000"):
+        assert NUMERIC.grade(final, problem(gold)) == Verdict("unparseable", None), (final, gold)
+
+
+@pytest.mark.parametrize(
+    "final, extracted",
+    [
+        ("The answer is 1.000.000.", "1.000.000"),  # European thousands: one million, not 1
+        ("#### 1.000.000", "1.000.000"),
+        ("\\boxed{1\\,000\\,000}", "1\\,000\\,000"),  # LaTeX thin-space thousands
+        ("\\boxed{1{,}000{,}000}", "1{,}000{,}000"),
+        ("The answer is 1e6.", "1e6"),  # e notation is a number, read exactly
+        ("The answer is 1,000,000 dollars.", "1,000,000"),
+    ],
+)
+def test_numeric_grader_reads_thousands_separators_and_e_notation_as_the_whole_number(final, extracted):
+    assert NUMERIC.grade(final, problem("1000000")) == Verdict("correct", extracted)
+    assert NUMERIC.grade(final, problem("1")).label == "incorrect"
+
+
+@pytest.mark.parametrize(
+    "final, extracted",
+    [
+        ("**73**", "73"),
+        ("The answer is **73**.", "73"),
+        ("**Final Answer:** $73$", "73"),
+        ("#### **73**", "73"),
+        ("\\boxed{x = 73}", "73"),
+        ("The answer is x = 73.", "73"),
+        ("The answer is $n = 73$.", "73"),
+        ("$73$", "73"),
+        ("The answer is 73 dollars.", "73"),
+        ("The answer is $73.", "73"),
+        ("The answer is 73%.", "73"),
+        ("The answer is 73 cm.", "73"),
+        ("The answer is $73/hour.", "73"),
+        ("The answer is 73 (rounded down).", "73"),
+        ("\\boxed{73 \\text{ cm}}", "73"),
+        ("\\boxed{73\\%}", "73"),
+        ("\\boxed{\\$73}", "\\$73"),
+        ("The answer is 73!", "73"),  # an exclamation mark, not 73 factorial
+    ],
+)
+def test_numeric_grader_reads_bold_variables_and_units_around_the_number(final, extracted):
+    assert NUMERIC.grade(final, problem("73")) == Verdict("correct", extracted)
+
+
+def test_the_last_number_fallback_takes_no_number_out_of_an_expression():
+    lenient = NumericGrader(last_number_fallback=True)
+    assert lenient.grade("Janet makes 9 * 2 = $18 every day.", problem("18")).label == "correct"
+    for final in ("She has 2^{10} apples.", "About 3 \\times 10^6 people came.", "It is 2**10.", "x = 5-3"):
+        assert lenient.grade(final, problem("2")).label == "unparseable", final
 
 
 def test_a_non_numeric_gold_answer_is_an_error_not_a_wrong_answer():

@@ -1,5 +1,7 @@
 """The hf backend on the testbed teacher: batching, stop strings, logprobs and scoring."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,9 @@ def test_the_score_stage_stores_the_teachers_top_k_for_every_trace(testbed, tmp_
     generated = {
         (p, s): lp for path in logprob_shards(tmp_path / "traces" / "tk") for p, s, lp in read_logprobs(path)
     }
+    generated_traces = read_records(trace_shards(tmp_path / "traces" / "tk")[0], Trace)
+    recorded = json.loads(generated_traces[0].source)["sampling"]  # what the traces were drawn with
+    assert (recorded["logprobs"], recorded["top_logprobs"], recorded["n"]) == (True, 3, 2)
     for key, lp in scored.items():
         # scoring appends the end-of-turn token; a finished completion already ends with it
         length = len(generated[key])

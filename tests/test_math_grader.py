@@ -35,6 +35,60 @@ def test_math_grader_on_typical_answers(grader, final, gold, label):
     assert grader.grade(final, problem(gold)).label == label
 
 
+@pytest.fixture(scope="module")
+def number_grader():
+    return MathGrader(gold_format="number", timeout_s=2.0)
+
+
+@pytest.mark.parametrize(
+    "final, value, leading",
+    [
+        ("The answer is 2^{10}.", "1024", "2"),  # math-verify alone reads the bare LaTeX as 2
+        ("2^{10}", "1024", "2"),
+        ("The answer is $2^{10}$.", "1024", "2"),
+        ("The answer is 2^10.", "1024", "2"),
+        ("**2^{10}**", "1024", "2"),
+        ("3 \\times 10^6", "3000000", "3"),
+        ("The answer is 3 \\times 10^6.", "3000000", "3"),
+        ("Final answer: 3 \\cdot 10^{6}", "3000000", "3"),
+        ("The answer is $1.1 \\times 10^{2}$.", "110", "1.1"),  # 110.00000000000001 in floats
+        ("The answer is 1.5e3.", "1500", "1.5"),
+        ("1.000.000", "1000000", "1"),  # European thousands, read as 1.000 (or 1.0*0.0 in LaTeX)
+        ("\\boxed{1.000.000}", "1000000", "1"),
+        ("The answer is 1\\,000.", "1000", "1"),  # LaTeX thin-space thousands, read as 1*0
+        ("**73**", "73", "7"),
+        ("The answer is **73**.", "73", "7"),
+        ("\\boxed{x = 3}", "3", "0"),
+        ("The answer is 18 dollars.", "18", "1"),
+        ("The answer is $18.", "18", "1"),
+    ],
+)
+def test_an_expression_is_evaluated_whole_never_read_as_its_first_number(
+    grader, number_grader, final, value, leading
+):
+    for graded in (grader, number_grader):  # gold as LaTeX and as a plain number
+        assert graded.grade(final, problem(value)).label == "correct", (final, graded.gold_format)
+        assert graded.grade(final, problem(leading)).label == "incorrect", (final, graded.gold_format)
+
+
+@pytest.mark.parametrize(
+    "final",
+    ["The answer is 1.2.3.", "The answer is 2x.", "$2^{10} \\foo{$", "The answer is 100m2.", "**2 ^ {**"],
+)
+def test_an_answer_that_does_not_parse_whole_is_unparseable_not_its_first_number(number_grader, final):
+    for gold in ("1", "2", "100"):
+        assert number_grader.grade(final, problem(gold)).label == "unparseable", (final, gold)
+
+
+@pytest.mark.parametrize("gold_format", ["latex", "number"])
+def test_a_tower_of_powers_is_not_its_base_and_is_cut_off_at_the_time_limit(gold_format):
+    grader = MathGrader(gold_format=gold_format, timeout_s=1.0)
+    grader.grade("\\boxed{1}", problem("1"))  # start the helper outside the measured call
+    started = time.monotonic()
+    assert grader.grade("10^{10^{10^{10}}}", problem("10")).label == "unparseable"
+    assert time.monotonic() - started < 5
+
+
 def test_a_gold_that_does_not_parse_is_an_error_not_a_wrong_answer(grader):
     with pytest.raises(ValueError, match="the gold answer '' does not parse as latex"):
         grader.grade("\\boxed{5}", problem(""))

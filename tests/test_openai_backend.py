@@ -22,8 +22,8 @@ from reasondistill.cli import main
 from reasondistill.errors import UserError
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
-from reasondistill.generate.logprobs import read_logprobs
-from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, parse_retry_after, request_seed
+from reasondistill.generate.logprobs import TokenLogprobs, read_logprobs
+from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, check_distribution, parse_retry_after
 from reasondistill.generate.server import FAULT_KINDS, Faults, serve_in_thread
 from reasondistill.generate.stage import logprob_shards, trace_shards
 from reasondistill.records import Problem, Trace, read_records
@@ -60,7 +60,8 @@ def test_completions_carry_the_teachers_own_logprobs_and_top_k(
     results = client.generate(
         prompts, SamplingParams(n=2, temperature=0.9, max_new_tokens=60, top_logprobs=4, seed=2)
     )
-    assert [len(r) for r in results] == [2, 2, 2] and client.usage.requests == 6
+    assert [len(r) for r in results] == [2, 2, 2]
+    assert client.usage.requests == 6 + 2  # and the raw-logprobs check's two probes (temperature 0.9)
     for prompt, completions in zip(prompts, results, strict=True):
         for completion in completions:
             assert completion.logprobs.token_ids.tolist() == completion.token_ids
@@ -98,9 +99,8 @@ def test_every_sample_is_drawn_with_its_own_seed(endpoint, server, testbed, hf_t
     client = OpenAIGenerator(SERVED, server.base_url, endpoint=endpoint, tokenizer=str(testbed / "teacher"))
     sampling = SamplingParams(n=2, temperature=1.0, max_new_tokens=40, seed=2, logprobs=True)  # ids come back
     results = client.generate(prompts, sampling)
-    seeds = [[request_seed(2, i, j) for j in range(2)] for i in range(len(prompts))]
+    seeds = [[2 + 2 * i + j for j in range(2)] for i in range(len(prompts))]  # seed + i·n + j by default
     assert sorted(b["seed"] for b in sent) == sorted(s for row in seeds for s in row)
-    assert len({s for row in seeds for s in row}) == 6
     for prompt, row, completions in zip(prompts, seeds, results, strict=True):
         for seed, completion in zip(row, completions, strict=True):
             local = hf_teacher.generate([prompt], replace(sampling, n=1, seed=seed))[0][0]
@@ -120,8 +120,38 @@ def test_scoring_through_prompt_logprobs_equals_the_hf_forward_pass(server, test
         np.testing.assert_array_equal(r.topk_ids, lo.topk_ids)
         np.testing.assert_allclose(r.logprobs, lo.logprobs, atol=1e-2)
     without_tokenizer = OpenAIGenerator(SERVED, server.base_url)
-    with pytest.raises(UserError, match="needs `tokenizer`"):
+    with pytest.raises(UserError, match="^tokenizer: scoring .* needs the teacher's tokenizer"):
         without_tokenizer.score(prompts[:1], texts[:1], top_k=2)
+    with pytest.raises(UserError, match="^tokenizer: the openai backend's completions endpoint"):
+        OpenAIGenerator(SERVED, server.base_url, endpoint="completions")
+
+
+def test_logprobs_after_the_temperature_are_refused_before_any_row_is_generated(testbed, prompts):
+    """A server reporting processed logprobs (vLLM --logprobs-mode processed_logprobs) is caught by the
+    probe; at temperature 1 processed and raw values coincide, so nothing is checked or refused."""
+    with serve_in_thread(
+        testbed / "teacher", served_name=SERVED, logprobs_mode="processed_logprobs"
+    ) as server:
+        client = OpenAIGenerator(SERVED, server.base_url)
+        with pytest.raises(
+            UserError, match="logprobs change with the sampling settings.*--logprobs-mode raw_logprobs"
+        ):
+            client.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=8, top_logprobs=3))
+        assert server.requests == 2 and client.usage.requests == 2  # the two one-token probes, no row
+        at_one = client.generate(
+            prompts[:1], SamplingParams(temperature=1.0, max_new_tokens=8, top_logprobs=3)
+        )
+        assert at_one[0][0].logprobs.k == 3 and server.requests == 3
+
+
+def test_values_that_are_not_log_probabilities_are_refused():
+    distribution = TokenLogprobs.build([5], [-0.7], [[5, 9]], [[-0.7, -1.2]])
+    assert check_distribution(distribution) is distribution
+    logits = TokenLogprobs.build([5], [-0.7], [[5, 9]], [[-0.1, -0.2]])  # probabilities summing to 1.7
+    with pytest.raises(UserError, match="not log-probabilities"):
+        check_distribution(logits)
+    with pytest.raises(UserError, match="not log-probabilities"):
+        check_distribution(TokenLogprobs.build([5], [3.5], np.zeros((1, 0)), np.zeros((1, 0))))
 
 
 def test_retry_after_is_parsed_as_seconds_or_an_http_date():
@@ -141,8 +171,8 @@ def test_a_429_waits_as_long_as_retry_after_says(testbed, prompts):
     assert completion.text and client.usage.retries == 1 and server.fault_counts["429"] == 1
 
 
-def _problems_run(root: Path, train: int = 6) -> list[str]:
-    main(["problems", "--run-dir", str(root), "--tasks", "arithmetic", "--train", str(train), "--test", "1"])
+def _problems_run(root: Path, train: int = 6, task: str = "arithmetic") -> list[str]:
+    main(["problems", "--run-dir", str(root), "--tasks", task, "--train", str(train), "--test", "1"])
     return ["generate", "--run-dir", str(root), "--model", SERVED, "--backend", "openai", "--name", "t"]
 
 
@@ -196,42 +226,70 @@ def test_a_job_through_every_kind_of_fault_writes_every_row_exactly_once(testbed
     assert sorted((p, s) for p, s, _ in logprob_rows) == _keys(survived)
     usage = RunDir(tmp_path / "faulty").manifest()["steps"]["generate:t"]["stats"]["usage"]
     assert (
-        usage["requests"] == 18
+        usage["requests"] == 18 + 2  # the rows, and the two one-token probes of the raw-logprobs check
         and usage["retries"] >= sum(faulty.fault_counts.values())
         and usage["failed"] == []
     )
+    # every trace records the sampling it was drawn with, logprobs included
+    recorded = json.loads(survived[0].source)["sampling"]
+    assert (recorded["n"], recorded["logprobs"], recorded["top_logprobs"]) == (3, True, 3)
     assert RunDir(tmp_path / "faulty").manifest()["teacher_usage"]["retries"] == usage["retries"]
 
 
-def test_a_request_that_keeps_failing_is_recorded_reported_and_retried_by_a_rerun(testbed, tmp_path, capsys):
-    args = [
-        *_problems_run(tmp_path),
-        "--n",
-        "2",
-        "--temperature",
-        "0.9",
-        "--max-new-tokens",
-        "16",
-        "--shard-size",
-        "4",
-    ]
-    poisoned = read_records(tmp_path / "problems" / "arithmetic" / "train.parquet", Problem)[2]
+def test_a_request_that_keeps_failing_is_recorded_reported_and_retried_by_a_rerun(
+    testbed, server, tmp_path, capsys
+):
+    """The rerun asks again for the failed rows only, and they come out as in an uninterrupted run:
+    each row's seed comes from its identity, not from its place in the (shorter) request list."""
+    sampling = ["--n", "2", "--temperature", "1.0", "--max-new-tokens", "24", "--shard-size", "4"]
+    # word problems: the testbed teacher is unsure there, so another seed gives another completion
+    main(
+        [
+            *_problems_run(tmp_path / "reference", task="word_problems"),
+            "--base-url",
+            server.base_url,
+            *sampling,
+        ]
+    )
+    args = [*_problems_run(tmp_path / "rerun", task="word_problems"), *sampling]
+    # problem 3's rows are the last two of shard 1, the first two of the rerun's request list
+    poisoned = read_records(tmp_path / "rerun" / "problems" / "word_problems" / "train.parquet", Problem)[3]
     faults = Faults(poison=poisoned.messages[-1].content)
     with serve_in_thread(testbed / "teacher", served_name=SERVED, faults=faults) as bad:
         error = _error_of(capsys, [*args, "--base-url", bad.base_url, *FAST_RETRIES])
     assert "2 request(s) failed after their retries" in error and "rerun the same command" in error
-    index = json.loads((tmp_path / "traces" / "t" / "index.json").read_text())
+    index = json.loads((tmp_path / "rerun" / "traces" / "t" / "index.json").read_text())
     failed = [f for shard in index["failures"].values() for f in shard]
     assert {(f["problem_id"], f["sample_idx"]) for f in failed} == {(poisoned.id, 0), (poisoned.id, 1)}
     assert all(f["attempts"] == 5 and "HTTP 500" in f["error"] for f in failed)
-    assert len(_rows(tmp_path)) == 10 and "generate:t" not in RunDir(tmp_path).manifest()["steps"]
+    assert (
+        len(_rows(tmp_path / "rerun")) == 10
+        and "generate:t" not in RunDir(tmp_path / "rerun").manifest()["steps"]
+    )
 
     # the server recovers (on another port: the URL is not part of the step's identity)
     with serve_in_thread(testbed / "teacher", served_name=SERVED) as good:
         main([*args, "--base-url", good.base_url, *FAST_RETRIES])
         assert good.requests == 2  # only the failed rows were asked again
-    rows = _rows(tmp_path)
+    rows, reference = _rows(tmp_path / "rerun"), _rows(tmp_path / "reference")
     assert len(rows) == 12 and _keys(rows) == sorted(set(_keys(rows)))
+    completions = {(t.problem_id, t.sample_idx): t.completion for t in rows}
+    assert completions == {(t.problem_id, t.sample_idx): t.completion for t in reference}
+    assert completions[poisoned.id, 0] != completions[poisoned.id, 1]  # two seeds, two samples
+    usage = RunDir(tmp_path / "rerun").manifest()["steps"]["generate:t"]["stats"]["usage"]
+    assert (usage["failures"], usage["recovered_by_rerun"], usage["failed"]) == (0, 2, [])
+
+
+def test_options_that_cannot_work_together_are_refused_before_anything_runs(tmp_path, capsys):
+    args = [*_problems_run(tmp_path, train=2), "--base-url", "http://127.0.0.1:9/v1"]  # nothing listens
+    error = _error_of(capsys, [*args, "--endpoint", "completions"])
+    assert "tokenizer: the openai backend's completions endpoint" in error
+    error = _error_of(capsys, [*args, "--temperature", "0", "--n", "2"])
+    assert "n: greedy decoding (temperature 0) gives one completion per problem, not 2" in error
+    error = _error_of(capsys, ["score", "--run-dir", str(tmp_path), "--traces", "t", "--model", SERVED,
+                               "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"])  # fmt: skip
+    assert "tokenizer: scoring with the openai backend" in error
+    assert not (tmp_path / "traces").exists() and not (tmp_path / "logprobs").exists()
 
 
 def test_with_allow_failures_the_step_finishes_and_the_report_lists_the_failed_rows(testbed, tmp_path):

@@ -37,7 +37,7 @@ def test_a_malformed_jsonl_row_names_the_file_line_and_field(tmp_path):
         read_records(path, TrainingExample)
 
     path.write_text(json.dumps({**good, "answer": "2"}) + "\n")
-    with pytest.raises(UserError, match=r"line 1: answer: unknown key"):
+    with pytest.raises(UserError, match=r"line 1: unknown column answer; expected columns: problem_id, task"):
         read_records(path, TrainingExample)
 
 

@@ -48,7 +48,7 @@ class ScriptedGenerator:
     def describe(self) -> dict:
         return {"backend": self.backend}
 
-    def generate(self, prompts, sampling, progress=None):
+    def generate(self, prompts, sampling, progress=None, seeds=None):
         assert sampling.n == 1
         replies = []
         for messages in prompts:

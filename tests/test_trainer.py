@@ -169,7 +169,7 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tokenizer_dir, 
     assert stats["steps"] == 1 and "discarding checkpoints" in caplog.text
 
 
-def test_trainer_args_cannot_silently_override_first_class_options(tmp_path, tokenizer_dir):
+def test_trainer_args_cannot_silently_override_first_class_options(tmp_path, tiny_init):
     from reasondistill.errors import UserError
     from reasondistill.records import TrainingExample
     from reasondistill.train.trainer import Hyperparameters, train_model
@@ -181,5 +181,78 @@ def test_trainer_args_cannot_silently_override_first_class_options(tmp_path, tok
         UserError, match="trainer_args.learning_rate is set by reasondistill; use its own option"
     ):
         train_model(
-            tokenizer_dir, examples, tmp_path / "out", Hyperparameters(trainer_args={"learning_rate": 1.0})
+            tiny_init, examples, tmp_path / "out", Hyperparameters(trainer_args={"learning_rate": 1.0})
         )
+
+
+@pytest.fixture
+def tiny_init(tmp_path, tokenizer_dir):
+    from reasondistill.testbed.models import ModelShape, save_initial_model
+
+    init = tmp_path / "init"
+    save_initial_model(
+        ModelShape(hidden_size=16, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2),
+        tokenizer_dir,
+        init,
+        seed=0,
+    )
+    return init
+
+
+def truncation_examples():
+    from reasondistill.records import TrainingExample
+
+    prompt = [{"role": "user", "content": "1 + 1?"}]
+    return [
+        TrainingExample(problem_id="short", task="t", messages=prompt, completion="2"),
+        TrainingExample(
+            problem_id="long", task="t", messages=prompt, completion="1 + 1 = 2. " * 40, sample_idx=3
+        ),
+    ]
+
+
+def test_truncation_is_counted_named_and_can_drop_the_examples(tmp_path, tiny_init, caplog):
+    """A completion cut at max_length loses its final answer and end-of-turn token: the step says so,
+    names the example, counts it in its statistics (and the report), and `drop` leaves it out."""
+    import logging
+
+    from reasondistill.report.stage import pipeline_table
+    from reasondistill.train.trainer import Hyperparameters, train_model
+
+    hp = dict(epochs=1, max_length=48, batch_size=2, trainer_args={"disable_tqdm": True})
+    with caplog.at_level(logging.WARNING):
+        cut = train_model(tiny_init, truncation_examples(), tmp_path / "cut", Hyperparameters(**hp))
+    assert cut["examples"] == 2
+    assert cut["truncation"]["longer_than_max_length"] == 1 and cut["truncation"]["completion_end_cut"] == 1
+    assert cut["truncation"]["first"][0].startswith("long sample 3 (")
+    assert "1 of 2 examples are longer than max_length=48" in caplog.text and "lost their end" in caplog.text
+
+    dropped = train_model(
+        tiny_init, truncation_examples(), tmp_path / "drop", Hyperparameters(**hp, truncation="drop")
+    )
+    assert dropped["examples"] == 1 and dropped["truncation"]["dropped"] == 1
+    assert dropped["completion_tokens"] < cut["completion_tokens"]
+
+    manifest = {"steps": {"train:s": {"stats": {**cut, "train_loss": 1.0}, "seconds": 1}}}
+    _, rows = pipeline_table(manifest)
+    assert "1 examples cut at max_length=48 (their completions lost their end)" in rows[0][1]
+
+
+def test_every_example_longer_than_max_length_dropped_is_an_error(tmp_path, tiny_init):
+    from reasondistill.errors import UserError
+    from reasondistill.train.trainer import Hyperparameters, train_model
+
+    hp = Hyperparameters(epochs=1, max_length=48, truncation="drop", trainer_args={"disable_tqdm": True})
+    with pytest.raises(UserError, match="all 1 examples are longer than max_length=48"):
+        train_model(tiny_init, truncation_examples()[1:], tmp_path / "out", hp)
+
+
+def test_max_length_beyond_the_model_positions_is_warned(tmp_path, tiny_init, caplog):
+    import logging
+
+    from reasondistill.train.trainer import Hyperparameters, train_model
+
+    hp = Hyperparameters(epochs=1, max_length=2048, trainer_args={"disable_tqdm": True})
+    with caplog.at_level(logging.WARNING):
+        train_model(tiny_init, truncation_examples()[:1], tmp_path / "out", hp)
+    assert "max_length=2048 exceeds the 1024 positions of" in caplog.text

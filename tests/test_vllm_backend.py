@@ -50,7 +50,7 @@ class FakeSamplingParams(SimpleNamespace):
     """Records its keyword arguments; reads as vLLM's defaults for the others."""
 
     def __getattr__(self, name):
-        return {"n": 1, "logprobs": None, "prompt_logprobs": None}[name]
+        return {"n": 1, "logprobs": None, "prompt_logprobs": None, "seed": None}[name]
 
 
 class FakeLLM:
@@ -58,10 +58,14 @@ class FakeLLM:
     tokenizer = None
     max_model_len = 4096
 
+    @staticmethod
+    def reply(prompt: list[int], j: int, seed: int | None) -> tuple[str, list[int] | None, str]:
+        """Sample j of a request for `prompt`, drawn with `seed`: (text, token ids or None, finish)."""
+        return f"reply {j}", None, "stop"
+
     def __init__(self, **kwargs):
         self.kwargs = kwargs
         self.calls: list[tuple[list, list]] = []
-        self.reply = lambda prompt, j: (f"reply {j}", None, "stop")  # (text, token ids or None, finish)
         self.loads: list[dict] = []  # weights pushed into the engine (a colocated one), per call
         runner = SimpleNamespace(
             model=SimpleNamespace(load_weights=lambda weights: self.loads.append(dict(weights)))
@@ -90,7 +94,8 @@ class FakeLLM:
     def _output(self, ids, params):
         outputs = []
         for j in range(params.n):
-            text, token_ids, finish = self.reply(ids, j)
+            # vLLM draws sample j of a seeded request with seed + j
+            text, token_ids, finish = self.reply(ids, j, None if params.seed is None else params.seed + j)
             if token_ids is None:
                 token_ids = completion_ids(self.tokenizer, [text])[0]
             logprobs = None
@@ -270,12 +275,15 @@ def test_prompts_go_in_as_chat_template_ids_with_a_seed_each(fake_vllm, tokenize
     expected = to_vllm_sampling(sampling)
     del expected["seed"]
     assert kwargs == [expected, expected]
+    # seeds given per prompt (the rows' identity) are sent as they are
+    generator.generate(PROMPTS, sampling, seeds=[7, 3])
+    assert [sent_kwargs(p)["seed"] for p in llm.calls[-1][1]] == [7, 3]
 
 
 def test_completions_carry_text_ids_finish_and_token_counts(fake_vllm, tokenizer):
     generator, llm = make()
     cut = tokenizer("twelve plus thirty", add_special_tokens=False)["input_ids"][:2]
-    llm.reply = lambda prompt, j: (
+    llm.reply = lambda prompt, j, seed: (
         ("forty-two", None, "stop") if j == 0 else (tokenizer.decode(cut), cut, "length")
     )
     rows = generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=2))
@@ -298,7 +306,7 @@ def test_completions_carry_text_ids_finish_and_token_counts(fake_vllm, tokenizer
 
 def test_generated_top_logprobs_keep_the_k_most_likely(fake_vllm, tokenizer):
     generator, llm = make()
-    llm.reply = lambda prompt, j: ("The sum is 42.", None, "stop")
+    llm.reply = lambda prompt, j, seed: ("The sum is 42.", None, "stop")
     [[completion], _] = generator.generate(PROMPTS, SamplingParams(top_logprobs=2))
 
     prompt = prompt_ids(tokenizer, PROMPTS)[0]
@@ -322,7 +330,7 @@ def test_generated_top_logprobs_keep_the_k_most_likely(fake_vllm, tokenizer):
 
 def test_sampled_token_logprobs_only(fake_vllm, tokenizer):
     generator, llm = make()
-    llm.reply = lambda prompt, j: ("42", None, "stop")
+    llm.reply = lambda prompt, j, seed: ("42", None, "stop")
     [[completion], _] = generator.generate(PROMPTS, SamplingParams(logprobs=True))
     prompt = prompt_ids(tokenizer, PROMPTS)[0]
     ids = completion.token_ids
@@ -333,7 +341,7 @@ def test_sampled_token_logprobs_only(fake_vllm, tokenizer):
 
 def test_aborted_requests_become_failures(fake_vllm):
     generator, llm = make()
-    llm.reply = lambda prompt, j: ("", [], "abort") if j == 1 else ("ok", None, "stop")
+    llm.reply = lambda prompt, j, seed: ("", [], "abort") if j == 1 else ("ok", None, "stop")
     rows = generator.generate(PROMPTS, SamplingParams(n=2))
     for ok, aborted in rows:
         assert isinstance(ok, Completion) and ok.text == "ok"
@@ -396,7 +404,7 @@ def test_score_reads_the_completion_positions_of_the_prompt_logprobs(fake_vllm, 
 def test_score_agrees_with_generated_logprobs(fake_vllm):
     """The same completion has the same distribution whether sampled with logprobs or scored."""
     generator, llm = make()
-    llm.reply = lambda prompt, j: ("Sorted: 1 2 3", None, "stop")
+    llm.reply = lambda prompt, j, seed: ("Sorted: 1 2 3", None, "stop")
     [_, [completion]] = generator.generate(PROMPTS, SamplingParams(top_logprobs=3))
     [scored] = generator.score_ids(
         [prompt_ids(generator.tokenizer, PROMPTS)[1]], [completion.token_ids], top_k=3, progress=None
@@ -453,3 +461,49 @@ def test_on_policy_sampling_pushes_the_current_weights_before_every_step(fake_vl
         with torch.no_grad():  # an optimizer step
             next(model.parameters()).add_(1.0)
     assert sent_kwargs(engine.calls[-1][1][0])["n"] == 2
+
+
+# ---- the generate stage -------------------------------------------------------------------------
+
+
+def test_a_rerun_of_failed_rows_gives_the_rows_of_an_uninterrupted_job(fake_vllm, tmp_path, monkeypatch):
+    """Each row is sampled with the seed of its identity, so the rows a rerun asks for again (now
+    first in a shorter request list) come out as they would have in one go."""
+    from reasondistill.cli import main
+    from reasondistill.generate.stage import trace_shards
+    from reasondistill.records import Problem, Trace, read_records
+    from reasondistill.rundir import RunDir
+
+    failing: set[tuple[int, ...]] = set()  # prompts whose requests the engine aborts
+
+    def reply(prompt, j, seed):
+        if tuple(prompt) in failing:
+            return "", [], "abort"
+        return f"drawn with seed {seed}", None, "stop"
+
+    monkeypatch.setattr(FakeLLM, "reply", staticmethod(reply))
+
+    def generate(root) -> list[str]:
+        main(["problems", "--run-dir", str(root), "--tasks", "arithmetic", "--train", "6", "--test", "1"])
+        return ["generate", "--run-dir", str(root), "--model", "org/teacher", "--backend", "vllm",
+                "--name", "t", "--n", "2", "--temperature", "1", "--shard-size", "4"]  # fmt: skip
+
+    def rows(root) -> dict[tuple[str, int], str]:
+        traces = [t for path in trace_shards(root / "traces" / "t") for t in read_records(path, Trace)]
+        assert len(traces) == 12
+        return {(t.problem_id, t.sample_idx): t.completion for t in traces}
+
+    main(generate(tmp_path / "reference"))
+    args = generate(tmp_path / "rerun")
+    # problem 3's rows are the last two of shard 1; the rerun sends them alone
+    problem = read_records(tmp_path / "rerun" / "problems" / "arithmetic" / "train.parquet", Problem)[3]
+    failing.add(tuple(prompt_ids(FakeLLM.tokenizer, [problem.messages])[0]))
+    with pytest.raises(SystemExit):
+        main(args)
+    failing.clear()
+    main(args)
+    assert len(FakeLLM.instances[-1].calls[-1][0]) == 2  # the rerun asked for the two failed rows only
+    assert rows(tmp_path / "rerun") == rows(tmp_path / "reference")
+    assert len(set(rows(tmp_path / "reference").values())) == 12  # every row its own seed
+    usage = RunDir(tmp_path / "rerun").manifest()["steps"]["generate:t"]["stats"]["usage"]
+    assert (usage["failures"], usage["recovered_by_rerun"], usage["failed"]) == (0, 2, [])

@@ -129,9 +129,20 @@ def _stage_command(stage: Stage) -> click.Command:
             raise UserError(
                 describe_validation_error(err, f"reasondistill {stage.name}", key=_flag)
             ) from None
+        try:
+            stage.requires(config)  # checks the model references it names, before anything runs
+        except UserError as err:
+            option, _, problem = str(err).partition(": ")
+            raise UserError(f"reasondistill {stage.name} {_flag((option,))}: {problem}") from None
         run = RunDir(run_dir)
+        created = not run.root.exists()
         run.root.mkdir(parents=True, exist_ok=True)
-        stage.run(config, run, overwrite)
+        try:
+            stage.run(config, run, overwrite)
+        except BaseException:
+            if created:
+                run.remove_if_unused()
+            raise
 
     params = [
         click.Option(
@@ -151,10 +162,18 @@ def _stage_command(stage: Stage) -> click.Command:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show full tracebacks and library logs")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="run Python code shipped with a model (auto_map in its config); off by default, recorded in the manifest",
+)
 @click.version_option(package_name="reasondistill")
-def cli(debug: bool) -> None:
+def cli(debug: bool, trust_remote_code: bool) -> None:
     """Distil reasoning from a teacher model into a small student: generate → verify → curate → train → eval → report."""
+    from .models import set_trust_remote_code
+
     _setup_logging(debug)
+    set_trust_remote_code(trust_remote_code)
 
 
 def _builtin_recipes() -> list[str]:

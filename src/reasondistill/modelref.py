@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .models import check_model_folder
 from .rundir import RunDir, fingerprint
-from .testbed.models import TESTBED_PREFIX, resolve_testbed_model
+from .testbed.models import MODEL_NAMES, TESTBED_PREFIX, resolve_testbed_model
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -46,11 +47,41 @@ def trained_in_run(reference: str) -> bool:
 
 
 def required_steps(option: str, references: list[str]) -> dict[str, str]:
-    return {
-        f"{option}[{i}]" if len(references) > 1 else option: f"train:{r}"
-        for i, r in enumerate(references)
-        if trained_in_run(r)
-    }
+    """The steps that train the models in `references` trained in the run ({option: `train:<name>`}).
+
+    Every other reference is checked now, without loading or building anything: a testbed name, a
+    usable model folder (`check_model_folder`'s checks that need no weights), or a Hub id. Stages
+    declare their inputs with this, so a recipe's model references are checked before its first step.
+    """
+    steps = {}
+    for i, reference in enumerate(references):
+        where = f"{option}[{i}]" if len(references) > 1 else option
+        if trained_in_run(reference):
+            steps[where] = f"train:{reference}"
+            continue
+        try:
+            check_reference(reference)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+    return steps
+
+
+def check_reference(reference: str) -> None:
+    """UserError unless `reference` names a testbed model, a usable model folder, or looks like a Hub id."""
+    if reference.startswith(TESTBED_PREFIX):
+        from .testbed.zoo import ZOO
+
+        if reference.removeprefix(TESTBED_PREFIX) not in (*MODEL_NAMES, *ZOO):
+            resolve_testbed_model(reference)  # raises the error that lists the testbed models
+        return
+    folder = Path(reference).expanduser()
+    if folder.is_dir():
+        check_model_folder(folder, model=False, chat_template=False, weights=False)
+        return
+    # `models/qwen` is a Hub id in form, but when `models/` is a local folder a missing subfolder is meant
+    local = reference.startswith((".", "/", "~")) or Path(reference.split("/")[0]).expanduser().is_dir()
+    if local or not _HUB_ID.match(reference):
+        raise UserError(f"model {reference!r}: no such model folder, and not a Hub id (owner/name)")
 
 
 def resolve_model(reference: str, run: RunDir) -> ResolvedModel:

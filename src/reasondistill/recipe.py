@@ -24,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError, describe_validation_error
+from .models import remote_code_allowed_if
+from .records import read_text_utf8
 from .rundir import RunDir
 from .stages import Stage, StageConfig, all_stages
 from .ui import note
@@ -35,6 +37,9 @@ class Recipe(BaseModel):
     description: str = ""
     run_dir: str = Field(description="run directory, relative to the current directory")
     seed: int | None = Field(None, description="default seed for steps that do not set one")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with models (auto_map); as --trust-remote-code"
+    )
     defaults: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per stage name, options its steps start from"
     )
@@ -53,7 +58,7 @@ def load_recipe(path: Path) -> tuple[Recipe, list[Step]]:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text_utf8(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
@@ -97,7 +102,11 @@ def check_references(steps: list[Step], run: RunDir) -> None:
     """Every input of every step is made by an earlier step or already finished in the run directory."""
     available = set(run.manifest()["steps"])
     for step in steps:
-        for option, keys in step.stage.requires(step.config).items():
+        try:
+            requires = step.stage.requires(step.config)  # also checks the models it names (required_steps)
+        except UserError as err:
+            raise UserError(f"{step.where}.{err}") from None
+        for option, keys in requires.items():
             alternatives = keys if isinstance(keys, tuple) else (keys,)  # any one of them will do
             if not available.intersection(alternatives):
                 made_by = " or ".join(
@@ -112,12 +121,23 @@ def check_references(steps: list[Step], run: RunDir) -> None:
 
 
 def run_recipe(path: Path, run_dir: Path | None = None, overwrite: bool = False) -> RunDir:
+    """Run a recipe's steps in order; an error in a step names the recipe file and the step."""
     recipe, steps = load_recipe(path)
     run = RunDir(run_dir or recipe.run_dir)
-    check_references(steps, run)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.update_manifest(recipe={"path": str(path), "content": Path(path).read_text()})
-    for i, step in enumerate(steps, start=1):
-        note(f"[bold]step {i}/{len(steps)}: {step.stage.name}[/bold]")
-        step.stage.run(step.config, run, overwrite)
+    with remote_code_allowed_if(recipe.trust_remote_code):
+        check_references(steps, run)
+        created = not run.root.exists()
+        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            run.update_manifest(recipe={"path": str(path), "content": Path(path).read_text()})
+            for i, step in enumerate(steps, start=1):
+                note(f"[bold]step {i}/{len(steps)}: {step.stage.name}[/bold]")
+                try:
+                    step.stage.run(step.config, run, overwrite)
+                except UserError as err:
+                    raise UserError(f"{step.where}: {err}") from None
+        except BaseException:
+            if created:
+                run.remove_if_unused()
+            raise
     return run

@@ -129,9 +129,34 @@ def write_records(path: Path, records: Iterable[Record], record_type: type[Recor
     return len(rows)
 
 
+def expected_columns(record_type: type[Record]) -> str:
+    """`problem_id, task, messages, completion (sample_idx optional)`, for messages about wrong columns."""
+    fields = record_type.model_fields
+    required = [name for name, f in fields.items() if f.is_required()]
+    optional = [name for name, f in fields.items() if not f.is_required()]
+    return ", ".join(required) + (f" ({', '.join(optional)} optional)" if optional else "")
+
+
+def _check_columns(where: str, row: dict, record_type: type[Record]) -> None:
+    fields = record_type.model_fields
+    unknown = [key for key in row if key not in fields]
+    missing = [name for name, f in fields.items() if f.is_required() and name not in row]
+    if unknown or missing:
+        found = "; ".join(
+            part
+            for part in (
+                f"unknown column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}" if unknown else "",
+                f"missing {', '.join(missing)}" if missing else "",
+            )
+            if part
+        )
+        raise UserError(f"{where}: {found}; expected columns: {expected_columns(record_type)}")
+
+
 def _validate_rows(located_rows: Iterable[tuple[str, dict]], record_type: type[RecordT]) -> list[RecordT]:
     records = []
     for where, row in located_rows:
+        _check_columns(where, row, record_type)
         try:
             records.append(record_type.model_validate(row))
         except ValidationError as err:
@@ -153,9 +178,27 @@ def read_records(path: Path, record_type: type[RecordT]) -> list[RecordT]:
     return _validate_rows(((f"{path} row {i}", row) for i, row in enumerate(rows)), record_type)
 
 
+def decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
+    """`data` as UTF-8 text; UserError naming `where`, the line and the column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + first_line
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(
+            f"{where} line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column})"
+        ) from None
+
+
+def read_text_utf8(path: Path) -> str:
+    """A text file's content; invalid UTF-8 is a UserError naming the file, line and column."""
+    return decode_utf8(Path(path).read_bytes(), str(path))
+
+
 def read_jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = decode_utf8(raw, str(path), first_line=number)
             if not line.strip():
                 continue
             where = f"{path} line {number}"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .models import trust_remote_code
 from .records import atomic_write_json
 from .ui import note
 
@@ -105,6 +106,20 @@ class RunDir:
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
+    def remove_if_unused(self) -> None:
+        """Remove what a failed first command left in a run directory it created: empty folders, a
+        manifest without finished steps, and the directory itself if nothing else is in it. Files a
+        rerun resumes from (finished shards, checkpoints) are kept, and so is the directory above them."""
+        if not self.root.is_dir():
+            return
+        if self.manifest_path.exists() and not self.manifest().get("steps"):
+            self.manifest_path.unlink()
+        for folder in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(self.root.iterdir()):
+            self.root.rmdir()
+
     # ---- manifest -------------------------------------------------------------------------------
     def manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -168,6 +183,7 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 2),
             "environment": environment(),
+            "trust_remote_code": trust_remote_code(),
             "stats": stats,
         }
         manifest = self.manifest()

@@ -41,10 +41,10 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field, field_validator
-from transformers import AutoTokenizer
 
 from ..chat import prompt_ids
 from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
+from ..models import load_tokenizer
 from ..records import Message
 from ..rundir import RunDir
 from ..stages import Stage
@@ -220,7 +220,7 @@ def score_steps(
     loaded one at a time."""
     from ..generate.hf import HFGenerator
 
-    tokenizers = [(role, AutoTokenizer.from_pretrained(path)) for role, path in models.items()]
+    tokenizers = [(role, load_tokenizer(path, chat_template=False)) for role, path in models.items()]
     check_same_tokenizer(
         [(f"{role} {models[role]}", tok) for role, tok in tokenizers], "provenance (token-level scores)"
     )

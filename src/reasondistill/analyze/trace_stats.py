@@ -118,11 +118,10 @@ def run_trace_stats(cfg: TraceStatsConfig, run: RunDir, overwrite: bool) -> None
     def body(_fingerprint: str) -> dict:
         counts: list[int | None] = [t.completion_tokens for t in texts]
         if counter is not None and any(n is None for n in counts):
-            from transformers import AutoTokenizer
-
             from ..chat import completion_ids
+            from ..models import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(counter.path)
+            tokenizer = load_tokenizer(counter.path, chat_template=False)
             counted = completion_ids(tokenizer, [t.completion for t in texts])
             counts = [n if n is not None else len(ids) for n, ids in zip(counts, counted, strict=True)]
         if all(t.completion_tokens is not None for t in texts):

@@ -210,9 +210,9 @@ class LengthBudget(Op):
         if not self.tokenizer:
             return candidate.trace.completion_tokens
         if self._count is None:
-            from transformers import AutoTokenizer
+            from ..models import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer, run).path)
+            tokenizer = load_tokenizer(resolve_model(self.tokenizer, run).path, chat_template=False)
             self._count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._count(candidate.trace.completion)
 

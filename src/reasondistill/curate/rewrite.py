@@ -51,7 +51,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import UserError
 from ..generate.backends import BackendOptions, backend_model, backend_requirements, open_generator
-from ..generate.base import Completion, Generator
+from ..generate.base import Completion, Generator, row_seed
 from ..generate.shards import ShardedJob, ShardIndex, usage_totals
 from ..generate.stage import (
     SamplingOptions,
@@ -78,8 +78,9 @@ from ..tasks import TASKS
 from ..tasks.stage import problems_by_id, run_tasks
 from ..testbed.models import TESTBED_PREFIX
 from ..ui import note
+from ..verify.grading import grade_trace
 from ..verify.reasoning import format_completion, split_reasoning
-from ..verify.stage import GraderChoice, grade_trace
+from ..verify.stage import GraderChoice
 from .sets import graded_fingerprint, graded_requirement
 
 # --- the prompt ------------------------------------------------------------------------------------
@@ -331,7 +332,9 @@ def run_teacher_job(
 
     def process(generator: Generator, shard: int, batch: Sequence[PromptRow], progress) -> list:
         sampling = cfg.sampling(1, cfg.temperature, shard_seed(cfg.seed, shard))
-        return [replies[0] for replies in generator.generate([r.messages for r in batch], sampling, progress)]
+        seeds = [row_seed(cfg.seed, r.problem.id, r.sample_idx) for r in batch]  # a rerun redraws the same
+        replies = generator.generate([r.messages for r in batch], sampling, progress, seeds=seeds)
+        return [reply[0] for reply in replies]
 
     def shard_path(shard: int) -> Path:
         return directory / f"shard-{shard:05d}.parquet"
@@ -368,14 +371,14 @@ def run_teacher_job(
 class LengthCounter:
     """Lengths of texts in a tokenizer's tokens, or in whitespace-separated words without one."""
 
-    def __init__(self, tokenizer: str | None, trust_remote_code: bool = False):
+    def __init__(self, tokenizer: str | None):
         self.source = tokenizer
         if tokenizer is None:
             self._tokenizer, self.unit = None, "words"
         else:
-            from transformers import AutoTokenizer
+            from ..models import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+            self._tokenizer = load_tokenizer(tokenizer, chat_template=False)
             self.unit = "tokens"
 
     def __call__(self, text: str) -> int:
@@ -628,8 +631,7 @@ def run_rewrite(cfg: RewriteConfig, run: RunDir, overwrite: bool) -> None:
             if r.reason is not None
         ]
         count = LengthCounter(
-            tokenizer_path(cfg.tokenizer, run) or (model.path if cfg.backend != "openai" else None),
-            cfg.trust_remote_code,
+            tokenizer_path(cfg.tokenizer, run) or (model.path if cfg.backend != "openai" else None)
         )
         stats = {"rewriter": model.path, "input": len(graded), **rewrite_stats(results, count)}
         atomic_write_json(dropped_file(run, name), {"dropped": stats["dropped"], "rows": dropped})

@@ -36,11 +36,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from transformers import AutoTokenizer
 
 from ..chat import completion_ids
 from ..errors import UserError
 from ..modelref import ResolvedModel, required_steps, resolve_model
+from ..models import load_tokenizer
 from ..objectives import IGNORE_INDEX, make_objective
 from ..records import GradedTrace, Problem, TrainingExample, atomic_write_json, read_records
 from ..rundir import RunDir
@@ -282,7 +282,7 @@ def student_statistics(
     cfg: SelectTeacherConfig,
 ) -> dict[str, dict]:
     """Per teacher: trace length in the student's tokens (all traces) and the student's NLL (correct ones)."""
-    tokenizer = AutoTokenizer.from_pretrained(student.path)
+    tokenizer = load_tokenizer(student.path)
     device = _device()
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = load_frozen(student.path, device, dtype)

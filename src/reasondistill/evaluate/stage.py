@@ -34,7 +34,8 @@ from ..tasks.stage import (
     load_problems,
 )
 from ..ui import note, progress_bar
-from ..verify.stage import GraderChoice, grade_trace
+from ..verify.grading import grade_traces
+from ..verify.stage import GraderChoice
 from .metrics import summarise
 
 
@@ -84,11 +85,18 @@ def evaluate_model(
                 completions = generator.generate(
                     [p.messages for p in task_problems], sampling, progress=bar.advance
                 )
-                per_problem = [
-                    [grade_trace(trace, problem, grader) for trace in make_traces(problem, samples, source)]
+                traces = [
+                    make_traces(problem, samples, source)
                     for problem, samples in zip(task_problems, completions, strict=True)
                 ]
-                graded = [g for samples in per_problem for g in samples]
+                graded = grade_traces(
+                    [
+                        (t, problem, grader)
+                        for problem, ts in zip(task_problems, traces, strict=True)
+                        for t in ts
+                    ]
+                )
+                per_problem = _regroup(graded, [len(ts) for ts in traces])
                 write_records(out / f"{task}.{mode}.parquet", graded, GradedTrace)
                 result[mode] = {
                     "temperature": sampling.temperature,
@@ -97,6 +105,12 @@ def evaluate_model(
             atomic_write_json(out / f"{task}.json", result)
             accuracy[task] = {mode: round(result[mode]["accuracy"], 4) for mode, _ in modes}
     return {"model": model.path, "accuracy": accuracy}
+
+
+def _regroup(items: list, sizes: list[int]) -> list[list]:
+    """`items` cut into consecutive groups of `sizes` (the graded samples of each problem)."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[start : start + size] for start, size in zip(starts, sizes, strict=True)]
 
 
 def _data_description(task: str, cfg: EvalConfig) -> str:

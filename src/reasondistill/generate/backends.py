@@ -55,9 +55,6 @@ class BackendOptions(StageConfig):
         description="finish the step although some requests failed after their retries (they are listed); "
         "by default the step stops with an error and a rerun retries them",
     )
-    trust_remote_code: bool = Field(
-        False, description="run code shipped with the model (hf, vllm, tokenizer)"
-    )
 
     operational = frozenset(
         {
@@ -109,7 +106,6 @@ def open_generator(
             student.path,
             threshold=threshold,
             batch_size=batch_size,
-            trust_remote_code=options.trust_remote_code,
         )
     if options.backend == "openai":
         from .openai import OpenAIGenerator, RetryPolicy
@@ -123,7 +119,6 @@ def open_generator(
             concurrency=options.concurrency,
             timeout=options.request_timeout,
             retry=RetryPolicy(max_retries=options.max_retries, backoff_base=options.retry_backoff),
-            trust_remote_code=options.trust_remote_code,
         )
     if options.backend == "vllm":
         from .vllm import VLLMGenerator
@@ -133,8 +128,7 @@ def open_generator(
             tensor_parallel_size=options.tensor_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization,
             max_logprobs=max(top_logprobs, 20),  # 20: vLLM's own default
-            trust_remote_code=options.trust_remote_code,
         )
     from .hf import HFGenerator
 
-    return HFGenerator(model.path, batch_size=batch_size, trust_remote_code=options.trust_remote_code)
+    return HFGenerator(model.path, batch_size=batch_size)

@@ -46,6 +46,30 @@ class SamplingParams:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def row_seed(seed: int, problem_id: str, sample_idx: int) -> int:
+    """The sampling seed of one output row, from the step's seed and the row's identity alone.
+
+    A row keeps its seed whichever request list, shard or rerun it is sent in, so a rerun that asks
+    again for the rows that failed gets the completions an uninterrupted run gets (with a backend
+    that seeds each request: openai, vllm)."""
+    digest = hashlib.sha256(json.dumps([seed, problem_id, sample_idx]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**31
+
+
+def prompt_seeds(sampling: SamplingParams, count: int, seeds: Sequence[int] | None) -> list[int]:
+    """The seed of each of `count` prompts; prompt i's n samples are drawn with seed_i, seed_i + 1, …
+    (vLLM's own rule for a request with n > 1).
+
+    `seeds` (one per prompt, e.g. `row_seed`s) are taken as given; without them the i-th prompt of
+    the call gets `sampling.seed + i·n`, so no two samples of a call share a seed, but a prompt's
+    samples then depend on its place in the list."""
+    if seeds is None:
+        return [sampling.seed + i * sampling.n for i in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds for {count} prompts")
+    return list(seeds)
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -68,9 +92,9 @@ class Failure:
 class Usage:
     """What a generator has spent so far: the stage's progress bar, manifest and cost come from it."""
 
-    requests: int = 0
-    retries: int = 0
-    failures: int = 0
+    requests: int = 0  # answered requests (a checking probe included)
+    retries: int = 0  # attempts repeated after a retryable error
+    failures: int = 0  # requests that still failed after their retries
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -94,8 +118,12 @@ class Generator(Protocol):
         prompts: Sequence[list[Message]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion | Failure]]:
-        """`sampling.n` completions (or failures) for each chat prompt, in prompt order."""
+        """`sampling.n` completions (or failures) for each chat prompt, in prompt order.
+
+        `seeds`: one per prompt (see `prompt_seeds`), for backends that seed each request (openai,
+        vllm); the hf backend samples a call from one random stream seeded by `sampling.seed`."""
 
     def score(
         self,

@@ -3,6 +3,13 @@
 Logprobs come from one teacher-forced forward pass over prompt + completion after decoding, so they
 are the model's own distribution (temperature 1, no top-k/top-p filter), as vLLM's raw logprobs are,
 and the [T, V] logits are projected in chunks of positions instead of being kept for every step.
+
+Seeds: `model.generate` samples a whole batch with one draw from torch's global random stream per
+step, so rows cannot be seeded one by one. A call seeds that stream once with `sampling.seed` and
+its batches follow one another: the same call (same prompts, order and batch size) gives the same
+completions, but a prompt's completions depend on the prompts sent with it, and per-prompt `seeds`
+are not used. (Sharded `generate` jobs stay exact on resumption all the same: this backend has no
+per-row failures, so an unfinished shard is always redone whole.)
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
+from ..models import load_causal_lm, load_tokenizer
 from ..records import Message
 from .base import Completion, ProgressCallback, SamplingParams, Usage
 from .logprobs import TokenLogprobs, from_logits
@@ -33,13 +41,12 @@ class HFGenerator:
         *,
         batch_size: int = 64,
         device: str | None = None,
-        trust_remote_code: bool = False,
     ):
         """`batch_size` counts sequences (prompts × n) decoded or scored together."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(path, dtype=dtype)
         self._attach(str(path), model.to(device).eval(), tokenizer, batch_size)
 
     @classmethod
@@ -76,7 +83,9 @@ class HFGenerator:
         prompts: Sequence[list[Message]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
+        """`seeds` is accepted for the Generator interface and not used (see the module docstring)."""
         return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress)
 
     def generate_ids(
@@ -210,7 +219,10 @@ class HFGenerator:
         completions: Sequence[list[int]],
         top_k: int,
         progress: ProgressCallback | None,
+        temperature: float = 1.0,
     ) -> list[TokenLogprobs]:
+        """`temperature` divides the logits first: 1, the model's own distribution, is what is stored;
+        the test server uses other values to play a server that reports processed logprobs."""
         config = self.model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             raise UserError(
@@ -247,7 +259,7 @@ class HFGenerator:
                 results.append(
                     TokenLogprobs.concat(
                         [
-                            from_logits(head(chunk)[:, :real_tokens], target, top_k)
+                            from_logits(_scaled(head(chunk)[:, :real_tokens], temperature), target, top_k)
                             for chunk, target in zip(
                                 states.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True
                             )
@@ -258,6 +270,10 @@ class HFGenerator:
             if progress:
                 progress(len(pairs))
         return results
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1 else logits / temperature  # no copy of [chunk, V] when stored raw
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> tuple[int, int] | None:

@@ -7,9 +7,17 @@ says; after `max_retries` it becomes a `Failure` row for the stage to record. Ot
 concern that one request (a prompt too long, say) and fail it at once; 401/403/404 concern every
 request and stop the job.
 
+Seeds: every request carries its own (`prompt_seeds`): the `generate` stage gives each row one
+derived from its identity, so a request retried here, or asked again by a rerun, gets the same
+completion from a server that honours per-request seeds (vLLM, SGLang).
+
 Token ids and logprobs: the top-k store needs token *ids*, so logprob requests ask for vLLM's
 `return_tokens_as_token_ids` ("token_id:123" tokens). Scoring uses vLLM's `prompt_logprobs` on
 `/v1/completions` with the prompt sent as token ids, which needs the teacher's tokenizer locally.
+Stored logprobs must be the model's own distribution: values that are not log-probabilities at all
+(vLLM's `--logprobs-mode raw_logits`) are refused on sight, and before sampling with logprobs at
+other settings than temperature 1 without top-k/top-p, one probe compares the first token's top-k
+at both settings, which catches `--logprobs-mode processed_logprobs` (see `_check_raw_logprobs`).
 
 The client is aiohttp rather than the `openai` SDK or httpx. The SDK retries inside the call, so
 retries could be neither counted for the progress bar nor turned into failure rows; and both it
@@ -22,26 +30,42 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import json
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import aiohttp
+import numpy as np
 
 from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
 from ..records import Message
-from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage
+from ..ui import note
+from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage, prompt_seeds
 from .logprobs import TokenLogprobs, from_candidates
 
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
 FATAL_STATUSES = {401, 403, 404}  # wrong key, wrong URL or model name: no request can succeed
 MAX_RETRY_AFTER = 600.0  # seconds; a larger Retry-After is capped rather than stalling the job for hours
+COMPLETIONS_NEED_TOKENIZER = (
+    "tokenizer: the openai backend's completions endpoint applies the chat template here and needs "
+    "the teacher's tokenizer (a folder or Hub id)"
+)
+SCORING_NEEDS_TOKENIZER = (
+    "tokenizer: scoring with the openai backend sends prompt + completion as token ids and needs the "
+    "teacher's tokenizer (a folder or Hub id)"
+)
+# The raw-logprobs probe (`_check_raw_logprobs`): k candidates compared at the first position; values
+# may differ by 0.05 nats + 2% (a server's numerics vary a little between batches). Temperature
+# scaling moves a candidate at log p = -5 by 0.26 nats at temperature 0.95, 1.25 at 0.8.
+RAW_CHECK_K = 5
+RAW_CHECK_TOLERANCE = 0.05
+RAW_CHECK_RELATIVE = 0.02
+MASS_SLACK = 0.01  # top-k probabilities may sum to 1 + this (rounding) before they count as logits
 
 
 class RetryableError(Exception):
@@ -83,11 +107,6 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def request_seed(seed: int, prompt_index: int, sample_idx: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{prompt_index}/{sample_idx}".encode()).hexdigest()
-    return int(digest, 16) % 2**31
-
-
 def token_id(token: str) -> int:
     """The id in a vLLM `token_id:123` token (asked for with return_tokens_as_token_ids)."""
     prefix, _, number = token.partition(":")
@@ -113,19 +132,21 @@ class OpenAIGenerator:
         concurrency: int = 64,
         timeout: float = 600.0,
         retry: RetryPolicy = RetryPolicy(),
-        trust_remote_code: bool = False,
     ):
         if endpoint not in ("chat", "completions"):
             raise UserError(f"openai backend: endpoint must be chat or completions, got {endpoint!r}")
+        if endpoint == "completions" and not tokenizer:
+            raise UserError(COMPLETIONS_NEED_TOKENIZER)
         self.model, self.base_url, self.endpoint = model, base_url.rstrip("/"), endpoint
         self.api_key_env = api_key_env
         self.concurrency, self.timeout, self.retry = concurrency, timeout, retry
         self.tokenizer = None
         if tokenizer:
-            from transformers import AutoTokenizer
+            from ..models import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+            self.tokenizer = load_tokenizer(tokenizer, chat_template=endpoint == "completions")
         self.usage = Usage()
+        self._raw_logprobs_checked: set[tuple] = set()  # sampling settings whose logprobs were probed
 
     def describe(self) -> dict:
         # The API key is deliberately absent: only the name of the variable it came from.
@@ -146,24 +167,19 @@ class OpenAIGenerator:
         prompts: Sequence[list[Message]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion | Failure]]:
-        if self.endpoint == "chat":
-            rendered: Sequence = prompts
-        elif self.tokenizer is None:
-            raise UserError(
-                "openai backend: the completions endpoint renders the chat template here and needs "
-                "`tokenizer` (the teacher's tokenizer folder or Hub id)"
-            )
-        else:
-            rendered = prompt_ids(self.tokenizer, prompts)
+        """One request per sample: sample j of prompt i is sent with seed `seeds[i] + j` (see
+        `prompt_seeds`), so it gets the same completion whenever and with whatever else it is sent."""
+        rendered: Sequence = prompts if self.endpoint == "chat" else prompt_ids(self.tokenizer, prompts)
+        if prompts and sampling.wants_logprobs:
+            self._check_raw_logprobs(rendered[0], sampling)
         jobs = [
-            (i, self._completion_body(rendered[i], sampling, i, j))
-            for i in range(len(prompts))
+            (i, self._completion_body(rendered[i], sampling, seed + j))
+            for i, seed in enumerate(prompt_seeds(sampling, len(prompts), seeds))
             for j in range(sampling.n)
         ]
-        path = "/chat/completions" if self.endpoint == "chat" else "/completions"
-        parse = self._parse_chat if self.endpoint == "chat" else self._parse_completion
-        results = self._run([(body, partial(parse, sampling=sampling)) for _, body in jobs], path, progress)
+        results = self._run([(body, self._parser(sampling)) for _, body in jobs], self._path, progress)
         grouped: list[list[Completion | Failure]] = [[] for _ in prompts]
         for (i, _), result in zip(jobs, results, strict=True):
             grouped[i].append(result)
@@ -178,10 +194,7 @@ class OpenAIGenerator:
     ) -> list[TokenLogprobs | Failure]:
         """Teacher-forced top-k via vLLM's `prompt_logprobs`, the prompt sent as token ids."""
         if self.tokenizer is None:
-            raise UserError(
-                "openai backend: scoring sends prompt + completion as token ids and needs `tokenizer` "
-                "(the teacher's tokenizer folder or Hub id)"
-            )
+            raise UserError(SCORING_NEEDS_TOKENIZER)
         return self.score_ids(
             prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
         )
@@ -208,8 +221,56 @@ class OpenAIGenerator:
             )
         return self._run(requests, "/completions", progress)
 
+    # ---- raw logprobs ---------------------------------------------------------------------------
+    def _check_raw_logprobs(self, prompt, sampling: SamplingParams) -> None:
+        """Stop before any row is generated if the server's logprobs are not the model's own distribution.
+
+        vLLM started with `--logprobs-mode processed_logprobs` reports logprobs after temperature and
+        top-k/top-p: log-probabilities still (they sum to at most 1), but of the sampling distribution.
+        The first generated position's top-k depends on the prompt alone, so it is asked for twice
+        (one token each): with this call's settings and with neutral ones (temperature 1, no top-k or
+        top-p, where processed and raw values coincide); raw values agree, processed ones differ.
+        Settings that are neutral already need no check. Once per generator and settings."""
+        settings = (sampling.temperature, sampling.top_p, sampling.top_k)
+        if settings == (1.0, 1.0, 0) or settings in self._raw_logprobs_checked:
+            return
+        k = max(sampling.top_logprobs, RAW_CHECK_K)
+        probe = replace(sampling, n=1, max_new_tokens=1, stop=(), logprobs=True, top_logprobs=k)
+        neutral = replace(probe, temperature=1.0, top_p=1.0, top_k=0)
+        answers = self._run(
+            [(self._completion_body(prompt, s, sampling.seed), self._parser(s)) for s in (neutral, probe)],
+            self._path,
+            None,
+        )
+        failed = [a for a in answers if isinstance(a, Failure)]
+        if failed:
+            note(
+                f"[yellow]warning:[/] {self.base_url}: could not check that the server's logprobs are "
+                f"the model's raw distribution ({failed[0].error}); vLLM must run with "
+                "--logprobs-mode raw_logprobs (its default)"
+            )
+            return
+        raw, used = (_first_position(a.logprobs) for a in answers)
+        for token in raw.keys() & used.keys():
+            if abs(raw[token] - used[token]) > RAW_CHECK_TOLERANCE + RAW_CHECK_RELATIVE * abs(raw[token]):
+                raise UserError(
+                    f"{self.base_url}: the server's logprobs change with the sampling settings (token "
+                    f"{token}: {raw[token]:.3f} at temperature 1, {used[token]:.3f} at temperature "
+                    f"{sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}), so they are "
+                    "not the model's raw distribution; start vLLM with --logprobs-mode raw_logprobs (its default)"
+                )
+        self._raw_logprobs_checked.add(settings)
+
     # ---- request bodies and answers -------------------------------------------------------------
-    def _completion_body(self, prompt, sampling: SamplingParams, prompt_index: int, sample_idx: int) -> dict:
+    @property
+    def _path(self) -> str:
+        return "/chat/completions" if self.endpoint == "chat" else "/completions"
+
+    def _parser(self, sampling: SamplingParams) -> Callable[[dict], Completion]:
+        parse = self._parse_chat if self.endpoint == "chat" else self._parse_completion
+        return partial(parse, sampling=sampling)
+
+    def _completion_body(self, prompt, sampling: SamplingParams, seed: int) -> dict:
         body: dict = {
             "model": self.model,
             "n": 1,
@@ -223,7 +284,7 @@ class OpenAIGenerator:
             body["prompt"] = prompt
             body["max_tokens"] = sampling.max_new_tokens
         if not sampling.greedy:
-            body["seed"] = request_seed(sampling.seed, prompt_index, sample_idx)
+            body["seed"] = seed
         if sampling.top_k:
             body["top_k"] = sampling.top_k  # a vLLM/SGLang extension; sent only when asked for
         if sampling.stop:
@@ -371,6 +432,29 @@ def _token_usage(answer: dict) -> dict:
     }
 
 
+def _first_position(logprobs: TokenLogprobs) -> dict[int, float]:
+    """The top-k at a completion's first position, {token id: logprob} (empty for no token)."""
+    if not len(logprobs):
+        return {}
+    return dict(
+        zip(logprobs.topk_ids[0].tolist(), logprobs.topk_logprobs[0].astype(float).tolist(), strict=True)
+    )
+
+
+def check_distribution(logprobs: TokenLogprobs) -> TokenLogprobs:
+    """Refuse values that cannot be log-probabilities: a positive one, or top-k probabilities
+    summing to more than 1 (vLLM's `--logprobs-mode raw_logits` or `processed_logits`)."""
+    masses = np.exp(logprobs.topk_logprobs.astype(np.float64)).sum(axis=-1)
+    largest = max(logprobs.logprobs.max(initial=-np.inf), logprobs.topk_logprobs.max(initial=-np.inf))
+    if largest > MASS_SLACK or masses.max(initial=0.0) > 1 + MASS_SLACK:
+        raise UserError(
+            f"the server's logprobs are not log-probabilities (largest {float(largest):.3g}, top-k "
+            f"probabilities summing to up to {float(masses.max(initial=0.0)):.3g}): logits? start vLLM "
+            "with --logprobs-mode raw_logprobs (its default)"
+        )
+    return logprobs
+
+
 def _completion(answer: dict, choice: dict, text: str, positions, top_k: int) -> Completion:
     finish = choice.get("finish_reason")
     if finish not in ("stop", "length"):
@@ -380,8 +464,8 @@ def _completion(answer: dict, choice: dict, text: str, positions, top_k: int) ->
     token_ids: list[int] = []
     if positions is not None:
         token_ids = [token for token, _, _ in positions]
-        logprobs = from_candidates(
-            token_ids, [lp for _, lp, _ in positions], [c for _, _, c in positions], top_k
+        logprobs = check_distribution(
+            from_candidates(token_ids, [lp for _, lp, _ in positions], [c for _, _, c in positions], top_k)
         )
     return Completion(
         text=text,
@@ -405,8 +489,10 @@ def _parse_prompt_logprobs(answer: dict, prompt_length: int, reply: list[int], t
         {int(token): entry["logprob"] for token, entry in position.items()}
         for position in entries[prompt_length:]
     ]
-    return from_candidates(
-        reply, [c[token] for c, token in zip(candidates, reply, strict=True)], candidates, top_k
+    return check_distribution(
+        from_candidates(
+            reply, [c[token] for c, token in zip(candidates, reply, strict=True)], candidates, top_k
+        )
     )
 
 

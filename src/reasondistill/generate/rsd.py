@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
-    AutoTokenizer,
     DynamicCache,
     LogitsProcessorList,
     PreTrainedModel,
@@ -34,6 +32,7 @@ from transformers import (
 )
 
 from ..errors import UserError
+from ..models import load_config, load_tokenizer
 from ..train.teachers import preflight
 from .base import Completion, SamplingParams
 from .hf import HFGenerator
@@ -58,17 +57,14 @@ class StudentGatedGenerator(HFGenerator):
         threshold: float,
         batch_size: int = 64,
         device: str | None = None,
-        trust_remote_code: bool = False,
     ):
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1] (a probability), got {threshold}")
         # Before any weights are loaded: the gate compares the two models' probabilities token id by
         # token id, so they must agree on what every id means.
-        _check_shared_tokenizer(teacher, student, trust_remote_code)
-        super().__init__(teacher, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
-        self.student = HFGenerator(
-            student, batch_size=batch_size, device=str(self.device), trust_remote_code=trust_remote_code
-        )
+        _check_shared_tokenizer(teacher, student)
+        super().__init__(teacher, batch_size=batch_size, device=device)
+        self.student = HFGenerator(student, batch_size=batch_size, device=str(self.device))
         self.threshold = threshold
         self.gate_stats = {"tokens": 0, "rejected": 0}
 
@@ -179,15 +175,10 @@ def _pick(logits: torch.Tensor, warp: LogitsProcessorList, greedy: bool) -> torc
     return torch.multinomial(torch.softmax(warp(None, logits), -1), 1)[:, 0]
 
 
-def _check_shared_tokenizer(teacher: Path | str, student: Path | str, trust_remote_code: bool) -> None:
+def _check_shared_tokenizer(teacher: Path | str, student: Path | str) -> None:
     """The training pre-flight check on tokenizers and configs, so a mismatch costs no weight loading."""
-    tokenizers = [
-        AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code) for p in (student, teacher)
-    ]
-    rows = [
-        AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).get_text_config().vocab_size
-        for p in (student, teacher)
-    ]
+    tokenizers = [load_tokenizer(p) for p in (student, teacher)]
+    rows = [load_config(p).get_text_config().vocab_size for p in (student, teacher)]
     try:
         preflight(*tokenizers, *rows, str(teacher))
     except UserError as err:

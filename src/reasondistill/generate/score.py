@@ -11,11 +11,11 @@ token, exactly as the student is trained on it when both share a tokenizer.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import UserError
 from ..modelref import reference_name
-from ..records import Trace, read_records
+from ..records import Trace
 from ..rundir import RunDir
 from ..stages import Stage
 from ..tasks.stage import problems_by_id
@@ -23,7 +23,7 @@ from ..ui import note
 from .backends import BackendOptions, backend_model, backend_requirements, open_generator
 from .logprobs import TokenLogprobs, logprobs_file, read_logprobs, stored_tokens, write_logprobs
 from .shards import ShardedJob, usage_totals
-from .stage import finish_sharded_step, trace_shards, usage_stats
+from .stage import finish_sharded_step, read_traces, usage_stats
 
 
 class ScoreConfig(BackendOptions):
@@ -37,6 +37,14 @@ class ScoreConfig(BackendOptions):
     def output_name(self) -> str:
         return self.name or f"{self.traces}.{reference_name(self.model)}"
 
+    @model_validator(mode="after")
+    def _openai_needs_tokenizer(self) -> ScoreConfig:
+        if self.backend == "openai" and not self.tokenizer:
+            from .openai import SCORING_NEEDS_TOKENIZER  # here: aiohttp is imported only when needed
+
+            raise ValueError(SCORING_NEEDS_TOKENIZER)
+        return self
+
 
 def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
     model = backend_model(cfg, cfg.model, run)
@@ -49,14 +57,7 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
 
     def body(step_fingerprint: str) -> dict:
         problems = problems_by_id(run)
-        traces = []
-        for shard in trace_shards(run.traces(cfg.traces)):
-            for row, trace in enumerate(read_records(shard, Trace)):
-                if trace.problem_id not in problems:
-                    raise UserError(
-                        f"{shard} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
-                    )
-                traces.append(trace)
+        traces = read_traces(run.traces(cfg.traces), problems)
         if not traces:
             raise UserError(f"score:{name}: traces/{cfg.traces} holds no traces to score")
 

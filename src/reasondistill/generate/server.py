@@ -11,6 +11,10 @@ against what the model computes. Two modes make it useful beyond that:
   retries; a `poison` text makes every request that contains it fail, to test failures that persist.
 * instant (no model): every request gets the same small completion at once, with well-formed fake
   logprobs when asked for, to measure the client's own overhead.
+* processed logprobs (`logprobs_mode="processed_logprobs"`): like vLLM started with
+  `--logprobs-mode processed_logprobs`, generated tokens' logprobs come from the distribution the
+  request samples from (the logits divided by its temperature; top-k/top-p are not played), to test
+  that the client refuses them.
 
 Model calls run one at a time on a worker thread (identical requests with a seed give identical
 completions, as torch's random state is global), so the server keeps answering other connections
@@ -39,7 +43,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +59,7 @@ from .hf import HFGenerator
 from .logprobs import TokenLogprobs
 
 FAULT_KINDS = ("500", "429", "hang", "malformed", "drop")
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names; its raw_logits modes are not played
 MIN_LOGPROB = -9999.0  # vLLM clamps -inf (and float16 underflow) to this, which keeps the JSON valid
 STOP_GRACE_SECONDS = 1.0  # in-flight requests (a hanging one, say) get this long when the server stops
 # A 200 answer cut off mid-document: valid HTTP, invalid JSON.
@@ -370,9 +375,15 @@ class OpenAIServer:
         faults: Faults | None = None,
         api_key: str | None = None,
         instant: bool = False,
+        logprobs_mode: str = "raw_logprobs",
     ):
         if (model is None) != instant:
             raise ValueError("give a model, or instant=True without one")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(
+                f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}"
+            )
+        self.logprobs_mode = logprobs_mode
         self.served_name = served_name
         self.faults = faults or Faults()
         self.api_key = api_key
@@ -515,6 +526,16 @@ class OpenAIServer:
                 f"{sampling.max_new_tokens} in the completion).",
             )
         completions = generator.generate_ids([prompt], sampling)[0]
+        if self.logprobs_mode == "processed_logprobs" and sampling.wants_logprobs and not sampling.greedy:
+            # vLLM's processed logprobs: after the temperature (greedy decoding applies none)
+            processed = generator._distributions(
+                [prompt] * len(completions),
+                [c.token_ids for c in completions],
+                sampling.top_logprobs,
+                None,
+                temperature=sampling.temperature,
+            )
+            completions = [replace(c, logprobs=lp) for c, lp in zip(completions, processed, strict=True)]
         if isinstance(body, ChatRequest):
             return _encode(self.answers.chat(body, len(prompt), completions))
         scores = None
@@ -595,6 +616,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-faults-per-request", type=int, default=2)
     parser.add_argument("--poison", help="requests whose prompt contains this text always fail (500)")
     parser.add_argument("--api-key-env", help="environment variable holding the API key requests must send")
+    parser.add_argument(
+        "--logprobs-mode",
+        choices=LOGPROBS_MODES,
+        default="raw_logprobs",
+        help="as vLLM's: processed_logprobs reports the temperature-scaled distribution",
+    )
     args = parser.parse_args(argv)
 
     api_key = None
@@ -621,7 +648,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         model = resolve_testbed_model(model)
     server = OpenAIServer(
-        model, served_name=args.served_name, faults=faults, api_key=api_key, instant=args.instant
+        model,
+        served_name=args.served_name,
+        faults=faults,
+        api_key=api_key,
+        instant=args.instant,
+        logprobs_mode=args.logprobs_mode,
     )
     asyncio.run(_serve_until_signalled(server, args.host, args.port))
 

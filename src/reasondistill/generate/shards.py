@@ -5,7 +5,8 @@ written atomically, then `index.json` records the shard as finished, with the ro
 after their retries, and adds the shard's token usage and wall time. Killing the process at any
 moment therefore leaves every shard either recorded or not; a rerun of the same command redoes the
 unrecorded shards with the same seeds and retries the failed rows of the recorded ones (adding
-only rows whose key is not yet in the shard's files), so no row is lost or written twice.
+only rows whose key is not yet in the shard's files), so no row is lost or written twice. The
+index counts the rows still failed and, apart, those a rerun recovered (`recovered`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class Pricing:
         )
 
 
-USAGE_COUNTS = ("requests", "retries", "failures", "prompt_tokens", "completion_tokens", "seconds")
+USAGE_COUNTS = (
+    "requests", "retries", "failures", "recovered_by_rerun", "prompt_tokens", "completion_tokens", "seconds",
+)  # fmt: skip
 
 
 def usage_totals(manifest: dict) -> dict:
@@ -55,7 +58,7 @@ def usage_totals(manifest: dict) -> dict:
         for step in manifest.get("steps", {}).values()
         if "usage" in step.get("stats", {})
     ]
-    totals = {name: round(sum(u[name] for u in steps), 2) for name in USAGE_COUNTS}
+    totals = {name: round(sum(u.get(name, 0) for u in steps), 2) for name in USAGE_COUNTS}
     costs = [u["cost"] for u in steps if u["cost"] is not None]
     totals["cost"] = round(sum(costs), 6) if costs else None
     totals["failed_rows"] = sum(len(u["failed"]) for u in steps)
@@ -81,6 +84,7 @@ class ShardIndex:
         self.failures: dict[int, list[dict]] = {int(k): v for k, v in saved.get("failures", {}).items()}
         self.usage = Usage(**saved.get("usage", {}))
         self.seconds: float = saved.get("seconds", 0.0)
+        self.recovered: int = saved.get("recovered", 0)  # failed rows that a later run completed
 
     def pending(self) -> list[int]:
         """Shards not written yet, or written with failed rows to retry."""
@@ -89,7 +93,11 @@ class ShardIndex:
     def all_failures(self) -> list[dict]:
         return [row for shard in sorted(self.failures) for row in self.failures[shard]]
 
-    def record(self, shard: int, failures: list[dict], usage: Usage, seconds: float) -> None:
+    def record(
+        self, shard: int, failures: list[dict], usage: Usage, seconds: float, recovered: int = 0
+    ) -> None:
+        """Shard `shard` is written, with these rows failed; `recovered`: rows of it that had failed
+        in an earlier run and are now written."""
         self.finished.add(shard)
         if failures:
             self.failures[shard] = failures
@@ -97,6 +105,7 @@ class ShardIndex:
             self.failures.pop(shard, None)
         self.usage.add(usage)
         self.seconds += seconds
+        self.recovered += recovered
         atomic_write_json(
             self.path,
             {
@@ -106,6 +115,7 @@ class ShardIndex:
                 "failures": {str(k): v for k, v in sorted(self.failures.items())},
                 "usage": asdict(self.usage),
                 "seconds": round(self.seconds, 3),
+                "recovered": self.recovered,
             },
         )
 
@@ -158,8 +168,15 @@ class ShardedJob(Generic[Row, Result]):
                     for key, r in zip(map(self.key, rows), results, strict=True)
                     if isinstance(r, Failure)
                 ]
-                self.save(i, done, i in index.finished)
-                index.record(i, failed, _difference(generator.usage, before), time.time() - shard_started)
+                retry = i in index.finished  # only its failed rows were asked again
+                self.save(i, done, retry)
+                index.record(
+                    i,
+                    failed,
+                    _difference(generator.usage, before),
+                    time.time() - shard_started,
+                    recovered=len(done) if retry else 0,
+                )
         generator.close()
         return index
 

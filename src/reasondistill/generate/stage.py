@@ -2,6 +2,10 @@
 
 One row per (problem, sample index), cut into shards of `shard_size` rows (see shards.py for how a
 killed job resumes with no row lost or duplicated, and how failed requests are kept and retried).
+Each row is sampled with a seed of its own, `row_seed(seed, problem_id, sample_idx)`, by the backends
+that seed each request (openai, vllm), so the rows a rerun asks for again come out as they would
+have the first time; the hf backend seeds each shard's call once (see hf.py), which is exact too, as
+it never leaves a shard partly done.
 With `logprobs` / `top_logprobs` the teacher's distribution over each completion goes to
 `traces/<name>/logprobs-<shard>.parquet` beside the traces (see logprobs.py for the layout).
 With `gate_model` a student gates the teacher's tokens (RSD, see rsd.py); each shard's count of
@@ -27,7 +31,7 @@ from ..tasks.stage import ProblemSelection, load_problems
 from ..ui import note
 from ..verify.reasoning import split_reasoning
 from .backends import BackendOptions, backend_model, backend_requirements, open_generator
-from .base import Completion, Generator, SamplingParams
+from .base import Completion, Generator, SamplingParams, row_seed
 from .logprobs import logprobs_file, read_logprobs, write_logprobs
 from .shards import Pricing, ShardedJob, ShardIndex, usage_totals
 
@@ -94,6 +98,22 @@ class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions):
             )
         return self
 
+    @model_validator(mode="after")
+    def _options_fit_together(self) -> GenerateConfig:
+        """Combinations no request could serve, refused before anything runs."""
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(
+                f"n: greedy decoding (temperature 0) gives one completion per problem, not {self.n}; "
+                "set n: 1 or a temperature above 0"
+            )
+        if "" in self.stop:
+            raise ValueError("stop: an empty string would end every completion at once")
+        if self.backend == "openai" and self.endpoint == "completions" and not self.tokenizer:
+            from .openai import COMPLETIONS_NEED_TOKENIZER  # here: aiohttp is imported only when needed
+
+            raise ValueError(COMPLETIONS_NEED_TOKENIZER)
+        return self
+
 
 def default_trace_name(teacher: str, gate: str | None) -> str:
     """traces/<teacher>, or traces/<teacher>-rsd-<student> for student-gated traces."""
@@ -130,6 +150,20 @@ def trace_shards(directory: Path) -> list[Path]:
     return [directory / f"shard-{i:05d}.parquet" for i in sorted(index["finished"])]
 
 
+def read_traces(directory: Path, problems: dict[str, Problem]) -> list[Trace]:
+    """Every trace of a finished `generate` output; a trace of a problem not in `problems` (the run's
+    problems by id) is a UserError naming its shard and row."""
+    traces = []
+    for shard in trace_shards(directory):
+        for row, trace in enumerate(read_records(shard, Trace)):
+            if trace.problem_id not in problems:
+                raise UserError(
+                    f"{shard} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
+                )
+            traces.append(trace)
+    return traces
+
+
 def logprob_shards(directory: Path) -> list[Path]:
     """The teacher-distribution files beside the traces (generate with logprobs) or of `score`."""
     index = json.loads((directory / "index.json").read_text())
@@ -137,13 +171,20 @@ def logprob_shards(directory: Path) -> list[Path]:
 
 
 def usage_stats(index: ShardIndex, pricing: Pricing, generator: str) -> dict:
-    """Tokens, time and money of a sharded step, for the manifest and the report."""
+    """Tokens, time and money of a sharded step, for the manifest and the report.
+
+    `failures` counts the rows still failed when the step ended (listed in `failed`), not every
+    request that ever failed: a row a rerun recovered is counted in `recovered_by_rerun` instead;
+    `retries` counts the attempts repeated within the runs."""
+    failed = index.all_failures()
     return {
         "backend": generator,
         **asdict(index.usage),
+        "failures": len(failed),
+        "recovered_by_rerun": index.recovered,
         "seconds": round(index.seconds, 2),
         "cost": pricing.cost(index.usage),
-        "failed": index.all_failures(),
+        "failed": failed,
     }
 
 
@@ -180,8 +221,10 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
     rows: list[Sample] = [(p, j) for p in problems for j in range(cfg.n)]
 
     def process(generator: Generator, shard: int, samples, progress) -> list:
+        # the shard's seed drives the hf backend's one random stream; the others seed every row alone
         sampling = _row_sampling(cfg, shard_seed(cfg.seed, shard))
-        results = generator.generate([p.messages for p, _ in samples], sampling, progress)
+        seeds = [row_seed(cfg.seed, p.id, j) for p, j in samples]
+        results = generator.generate([p.messages for p, _ in samples], sampling, progress, seeds=seeds)
         return [completions[0] for completions in results]
 
     def save(shard: int, pairs: list[tuple[Sample, Completion]], keep_saved: bool) -> None:
@@ -253,14 +296,22 @@ def _row_sampling(cfg: GenerateConfig, seed: int) -> SamplingParams:
 
 
 def _sampling_source(cfg: GenerateConfig) -> dict:
-    sampling = cfg.sampling(cfg.n, cfg.temperature, cfg.seed)
+    """The step's sampling settings as every trace records them (logprobs included)."""
+    sampling = replace(
+        cfg.sampling(cfg.n, cfg.temperature, cfg.seed),
+        logprobs=cfg.logprobs or cfg.top_logprobs > 0,
+        top_logprobs=cfg.top_logprobs,
+    )
     return {"sampling": asdict(sampling), "sampling_hash": sampling.fingerprint()}
 
 
 def _cost_note(usage: dict) -> str:
     parts = [f"{usage['seconds']:.0f} s"]
-    if usage["retries"] or usage["failures"]:
-        parts.append(f"{usage['retries']} retries, {usage['failures']} failed attempts")
+    if usage["retries"] or usage["failures"] or usage["recovered_by_rerun"]:
+        parts.append(
+            f"{usage['retries']} retries, {usage['failures']} rows failed, "
+            f"{usage['recovered_by_rerun']} recovered by a rerun"
+        )
     if usage["cost"] is not None:
         parts.append(f"cost {usage['cost']:.4f}")
     return "; " + ", ".join(parts)

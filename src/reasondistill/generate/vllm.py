@@ -21,8 +21,9 @@ from typing import Any
 
 from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
+from ..models import check_model_folder, trust_remote_code
 from ..records import Message
-from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage
+from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage, prompt_seeds
 from .logprobs import TokenLogprobs, from_candidates
 
 PROMPTS_PER_CALL = 256  # prompts per `LLM.generate` call (vLLM batches within it); the bar moves between
@@ -66,7 +67,6 @@ class VLLMGenerator:
         max_model_len: int | None = None,
         max_logprobs: int = 64,
         seed: int = 0,
-        trust_remote_code: bool = False,
         colocate: bool = False,
     ):
         """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests).
@@ -83,6 +83,8 @@ class VLLMGenerator:
             raise UserError(
                 f"vLLM is installed but does not import ({err}); the vllm backend cannot run"
             ) from err
+        if not colocate:  # (colocated: the model being trained, checked when it was loaded)
+            check_model_folder(path)  # before vLLM starts its engine: seconds to minutes
         self._vllm = vllm
         self._tokens_prompt = TokensPrompt
         self.path = str(path)
@@ -101,7 +103,7 @@ class VLLMGenerator:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             seed=seed,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code(),
             max_logprobs=max_logprobs,
             # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the
             # option exists, vLLM PR #21398; named so a change of default cannot change the teacher).
@@ -149,23 +151,31 @@ class VLLMGenerator:
         prompts: Sequence[list[Message]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion | Failure]]:
-        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress)
+        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress, seeds)
 
     def generate_ids(
-        self, prompts: Sequence[list[int]], sampling: SamplingParams, progress: ProgressCallback | None = None
+        self,
+        prompts: Sequence[list[int]],
+        sampling: SamplingParams,
+        progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion | Failure]]:
-        """Completions of prompts given as token ids (the chat template already applied)."""
+        """Completions of prompts given as token ids (the chat template already applied).
+
+        Every prompt is its own request with its own seed (`prompt_seeds`; vLLM seeds its n samples
+        seed, seed + 1, …), so equal prompts do not get equal samples, and a prompt's samples do not
+        depend on what else is batched with it (up to vLLM's numerics, which are batch-invariant only
+        with VLLM_BATCH_INVARIANT=1)."""
         self._check_k(sampling.top_logprobs, "top_logprobs")
         base = to_vllm_sampling(sampling)
+        every_seed = prompt_seeds(sampling, len(prompts), seeds)
         results: list[list[Completion | Failure]] = []
         for start in range(0, len(prompts), PROMPTS_PER_CALL):
             batch = prompts[start : start + PROMPTS_PER_CALL]
-            # One seed per prompt (vLLM seeds the n samples of a request seed, seed + 1, ...), so that
-            # equal prompts do not get equal samples and every prompt's samples are reproducible
-            # whatever else is batched with it.
-            seeds = [sampling.seed + (start + i) * sampling.n for i in range(len(batch))]
-            results.extend(self._generate_batch(batch, sampling, [{**base, "seed": s} for s in seeds]))
+            params = [{**base, "seed": s} for s in every_seed[start : start + PROMPTS_PER_CALL]]
+            results.extend(self._generate_batch(batch, sampling, params))
             if progress:
                 progress(len(batch) * sampling.n)
         return results

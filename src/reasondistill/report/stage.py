@@ -106,11 +106,21 @@ def pipeline_table(manifest: dict) -> Table:
             detail = f"kept {sum(stats['kept'].values())} of {stats['input']} ({stats['kept']}), dropped {stats['dropped']}"
         elif key.startswith("train:"):
             detail = (f"{stats['examples']} examples, {stats['completion_tokens']} completion tokens, {stats['steps']} steps, "
-                      f"loss {stats['train_loss']:.3f}, {stats['parameters'] / 1e6:.2f}M parameters")  # fmt: skip
+                      f"loss {stats['train_loss']:.3f}, {stats['parameters'] / 1e6:.2f}M parameters"
+                      + _truncation_detail(stats.get("truncation")))  # fmt: skip
         else:
             continue
         rows.append([key, detail, f"{step['seconds']:.0f}s"])
     return ["step", "result", "time"], rows
+
+
+def _truncation_detail(truncation: dict | None) -> str:
+    if not truncation or not truncation["longer_than_max_length"]:
+        return ""
+    n, limit = truncation["longer_than_max_length"], truncation["max_length"]
+    if truncation["mode"] == "drop":
+        return f"; {n} examples longer than max_length={limit} dropped"
+    return f"; {n} examples cut at max_length={limit} (their completions lost their end)"
 
 
 def curation_table(manifest: dict) -> Table:
@@ -153,6 +163,7 @@ def usage_table(manifest: dict) -> Table:
             usage["requests"],
             usage["retries"],
             failed_rows,
+            usage.get("recovered_by_rerun", 0),  # absent from runs made before it was counted
             usage["prompt_tokens"],
             usage["completion_tokens"],
         ]
@@ -167,6 +178,7 @@ def usage_table(manifest: dict) -> Table:
         "requests",
         "retries",
         "failed rows",
+        "recovered by a rerun",
         "prompt tokens",
         "completion tokens",
         "time",

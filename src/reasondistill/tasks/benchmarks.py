@@ -10,6 +10,7 @@ is an error naming the file, the row and the field, never a skipped problem.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
-from ..records import Message, Problem, read_jsonl_rows
+from ..records import Message, Problem, read_jsonl_rows, read_text_utf8
 from ..verify.graders import ChoiceGrader, ExactStringGrader, Grader, LabelGrader, MathGrader, NumericGrader
 
 FileFormat = Literal["jsonl", "json", "csv", "logiqa-txt"]
@@ -139,7 +140,7 @@ class Benchmark:
 
 def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text_utf8(path))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(rows, list):
@@ -148,16 +149,15 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            yield f"{path} line {reader.line_num}", row
+    reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""))
+    for row in reader:
+        yield f"{path} line {reader.line_num}", row
 
 
 def _logiqa_txt_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """LogiQA v1's text format, 8 lines per question: blank, gold letter a-d, context, question, and
     four options. Options are read by position: most start "A." but some "A ", "A?" or nothing."""
-    lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    lines = read_text_utf8(path).rstrip("\n").split("\n")
     for start in range(0, len(lines), 8):
         block, where = lines[start : start + 8], f"{path} line {start + 1}"
         if len(block) != 8 or block[0].strip() or block[1].strip() not in ("a", "b", "c", "d"):

@@ -21,7 +21,12 @@ from ..records import PairExample, TrainingExample
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    full_length: int  # prompt + completion + end of turn, before the cut at max_length
+
+    @property
+    def truncated(self) -> bool:
+        """Cut at max_length: the completion lost its end (its final answer and end-of-turn token)."""
+        return self.full_length > len(self.input_ids)
 
 
 def tokenize_examples(
@@ -44,9 +49,7 @@ def tokenize_examples(
             )
         input_ids = (prompt + completion)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
-        tokenized.append(
-            TokenizedExample(input_ids, labels, truncated=len(prompt) + len(completion) > max_length)
-        )
+        tokenized.append(TokenizedExample(input_ids, labels, full_length=len(prompt) + len(completion)))
     return tokenized
 
 

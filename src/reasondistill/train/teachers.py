@@ -13,14 +13,12 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from ..errors import UserError
+from ..models import load_causal_lm, load_config, load_tokenizer
 from ..objectives.heads import Head
 
 log = logging.getLogger(__name__)
@@ -75,7 +73,7 @@ def final_hidden_states(
 
 def load_frozen(path: str | Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """A teacher or reference model in eval mode without gradients."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = load_causal_lm(path, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     check_head(model, str(path))
     return model
@@ -142,7 +140,7 @@ def load_beside_student(
     The check reads the tokenizer and config only, so an incompatible 70B teacher is refused in
     seconds, not after its weights are loaded.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    config = AutoConfig.from_pretrained(path).get_text_config()
+    tokenizer = load_tokenizer(path)
+    config = load_config(path).get_text_config()
     shared = preflight(student_tokenizer, tokenizer, student_rows, config.vocab_size, str(path))
     return load_frozen(path, device, dtype), shared

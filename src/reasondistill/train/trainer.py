@@ -13,17 +13,18 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
 from ..generate.base import Generator
 from ..generate.logprobs import TokenLogprobs
+from ..models import load_causal_lm, load_config, load_tokenizer
 from ..objectives import IGNORE_INDEX, Objective, ObjectiveInputs, make_objective
 from ..objectives.heads import Head, SparseTargets
 from ..records import PairExample, Problem, TrainingExample
@@ -81,7 +82,12 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(8, ge=1, description="examples per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_length: int = Field(
-        2048, ge=8, description="tokens per example (prompt + completion); longer ones are cut"
+        2048, ge=8, description="tokens per example (prompt + completion); see truncation for longer ones"
+    )
+    truncation: Literal["cut", "drop"] = Field(
+        "cut",
+        description="an example longer than max_length: cut (trained on its first max_length tokens: the "
+        "completion loses its end, final answer and end-of-turn token) or drop (left out); counted either way",
     )
     sort_within_step: bool = Field(
         True,
@@ -273,8 +279,8 @@ def _build_dataset(
     hp: Hyperparameters,
     teachers: Teachers,
     description: str,
-) -> tuple[Dataset, list | None, int, int]:
-    """(dataset, stored teacher rows, examples cut at max_length, completion tokens)."""
+) -> tuple[Dataset, list | None, dict, int]:
+    """(dataset, stored teacher rows, truncation statistics, completion tokens)."""
     wanted = PairExample if objective.data == "pairs" else TrainingExample
     if not all(isinstance(e, wanted) for e in examples):
         raise UserError(
@@ -287,6 +293,12 @@ def _build_dataset(
                 f"{description}: stored teacher log-probabilities are for single completions, not pairs"
             )
         pairs = tokenize_pairs(tokenizer, examples, hp.max_length)
+        too_long = [i for i, (c, r) in enumerate(pairs) if c.truncated or r.truncated]
+        truncation = truncation_stats(
+            examples, [max(c.full_length, r.full_length) for c, r in pairs], too_long, hp
+        )
+        if hp.truncation == "drop":
+            pairs = _without(pairs, too_long)
         rows = [
             {
                 "chosen_input_ids": c.input_ids,
@@ -301,6 +313,10 @@ def _build_dataset(
         stored_rows = None
     else:
         tokenized = tokenize_examples(tokenizer, examples, hp.max_length)
+        too_long = [i for i, t in enumerate(tokenized) if t.truncated]
+        truncation = truncation_stats(examples, [t.full_length for t in tokenized], too_long, hp)
+        if hp.truncation == "drop":
+            examples, tokenized = _without(examples, too_long), _without(tokenized, too_long)
         rows = [
             {"input_ids": t.input_ids, "labels": t.labels, "length": len(t.input_ids), "index": i}
             for i, t in enumerate(tokenized)
@@ -310,9 +326,70 @@ def _build_dataset(
             if teachers.stored is not None
             else None
         )
-    truncated = sum(t.truncated for t in tokenized)
+    if not rows:
+        raise UserError(
+            f"{description}: all {truncation['dropped']} examples are longer than max_length={hp.max_length} and "
+            "truncation is drop: raise max_length"
+        )
     completion_tokens = sum(sum(label != IGNORE_INDEX for label in t.labels) for t in tokenized)
-    return Dataset.from_list(rows), stored_rows, truncated, completion_tokens
+    return Dataset.from_list(rows), stored_rows, truncation, completion_tokens
+
+
+def _without(items: list, positions: list[int]) -> list:
+    leave_out = set(positions)
+    return [item for i, item in enumerate(items) if i not in leave_out]
+
+
+def truncation_stats(
+    examples: Sequence, lengths: list[int], too_long: list[int], hp: Hyperparameters
+) -> dict:
+    """How many examples exceed max_length and what happened to them, naming the first few."""
+    named = [
+        f"{examples[i].problem_id}"
+        + (
+            f" sample {examples[i].sample_idx}"
+            if getattr(examples[i], "sample_idx", None) is not None
+            else ""
+        )
+        + f" ({lengths[i]} tokens)"
+        for i in too_long[:5]
+    ]
+    return {
+        "max_length": hp.max_length,
+        "mode": hp.truncation,
+        "longer_than_max_length": len(too_long),
+        "completion_end_cut": len(too_long) if hp.truncation == "cut" else 0,
+        "dropped": len(too_long) if hp.truncation == "drop" else 0,
+        "first": named,
+    }
+
+
+def warn_beyond_positions(init: str | Path, max_length: int, description: str) -> None:
+    """Warn when max_length allows sequences longer than the model has positions for."""
+    positions = getattr(load_config(init).get_text_config(), "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        log.warning(
+            "%s: max_length=%d exceeds the %d positions of %s: sequences longer than %d are beyond what "
+            "the model was built for; set max_length to at most %d",
+            description, max_length, positions, init, positions, positions,
+        )  # fmt: skip
+
+
+def warn_truncation(truncation: dict, examples: int, description: str) -> None:
+    """One warning per step saying how many examples lost the end of their completion (or were dropped)."""
+    n = truncation["longer_than_max_length"]
+    if not n:
+        return
+    what = (
+        "were cut: their completions lost their end (final answer and end-of-turn token) and are trained "
+        "on so; set truncation: drop to leave them out"
+        if truncation["mode"] == "cut"
+        else "were dropped"
+    )
+    log.warning(
+        "%s: %d of %d examples are longer than max_length=%d and %s (e.g. %s)",
+        description, n, examples, truncation["max_length"], what, ", ".join(truncation["first"]),
+    )  # fmt: skip
 
 
 def missing_inputs(objective: Objective, has_teacher: bool, has_reference: bool) -> str | None:
@@ -362,13 +439,15 @@ def train_model(
         raise UserError(f"{description}: {problem}")
     if not examples:
         raise UserError(f"{description}: no training examples")
-    tokenizer = AutoTokenizer.from_pretrained(init)
+    tokenizer = load_tokenizer(init)
+    warn_beyond_positions(init, hp.max_length, description)
     objective.setup(tokenizer)
     step_batches = None
     if on_policy is None:
-        dataset, stored_rows, truncated, completion_tokens = _build_dataset(
+        dataset, stored_rows, truncation, completion_tokens = _build_dataset(
             objective, tokenizer, examples, hp, teachers, description
         )
+        warn_truncation(truncation, len(examples), description)
         collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows)
     else:
         if teachers.stored is not None:
@@ -382,15 +461,7 @@ def train_model(
             teachers.scorer, teachers.scorer_top_k,
         )  # fmt: skip
         dataset = Dataset.from_list([{"index": i} for i in range(len(rows))])
-        stored_rows, truncated, completion_tokens, collator = None, 0, None, collate_indices
-    if truncated:
-        log.warning(
-            "%s: %d of %d sequences are longer than max_length=%d and were cut",
-            description,
-            truncated,
-            len(dataset),
-            hp.max_length,
-        )
+        stored_rows, truncation, completion_tokens, collator = None, None, None, collate_indices
 
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
     ours = dict(
@@ -422,7 +493,7 @@ def train_model(
     except (TypeError, ValueError) as err:
         raise UserError(f"{description}: invalid training arguments: {err}") from None
 
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    model = load_causal_lm(init, dtype=torch.float32)
     flags = _precision_flags(hp.precision)
     vocab_size, frozen = head_rows(model), {}
     reference = teachers.reference or (init if objective.needs_reference else None)
@@ -482,7 +553,7 @@ def train_model(
         "init": str(init),
         "objective": {"name": hp.objective, **objective.model_dump()},
         "examples": len(dataset),
-        "truncated_examples": truncated,
+        "truncation": truncation,  # on-policy: samples are cut to fit as they are drawn
         "completion_tokens": completion_tokens,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,

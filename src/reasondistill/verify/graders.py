@@ -12,7 +12,9 @@ import json
 import logging
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from importlib import metadata
 
@@ -79,10 +81,11 @@ class AnswerIsGrader(ExtractingGrader):
     """Grades testbed answers written as "The answer is X." (the last such statement counts).
 
     `kind="integer"` compares integers (thousands separators allowed); `kind="label"` compares a
-    case-insensitive label from `labels`; anything else in the answer slot is unparseable.
+    case-insensitive label from `labels`; anything else in the answer slot is unparseable, and so is
+    an integer that an expression continues ("The answer is 3 + 4.", not 3).
     """
 
-    version = "1"
+    version = "1"  # answer-is-label; answer-is-integer is version 2 (expressions are no longer read)
     # The answer slot is one word, without the sentence's closing punctuation ("1,234." → "1,234").
     _PATTERN = re.compile(r"the answer is\s*:?\s*(\S+?)[.!]?(?=\s|$)", re.IGNORECASE)
     _INTEGER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+|[-+]?\d+")
@@ -94,17 +97,22 @@ class AnswerIsGrader(ExtractingGrader):
             raise ValueError("a label grader needs its labels")
         self.kind, self.labels = kind, labels
         self.name = f"answer-is-{kind}"
+        if kind == "integer":
+            self.version = "2"
 
     def config(self) -> dict:
         return {"kind": self.kind, "labels": list(self.labels)}
 
     def extract(self, final: str) -> str | None:
-        statements = self._PATTERN.findall(final)
+        statements = list(self._PATTERN.finditer(final))
         if not statements:
             return None
-        answer = statements[-1]
+        answer = statements[-1][1]
         if self.kind == "integer":
-            return answer.replace(",", "") if self._INTEGER.fullmatch(answer) else None
+            whole = self._INTEGER.fullmatch(answer) and not _continues_expression(
+                final, statements[-1].end(1)
+            )
+            return answer.replace(",", "") if whole else None
         by_lower = {label.lower(): label for label in self.labels}
         return by_lower.get(answer.lower())
 
@@ -118,33 +126,66 @@ class NumericGrader(ExtractingGrader):
     """Numeric final answers as GSM8K-style data writes them.
 
     The answer is the last `\\boxed{X}`; failing that the last `#### X`; failing that the last
-    "the answer is X" / "final answer: X"; and, only with `last_number_fallback`, the last number
-    anywhere in the final text. `$`, `%`, thousands separators and a sentence's closing punctuation
-    are ignored; numbers compare exactly as fractions ("18" == "18.00", "1,234.50" == "1234.5",
-    "3/4" == "0.75").
+    "the answer is X" / "final answer: X"; failing that a final text that is nothing but the answer
+    (`**73**`, `$73$`); and, only with `last_number_fallback`, the last number in the final text.
+    Around the number, `$`, `%`, units ("18 dollars", `18 \\text{ cm}`), bold `**`, math
+    delimiters, a variable (`x = 3`) and a sentence's closing punctuation are ignored; numbers compare
+    exactly as fractions ("18" == "18.00", "1,234.50" == "1234.5", "3/4" == "0.75", "1.5e3" ==
+    "1500", and "1.000.000" == "1000000": two or more `.`-groups of three digits are thousands).
+
+    The number must be the whole answer (see `_continues_expression`): a number that an expression
+    continues (`2^{10}`, `3 \\times 10^6`, `2x`, `1.2.3`, `1 234`) is unparseable, never read as its
+    first number. This grader evaluates no expressions; `math-verify` does. A `!` after the number
+    is read as an exclamation mark, not a factorial.
     """
 
     name = "numeric"
-    version = "1"
-    _NUMBER = r"[-+]?(?:\\?\$)?[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?%?"
-    _STYLES = (
-        re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}"),
-        re.compile(r"####\s*(" + _NUMBER + r")"),
-        re.compile(r"(?:the answer is|final answer\s*(?:is)?)\s*:?\s*(" + _NUMBER + r")", re.IGNORECASE),
+    version = "2"
+    _NUMBER = (
+        r"[-+]?(?:\\?\$)?[-+]?"
+        r"(?:\d{1,3}(?:\.\d{3}){2,}"  # 1.000.000
+        r"|(?:\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{1,3}|/\d+)?)"
     )
+    # The answer slot: bold, a math opening, `x =`, the number, `%`, then closings. Each run of
+    # spaces follows a token that must be there: optional tokens between two of them would make a
+    # failed match backtrack in cubic time over a long run of spaces.
+    _SLOT = (
+        r"(?:\*\*\s*)?(?:(?:\\\(|\$)\s*)?(?:[A-Za-z]\w*\s*=\s*)?"
+        r"(?P<number>" + _NUMBER + r")(?:\s*\\?%)?(?:\s*(?:\\\)|\$|\*\*))*"
+    )
+    _UNIT = r"\s*\\(?:text|mbox|mathrm)\{[^{}]*\}|\s+[A-Za-z]{2,}(?:\s+[A-Za-z]+)*"
+    _BOXED = re.compile(r"\\boxed\{\s*" + _SLOT + f"(?:{_UNIT})?" + r"\s*\}")
+    _FOLLOWED = (  # an answer slot that the text after it must not continue into an expression
+        re.compile(r"####\s*" + _SLOT),
+        re.compile(r"(?i:the answer is|final answer(?:\s*is)?)[\s:*]*" + _SLOT),
+    )
+    _ALONE = re.compile(r"\s*" + _SLOT + r"\s*(?:\.\s*)?")
+    _ANY = re.compile(r"(?P<number>" + _NUMBER + r")(?:\s*\\?%)?")
 
     def __init__(self, last_number_fallback: bool = False):
         self.last_number_fallback = last_number_fallback
-        self._styles = self._STYLES + ((re.compile(f"({self._NUMBER})"),) if last_number_fallback else ())
 
     def config(self) -> dict:
         return {"last_number_fallback": self.last_number_fallback}
 
     def extract(self, final: str) -> str | None:
-        for style in self._styles:
-            found = [m for m in style.findall(final) if _to_fraction(m) is not None]
+        boxed = [m["number"] for m in self._BOXED.finditer(final)]
+        if boxed:
+            return boxed[-1]
+        for style in self._FOLLOWED:
+            found = [m["number"] for m in style.finditer(final) if not _continues_expression(final, m.end())]
             if found:
                 return found[-1]
+        alone = self._ALONE.fullmatch(final)
+        if alone:
+            return alone["number"]
+        return self._last_number(final) if self.last_number_fallback else None
+
+    def _last_number(self, final: str) -> str | None:
+        """The last number in the text, unless an expression ends with it (`2^{10}`: no answer)."""
+        numbers = list(self._ANY.finditer(final))
+        if numbers and _stands_alone(final, *numbers[-1].span()):
+            return numbers[-1]["number"]
         return None
 
     def matches(self, extracted: str, gold: str) -> bool:
@@ -154,13 +195,60 @@ class NumericGrader(ExtractingGrader):
         return _to_fraction(extracted) == gold_value
 
 
+_DOT_THOUSANDS = re.compile(r"(?<![\w.,])\d{1,3}(?:\.\d{3}){2,}(?!\w|[.,]\d)")
+
+
 def _to_fraction(text: str) -> Fraction | None:
     """The exact value of a number as written ("$1,234.50" → 2469/2), or None if it is not one."""
-    cleaned = text.strip().rstrip(".").replace("\\$", "").replace("$", "").replace(",", "").removesuffix("%")
+    cleaned = text.strip().rstrip(".").replace("\\$", "").replace("$", "").removesuffix("%")
+    cleaned = cleaned.replace("{,}", "").replace("\\,", "").replace(",", "")
+    if _DOT_THOUSANDS.fullmatch(cleaned.lstrip("-+")):
+        cleaned = cleaned.replace(".", "")
     try:
         return Fraction(cleaned)
     except (ValueError, ZeroDivisionError):
         return None
+
+
+# After a number and its closings (`**`, `$`, `\)`), what makes it part of a larger expression
+# rather than the whole answer. A space then a word ("18 dollars", "18 \text{cm}"), a word
+# ("18cm"), `%`, closing brackets and a sentence's punctuation do not; `!` counts as punctuation.
+_CLOSINGS = re.compile(r"(?:\s*(?:\*\*|\$|\\\)))*")
+_CONTINUED = re.compile(
+    r"""
+      [.,:]\d | \d                      # more digits: 1.000.000 is not 1, nor 1,2345 or 3:45
+    | [eE][-+]?\d                       # 1.5e3
+    | [A-Za-z](?![A-Za-z])              # 2x, 3i
+    | [({\[]                            # 2(3), 2{...}
+    | [ \t\u00a0\u2009\u202f]+\d          # 1 234, 5 3/4
+    | \s*(?:
+          [\^_×·÷±]                     # powers, subscripts, products
+        | [*/]\s*[-+\d.(\\{]            # 2 * 3, 18/2/3 (not "$18/hour")
+        | [-+x]\s*[\d.(]                # 5 - 3, 3 x 10
+        | \(\s*[-+\d.]                  # 2 (3 + 4)
+        | \\(?!text|mbox|mathrm)[A-Za-z]  # \times, \cdot, \pi, \sqrt
+        | \\[,;:!\ ]\s*\d               # 1\,000 is not 1
+      )
+    """,
+    re.VERBOSE,
+)
+# Before a number (and its `$`, bold `**`, spaces): an operator that makes it part of an expression.
+_OPERATOR_BEFORE = re.compile(r"(?:[\^_{×·÷±/+\-]|(?<![\s*])\*\*|(?<!\*)\*|\\[A-Za-z]+)$")
+_SKIPPED_BEFORE = re.compile(r"(?:\s|(?<!\S)\*\*|\\?\$|[€£¥])+$")
+
+
+def _continues_expression(text: str, end: int) -> bool:
+    """Whether the text from `end` on continues the number that ends there into an expression."""
+    return _CONTINUED.match(text, _CLOSINGS.match(text, end).end()) is not None
+
+
+def _stands_alone(text: str, start: int, end: int) -> bool:
+    """Whether `text[start:end]` (a number or expression) is not part of a larger expression."""
+    before = text[max(0, start - 64) : start]
+    if before and re.match(r"[\w.,)}\]]", before[-1]):
+        return False  # 12 inside 312, 1.12 or x12
+    before = _SKIPPED_BEFORE.sub("", before)
+    return not _OPERATOR_BEFORE.search(before) and not _continues_expression(text, end)
 
 
 class OptionGrader(ExtractingGrader):
@@ -267,10 +355,18 @@ class MathGrader(Grader):
     comparison is asymmetric by design (a gold number accepts a predicted chain `a = b = 101`, not
     the reverse). Parsing and comparison run in a helper process (see `timebound`); an answer that
     takes longer than `timeout_s` is `unparseable` and logged.
+
+    An expression is evaluated whole or not at all, never read as its first number (math-verify
+    alone reads the plain-text `2^{10}` as 2): LaTeX written outside math delimiters (`2^{10}`,
+    `3 \\times 10^6`) is delimited before parsing, so that it is parsed as LaTeX; a plain number is
+    taken only where it stands alone (see `_stands_alone`); bold `**` is dropped; `1.000.000`,
+    `1\\,000` and `1.5e3` are read as the numbers they are (see `_plain_numbers`); a decimal that
+    rounds to an integer equals it (see `_evaluated`); and an answer whose text was found but did
+    not parse is `unparseable`, not `incorrect`.
     """
 
     name = "math-verify"
-    version = "1"
+    version = "2"
 
     def __init__(self, gold_format: str = "latex", timeout_s: float = 5.0, float_rounding: int = 6):
         if gold_format not in ("latex", "number"):
@@ -281,7 +377,9 @@ class MathGrader(Grader):
     def config(self) -> dict:
         return {
             "gold_format": self.gold_format,
-            "prediction": "latex(boxed first; latex, units, malformed operators, nits normalised) + expr",
+            "prediction": "latex(boxed first; latex, units, malformed operators, nits normalised) + expr"
+            "; bare latex delimited; bold dropped; expr numbers standing alone; 1.000.000, 1\\,000, 1.5e3 read"
+            "; floats rounding to integers are integers; unparsed text unparseable",
             "float_rounding": self.float_rounding,
             "timeout_s": self.timeout_s,
             "math_verify": metadata.version("math-verify"),
@@ -304,6 +402,7 @@ def _math_verdict(final: str, gold: str, gold_format: str, float_rounding: int) 
     """Runs in the helper process. Timeouts are off (`None`): they would need the main thread."""
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.parser import extract_target_from_pred, get_extraction_regexes
 
     if gold_format == "latex":
         gold_parsed = parse(f"${gold}$", [LatexExtractionConfig()], parsing_timeout=None)
@@ -325,11 +424,153 @@ def _math_verdict(final: str, gold: str, gold_format: str, float_rounding: int) 
         ),
         ExprExtractionConfig(),
     ]
-    prediction = parse(final, prediction_config, parsing_timeout=None)
+    # `parse`, with plain-expression numbers that must stand alone; its error handling is kept.
+    targets = [
+        (patterns if isinstance(config, LatexExtractionConfig) else _standing_alone(patterns), config)
+        for patterns, config in get_extraction_regexes(prediction_config)
+    ]
+    text = _delimit_bare_latex(_plain_numbers(_BOLD.sub("", final)))
+    try:
+        prediction = extract_target_from_pred(text, targets, fallback_mode="first_match")
+    except Exception:  # as in `parse`: an answer that breaks the parser is no answer
+        log.debug("math-verify could not parse %r", final, exc_info=True)
+        prediction = []
     if not prediction:
         return "unparseable", None
+    prediction = [_evaluated(answer, float_rounding) for answer in prediction]
     correct = verify(gold_parsed, prediction, float_rounding=float_rounding, timeout_seconds=None)
+    if not correct and all(isinstance(answer, str) for answer in prediction):
+        return "unparseable", None  # only the text of an answer that did not parse, unlike the gold's
     return ("correct" if correct else "incorrect"), str(prediction[-1])
+
+
+def _evaluated(answer, float_rounding: int):
+    """A number with a decimal in it (`1.1 \\times 10^{2}`, `110.0000001`), evaluated and, when it
+    rounds to an integer at `float_rounding` digits, that integer. math-verify rounds floats before
+    comparing them, but with SymPy ≥ 1.13 a float never equals an integer (`Float(110.0) !=
+    Integer(110)`), and an unevaluated product is compared exactly (1.1·100 = 110.00000000000001)."""
+    import sympy
+
+    if not (isinstance(answer, sympy.Expr) and answer.is_number and answer.has(sympy.Float)):
+        return answer
+    if answer.has(sympy.UnevaluatedExpr):  # math-verify's percentages: `9\\%` must still equal 9
+        return answer
+    value = answer.doit()
+    if value.is_Float and float(value.round(float_rounding)).is_integer():
+        return sympy.Integer(int(value.round(float_rounding)))
+    return value
+
+
+def _standing_alone(patterns: list[tuple[re.Pattern[str], int]]) -> list[tuple[_StandingAlone, int]]:
+    return [(_StandingAlone(pattern), priority) for pattern, priority in patterns]
+
+
+class _StandingAlone:
+    """One of math-verify's plain-expression patterns, keeping only the matches whose number or
+    expression stands alone: math-verify takes a number followed by anything ("100m2" → 100), which
+    reads `2^{10}` as 2 and `1.000.000` as 1. `extract_target_from_pred` only calls `finditer`."""
+
+    def __init__(self, pattern: re.Pattern[str]):
+        self.pattern = pattern
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
+        return (match for match in self.pattern.finditer(text) if _stands_alone(text, *_answer_span(match)))
+
+
+def _answer_span(match: re.Match[str]) -> tuple[int, int]:
+    """Where the expression or number (with its percent sign) that a math-verify match captured is."""
+    groups = {name: value for name, value in match.groupdict().items() if value}
+    if "expr" in groups:
+        start = match.start("expr")
+        return start, start + len(groups["expr"].rstrip())
+    numbers = [name for name in groups if name.startswith(("integer", "decimal"))]
+    if not numbers:
+        return match.span()
+    start, end = min(match.start(n) for n in numbers), max(match.end(n) for n in numbers)
+    return start, match.end("percent") if "percent" in groups else end
+
+
+# Markdown bold, opening (`**` before a word) or closing (after one), not Python's power `2**10`:
+# math-verify's plain expressions take `2 * 2**` for an expression and fail to parse it.
+_BOLD = re.compile(r"(?<![\w*])\*\*(?=[^\s*])|(?<=[^\s*])\*\*(?![\w*])")
+
+
+def _plain_numbers(text: str) -> str:
+    """Numbers that math-verify misreads, written plainly: `1.000.000` → `1000000` (two or more
+    `.`-groups of three digits can only be thousands; math-verify reads 1.0*0.0), `1\\,000` → `1000`
+    (LaTeX's thin space; it reads 1*0) and `1.5e3` → `1500` (it reads 1.5, or 1.5·e·3 in LaTeX)."""
+    text = _DOT_THOUSANDS.sub(lambda number: number.group().replace(".", ""), text)
+    text = _THIN_SPACE_THOUSANDS.sub(lambda number: number.group().replace("\\,", ""), text)
+    return _E_NOTATION.sub(lambda number: format(Decimal(number.group()), "f"), text)
+
+
+_THIN_SPACE_THOUSANDS = re.compile(r"(?<![\w.,])\d{1,3}(?:\\,\d{3})+(?!\w|[.,]\d)")
+_E_NOTATION = re.compile(r"(?<![\w.,])\d+(?:\.\d+)?[eE][-+]?\d{1,3}(?!\w|[.,]\d)")
+
+
+# Math that is already delimited, which bare LaTeX is looked for outside of: `$…$`, `$$…$$`, `\(…\)`,
+# `\[…\]`, `\begin{…}…\end{…}`, and `\boxed{` up to its closing brace.
+_MATH_ENV = re.compile(
+    r"(?<!\\)\$\$.*?(?<!\\)\$\$|(?<![\\\d])\$(?:\\\$|[^\n$])*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]"
+    r"|\\begin\{(?P<env>[^{}]+)\}.*?\\end\{(?P=env)\}|\\boxed\{",
+    re.DOTALL,
+)
+# A run of math on one line: numbers, commands, `\text{…}`, single letters, operators and brackets.
+_BARE_MATH = re.compile(
+    r"(?:(?:\\(?:text|mbox|mathrm)\{[^{}\n]*\}|\\[A-Za-z]+|\\[,;!%$]|\d+(?:[.,]\d+)*"
+    r"|(?<![A-Za-z\\])[A-Za-z](?![A-Za-z])|[\^_{}()\[\]+\-*/=<>!|])[ \t]*)+"
+)
+
+
+def _delimit_bare_latex(text: str) -> str:
+    """Wraps LaTeX written outside math delimiters in `\\(…\\)`: math-verify looks for LaTeX only in
+    delimiters and would otherwise read `The answer is 2^{10}.` as a plain expression, i.e. 2."""
+    pieces, done = [], 0
+    while env := _MATH_ENV.search(text, done):
+        end = _closing_brace(text, env.end()) if env.group() == "\\boxed{" else env.end()
+        pieces += [_BARE_MATH.sub(_delimited, text[done : env.start()]), text[env.start() : end]]
+        done = end
+    return "".join(pieces) + _BARE_MATH.sub(_delimited, text[done:])
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """The end of the group that an opening brace just before `start` opens (the text's end if none)."""
+    depth = 1
+    for position in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[position], 0)
+        if depth == 0:
+            return position + 1
+    return len(text)
+
+
+def _delimited(run: re.Match[str]) -> str:
+    """A run of bare math, its LaTeX part wrapped in `\\(…\\)` if it has one (a command, a brace,
+    `^` or `_`) and its braces and parentheses are balanced; otherwise the run unchanged."""
+    text = run.group()
+    start, end = _math_bounds(text)
+    math = text[start:end]
+    balanced = math.count("{") == math.count("}") and math.count("(") == math.count(")")
+    if not balanced or not re.search(r"\\[A-Za-z,]|[{_^]", math):
+        return text  # plain expressions are math-verify's own; an unbalanced run is left alone
+    return f"{text[:start]}\\({math}\\){text[end:]}"
+
+
+def _math_bounds(run: str) -> tuple[int, int]:
+    """The run without what cannot begin or end math: spaces, operators, a loose word ("a", the
+    `x` of `x = …`), unclosed brackets. In linear time: a run can be long."""
+    start, end = 0, len(run)
+    while start < end and (run[start] in " \t=*/<>!|)}]" or _loose_letter(run, start)):
+        start += 1
+    while end > start and (run[end - 1] in " \t=+-*/<>|({[" or _loose_letter(run, end - 1)):
+        end -= 1
+    return start, end
+
+
+def _loose_letter(run: str, i: int) -> bool:
+    """A letter with a space on one side: a word ("a", "I") or an equation's variable, not a factor."""
+    before, after = run[i - 1 : i], run[i + 1 : i + 2]
+    single = run[i].isalpha() and not (before.isalpha() or before == "\\" or after.isalpha())
+    return single and (before.isspace() or after.isspace())
 
 
 GRADER_SPECS = {

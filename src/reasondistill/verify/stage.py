@@ -7,14 +7,15 @@ from collections import Counter, defaultdict
 from pydantic import Field, PrivateAttr, field_validator
 
 from ..errors import UserError
-from ..generate.stage import trace_shards
-from ..records import GradedTrace, Problem, Trace, read_records, write_records
+from ..generate.stage import read_traces
+from ..records import GradedTrace, write_records
 from ..rundir import RunDir
 from ..stages import Stage, StageConfig
 from ..tasks import BENCHMARKS, TASKS, default_grader
 from ..tasks.stage import problems_by_id, run_tasks
 from ..ui import note, progress_bar
 from .graders import GRADER_SPECS, Grader, grader_from_spec
+from .grading import grade_traces
 
 
 class GraderChoice(StageConfig):
@@ -50,13 +51,6 @@ class VerifyConfig(GraderChoice):
     )
 
 
-def grade_trace(trace: Trace, problem: Problem, grader: Grader) -> GradedTrace:
-    verdict = grader.grade(trace.completion, problem, trace.finish_reason)
-    return GradedTrace(
-        **trace.model_dump(), label=verdict.label, extracted=verdict.extracted, grader=grader.id
-    )
-
-
 def label_counts(graded: list[GradedTrace]) -> dict[str, dict[str, int]]:
     by_task: dict[str, Counter] = defaultdict(Counter)
     for g in graded:
@@ -74,18 +68,12 @@ def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
 
     def body(_fingerprint: str) -> dict:
         problems = problems_by_id(run)
-        shards = trace_shards(run.traces(cfg.traces))
-        graded = []
-        with progress_bar(f"verify {cfg.traces}", total=len(shards), unit="shards") as bar:
-            for shard in shards:
-                for row, trace in enumerate(read_records(shard, Trace)):
-                    if trace.problem_id not in problems:
-                        raise UserError(
-                            f"{shard} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
-                        )
-                    problem = problems[trace.problem_id]
-                    graded.append(grade_trace(trace, problem, cfg.grader_for(problem.task)))
-                bar.advance(1)
+        jobs = [
+            (trace, problems[trace.problem_id], cfg.grader_for(problems[trace.problem_id].task))
+            for trace in read_traces(run.traces(cfg.traces), problems)
+        ]
+        with progress_bar(f"verify {cfg.traces}", total=len(jobs), unit="traces") as bar:
+            graded = grade_traces(jobs, progress=bar.advance)
         if not graded:
             raise UserError(f"verify:{cfg.traces}: traces/{cfg.traces} holds no traces to grade")
         write_records(run.graded(cfg.traces), graded, GradedTrace)

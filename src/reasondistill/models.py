@@ -1,0 +1,192 @@
+"""Loading models, tokenizers and configs: the one place reasondistill calls `from_pretrained`.
+
+Remote code. A model folder or Hub repository can ship Python files (`auto_map` in config.json or
+tokenizer_config.json) that transformers would import and run. reasondistill runs such code only when
+the user asked for it with `--trust-remote-code` (before the command: `reasondistill
+--trust-remote-code train …`) or `trust_remote_code: true` in a recipe. The setting is process-wide,
+recorded in every step of the run's manifest, and passed explicitly by every loader here, so
+transformers never asks on stdin. By default a local folder with `auto_map` is refused before anything
+loads; a Hub repository's custom code is refused by transformers, and that refusal becomes one line.
+
+Pre-flight. `check_model_folder` finds a local folder's problems in milliseconds, before a step starts
+work: no config.json, an architecture this transformers does not know, no tokenizer, a tokenizer
+without a chat template, weights only in a pickle checkpoint that a weights-only load refuses. Hub ids
+are checked when they load (errors become one line naming the id).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+REMOTE_CODE_OPTION = "--trust-remote-code (recipe: `trust_remote_code: true`)"
+_SAFE_WEIGHTS = ("*.safetensors",)
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+_trust_remote_code = False
+
+
+def set_trust_remote_code(allowed: bool) -> None:
+    """Allow (or forbid, the default) running code shipped with models, for every later load."""
+    global _trust_remote_code
+    _trust_remote_code = bool(allowed)
+
+
+def trust_remote_code() -> bool:
+    return _trust_remote_code
+
+
+@contextmanager
+def remote_code_allowed_if(allowed: bool) -> Iterator[None]:
+    """Within the block, allow remote code if `allowed` (or if it already was); then as before."""
+    previous = _trust_remote_code
+    set_trust_remote_code(previous or allowed)
+    try:
+        yield
+    finally:
+        set_trust_remote_code(previous)
+
+
+# ---- pre-flight ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _has_chat_template(folder: Path, tokenizer_config: dict) -> bool:
+    return bool(tokenizer_config.get("chat_template")) or any(
+        (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")
+    )
+
+
+def check_model_folder(
+    path: str | Path, *, model: bool = True, chat_template: bool = True, weights: bool = True
+) -> None:
+    """Refuse a local folder that cannot be used, with one line naming the folder and the problem.
+
+    Always: remote code, a tokenizer, and an architecture transformers knows where there is a
+    config.json. With `model`: a config.json (a tokenizer-only folder needs none); with `chat_template`: a tokenizer chat template
+    (prompts are rendered with it); with `weights`: weights that a safe load accepts. A path that is
+    not a local folder (a Hub id) is left to the loaders.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    config_path, tokenizer_path = folder / "config.json", folder / "tokenizer_config.json"
+    if model and not config_path.is_file():
+        raise UserError(
+            f"{folder}: no config.json; expected a model folder (config.json, tokenizer, weights)"
+        )
+    config = _read_json(config_path) if config_path.is_file() else {}
+    tokenizer_config = _read_json(tokenizer_path) if tokenizer_path.is_file() else {}
+    shipped_code = [
+        p.name for p, c in ((config_path, config), (tokenizer_path, tokenizer_config)) if "auto_map" in c
+    ]
+    if shipped_code and not _trust_remote_code:
+        raise UserError(
+            f"{folder}: ships its own Python code (auto_map in {', '.join(shipped_code)}), which is not run "
+            f"unless you pass {REMOTE_CODE_OPTION}"
+        )
+    if (model or config) and not shipped_code:
+        _check_architecture(config_path, config)
+    if not tokenizer_path.is_file() and not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder}: no tokenizer (tokenizer.json or tokenizer_config.json)")
+    if chat_template and not _has_chat_template(folder, tokenizer_config):
+        raise UserError(
+            f"{folder}: the tokenizer has no chat template (chat_template in tokenizer_config.json or "
+            "chat_template.jinja); prompts are rendered with it, so add one or use an instruct model"
+        )
+    if model and weights:
+        _check_weights(folder)
+
+
+def _check_architecture(config_path: Path, config: dict) -> None:
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise UserError(f"{config_path}: no model_type; expected a transformers model config")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise UserError(
+            f"{config_path}: model_type {model_type!r} is not an architecture transformers "
+            f"{__version__} knows"
+        )
+
+
+def _check_weights(folder: Path) -> None:
+    if any(any(folder.glob(pattern)) for pattern in _SAFE_WEIGHTS):
+        return
+    pickled = sorted(p for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if not pickled:
+        raise UserError(f"{folder}: no weights (*.safetensors)")
+    import torch
+
+    for checkpoint in pickled:  # memory-mapped: reads the pickle's structure, not the tensors
+        try:
+            torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"{checkpoint}: a pickle checkpoint that a safe (weights-only) load refuses ({reason}); "
+                "use safetensors weights"
+            ) from None
+
+
+# ---- loaders ------------------------------------------------------------------------------------
+
+
+def _from_pretrained(load, path: str | Path, what: str, **kwargs) -> Any:
+    """`load(path, trust_remote_code=…, **kwargs)`, with its refusals and missing files as one line."""
+    try:
+        return load(str(path), trust_remote_code=_trust_remote_code, **kwargs)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: {what}: a pickle checkpoint that a safe load refuses ({err})") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UserError(
+                f"{path}: ships its own Python code, which is not run unless you pass {REMOTE_CODE_OPTION}"
+            ) from None
+        raise
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot load the {what} ({first_line})") from None
+
+
+def load_tokenizer(path: str | Path, *, chat_template: bool = True, **kwargs):
+    """The tokenizer at `path`; with `chat_template`, one that has a chat template (else UserError)."""
+    from transformers import AutoTokenizer
+
+    check_model_folder(path, model=False, chat_template=chat_template)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, path, "tokenizer", **kwargs)
+    if chat_template and not tokenizer.chat_template:
+        raise UserError(f"{path}: the tokenizer has no chat template; prompts are rendered with it")
+    return tokenizer
+
+
+def load_config(path: str | Path, **kwargs):
+    from transformers import AutoConfig
+
+    check_model_folder(path, weights=False, chat_template=False)
+    return _from_pretrained(AutoConfig.from_pretrained, path, "config", **kwargs)
+
+
+def load_causal_lm(path: str | Path, **kwargs):
+    """A causal language model (`AutoModelForCausalLM.from_pretrained(path, **kwargs)`), pre-flighted."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_folder(path, chat_template=False)
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
