@@ -190,15 +190,18 @@ def test_a_pickle_only_checkpoint_that_a_safe_load_refuses_is_one_line(variant, 
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
-def test_a_plain_tensor_pickle_checkpoint_passes_the_pre_flight(variant):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_plain_tensor_pickle_checkpoint_passes_the_pre_flight_and_loads(variant, zip_format):
     from safetensors.torch import load_file
 
-    from reasondistill.models import check_model_folder
+    from reasondistill.models import load_causal_lm
 
     folder = variant("bin")
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    weights = load_file(folder / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
     (folder / "model.safetensors").unlink()
-    check_model_folder(folder)  # tensors only: a weights-only load accepts it
+    model = load_causal_lm(folder)  # tensors only: the pre-flight and the weights-only load accept it
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
 
 
 def test_a_missing_model_is_one_line_naming_it(data_file, tmp_path, capsys):
@@ -354,3 +357,19 @@ def test_malformed_recipes_are_one_line(tmp_path, capsys, content, expected, mon
     line = fails(capsys, ["run", str(recipe)])
     assert f"{recipe}" in line and expected in line, line
     assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_command_keeps_resumable_work_in_the_run_directory_it_created(tmp_path):
+    from reasondistill.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt), run.working():
+        run.update_manifest(recipe={"path": "r.yaml"})  # written before the first step: no finished step
+        (run.root / "traces" / "teacher").mkdir(parents=True)
+        checkpoint = run.root / "checkpoints" / ".s.work" / "checkpoint-2"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "model.safetensors").write_bytes(b"weights")
+        raise KeyboardInterrupt  # interrupted while training
+    left = sorted(str(p.relative_to(run.root)) for p in run.root.rglob("*"))
+    assert left == ["checkpoints", "checkpoints/.s.work", "checkpoints/.s.work/checkpoint-2",
+                    "checkpoints/.s.work/checkpoint-2/model.safetensors"]  # fmt: skip

@@ -135,14 +135,8 @@ def _stage_command(stage: Stage) -> click.Command:
             option, _, problem = str(err).partition(": ")
             raise UserError(f"reasondistill {stage.name} {_flag((option,))}: {problem}") from None
         run = RunDir(run_dir)
-        created = not run.root.exists()
-        run.root.mkdir(parents=True, exist_ok=True)
-        try:
+        with run.working():
             stage.run(config, run, overwrite)
-        except BaseException:
-            if created:
-                run.remove_if_unused()
-            raise
 
     params = [
         click.Option(

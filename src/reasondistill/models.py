@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from .errors import UserError
 
 REMOTE_CODE_OPTION = "--trust-remote-code (recipe: `trust_remote_code: true`)"
 _SAFE_WEIGHTS = ("*.safetensors",)
-_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_PICKLE_WEIGHTS = ("pytorch_model*.bin",)  # what transformers loads besides safetensors
 
 _trust_remote_code = False
 
@@ -78,9 +79,9 @@ def check_model_folder(
     """Refuse a local folder that cannot be used, with one line naming the folder and the problem.
 
     Always: remote code, a tokenizer, and an architecture transformers knows where there is a
-    config.json. With `model`: a config.json (a tokenizer-only folder needs none); with `chat_template`: a tokenizer chat template
-    (prompts are rendered with it); with `weights`: weights that a safe load accepts. A path that is
-    not a local folder (a Hub id) is left to the loaders.
+    config.json. With `model`: a config.json (a tokenizer-only folder needs none); with
+    `chat_template`: a tokenizer chat template (prompts are rendered with it); with `weights`: weights
+    that a safe load accepts. A path that is not a local folder (a Hub id) is left to the loaders.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -132,12 +133,12 @@ def _check_weights(folder: Path) -> None:
         return
     pickled = sorted(p for pattern in _PICKLE_WEIGHTS for p in folder.glob(pattern))
     if not pickled:
-        raise UserError(f"{folder}: no weights (*.safetensors)")
+        raise UserError(f"{folder}: no weights (*.safetensors or pytorch_model.bin)")
     import torch
 
-    for checkpoint in pickled:  # memory-mapped: reads the pickle's structure, not the tensors
+    for checkpoint in pickled:  # a zip checkpoint is memory-mapped: its pickle is read, not its tensors
         try:
-            torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(checkpoint))
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
@@ -160,6 +161,10 @@ def _from_pretrained(load, path: str | Path, what: str, **kwargs) -> Any:
             raise UserError(
                 f"{path}: ships its own Python code, which is not run unless you pass {REMOTE_CODE_OPTION}"
             ) from None
+        if "Unrecognized" in str(err) or "does not recognize" in str(
+            err
+        ):  # a Hub model of another architecture
+            raise UserError(f"{path}: {str(err).strip().splitlines()[0]}") from None
         raise
     except OSError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -126,9 +126,7 @@ def run_recipe(path: Path, run_dir: Path | None = None, overwrite: bool = False)
     run = RunDir(run_dir or recipe.run_dir)
     with remote_code_allowed_if(recipe.trust_remote_code):
         check_references(steps, run)
-        created = not run.root.exists()
-        run.root.mkdir(parents=True, exist_ok=True)
-        try:
+        with run.working():
             run.update_manifest(recipe={"path": str(path), "content": Path(path).read_text()})
             for i, step in enumerate(steps, start=1):
                 note(f"[bold]step {i}/{len(steps)}: {step.stage.name}[/bold]")
@@ -136,8 +134,4 @@ def run_recipe(path: Path, run_dir: Path | None = None, overwrite: bool = False)
                     step.stage.run(step.config, run, overwrite)
                 except UserError as err:
                     raise UserError(f"{step.where}: {err}") from None
-        except BaseException:
-            if created:
-                run.remove_if_unused()
-            raise
     return run

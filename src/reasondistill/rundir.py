@@ -29,7 +29,8 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,6 +106,19 @@ class RunDir:
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """Create the run directory for a command; if the command created it and then fails, leave
+        nothing unused behind (`remove_if_unused`)."""
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        except BaseException:
+            if created:
+                self.remove_if_unused()
+            raise
 
     def remove_if_unused(self) -> None:
         """Remove what a failed first command left in a run directory it created: empty folders, a
