@@ -50,3 +50,33 @@ def test_a_malformed_parquet_row_names_the_row_and_field(tmp_path):
         read_records(path, Problem)
     with pytest.raises(UserError, match="file not found"):
         read_records(tmp_path / "missing.parquet", Problem)
+
+
+def test_a_step_fingerprint_ignores_options_at_their_defaults_and_operational_ones_at_any_depth(tmp_path):
+    """An option added later, at its default, must not turn finished steps into 'other settings';
+    a connection setting of a nested backend (`teacher_server.base_url`) changes no output."""
+    from pydantic import Field
+
+    from reasondistill.rundir import RunDir
+    from reasondistill.stages import StageConfig
+    from reasondistill.train.stage import TrainConfig
+
+    class Before(StageConfig):
+        name: str
+        n: int = 4
+
+    class After(Before):  # the same stage, one release later
+        temperature: float = Field(1.0)
+
+    run, calls = RunDir(tmp_path), []
+    run.step("s:x", Before(name="x"), {}, lambda fp: calls.append(fp) or {}, outputs=[])
+    assert run.step("s:x", After(name="x"), {}, lambda fp: calls.append(fp) or {}, outputs=[])["skipped"]
+    with pytest.raises(UserError, match=r"already ran with other settings \(temperature\)"):
+        run.step("s:x", After(name="x", temperature=0.5), {}, lambda fp: {}, outputs=[])
+    assert len(calls) == 1
+
+    served = dict(name="s", init="i", data="problems", objective="forward_kl", on_policy={})
+    first = TrainConfig(**served, teacher_server={"model": "m", "backend": "openai", "base_url": "http://a"})
+    moved = TrainConfig(**served, teacher_server={"model": "m", "backend": "openai", "base_url": "http://b"})
+    other = TrainConfig(**served, teacher_server={"model": "m2", "backend": "openai", "base_url": "http://a"})
+    assert first.identity() == moved.identity() != other.identity()

@@ -207,12 +207,17 @@ class RunDir:
 
 
 def _changed_settings(previous: dict, config: StageConfig, inputs: dict) -> str:
-    now = config.identity()
-    before = {k: v for k, v in previous["config"].items() if k not in config.operational}
-    changed = [k for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
+    now, before, identity = config.model_dump(mode="json"), previous["config"], config.identity()
+    changed = [
+        k
+        for k in sorted(set(now) | set(before))
+        if k not in config.operational
+        and now.get(k) != before.get(k)
+        and (k in before or k in identity)  # an option added since, at its default, changes nothing
+    ]
     changed += [
         f"input {k}"
         for k in sorted(set(inputs) | set(previous["inputs"]))
         if inputs.get(k) != previous["inputs"].get(k)
     ]
-    return ", ".join(changed)
+    return ", ".join(changed) or "none of its options: it was fingerprinted by an older reasondistill"

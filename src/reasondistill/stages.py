@@ -22,8 +22,29 @@ class StageConfig(BaseModel):
     operational: ClassVar[frozenset[str]] = frozenset()
 
     def identity(self) -> dict:
-        """The settings that determine a step's outputs."""
-        return self.model_dump(mode="json", exclude=set(self.operational))
+        """The settings that determine a step's outputs: the options set to other than their defaults
+        (so an option added later, at its default, leaves finished steps finished), without the
+        operational ones, at any depth (`teacher_server.base_url` too)."""
+        return _without_operational(self, self.model_dump(mode="json", exclude_defaults=True))
+
+
+def _without_operational(model: BaseModel, dumped: dict) -> dict:
+    """`dumped` (a dump of `model`) without the operational options of `model` and of the options
+    models it holds (nested StageConfigs and lists of them)."""
+    kept = {}
+    for name, value in dumped.items():
+        if name in getattr(model, "operational", ()):
+            continue
+        attribute = getattr(model, name)
+        if isinstance(attribute, BaseModel) and isinstance(value, dict):
+            value = _without_operational(attribute, value)
+        elif isinstance(attribute, list) and isinstance(value, list) and len(attribute) == len(value):
+            value = [
+                _without_operational(a, v) if isinstance(a, BaseModel) and isinstance(v, dict) else v
+                for a, v in zip(attribute, value, strict=True)
+            ]
+        kept[name] = value
+    return kept
 
 
 @dataclass(frozen=True)
