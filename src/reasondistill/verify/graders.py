@@ -85,7 +85,6 @@ class AnswerIsGrader(ExtractingGrader):
     an integer that an expression continues ("The answer is 3 + 4.", not 3).
     """
 
-    version = "1"  # answer-is-label; answer-is-integer is version 2 (expressions are no longer read)
     # The answer slot is one word, without the sentence's closing punctuation ("1,234." → "1,234").
     _PATTERN = re.compile(r"the answer is\s*:?\s*(\S+?)[.!]?(?=\s|$)", re.IGNORECASE)
     _INTEGER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+|[-+]?\d+")
@@ -97,8 +96,8 @@ class AnswerIsGrader(ExtractingGrader):
             raise ValueError("a label grader needs its labels")
         self.kind, self.labels = kind, labels
         self.name = f"answer-is-{kind}"
-        if kind == "integer":
-            self.version = "2"
+        # version 2 of the integer grader no longer reads an expression's first integer
+        self.version = "2" if kind == "integer" else "1"
 
     def config(self) -> dict:
         return {"kind": self.kind, "labels": list(self.labels)}
