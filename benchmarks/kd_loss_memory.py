@@ -107,7 +107,8 @@ def loss_function(kind: str, options: dict, chunk_size: int):
 
         return trl
 
-    from reasondistill.objectives import ObjectiveInputs, make_objective
+    from reasondistill.objectives import make_objective
+    from reasondistill.objectives.base import ObjectiveInputs
     from reasondistill.objectives.heads import Head
 
     objective = make_objective(options["objective"], options["options"])

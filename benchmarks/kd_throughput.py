@@ -43,7 +43,8 @@ from datasets import Dataset
 from transformers import PrinterCallback, Qwen2ForCausalLM, TrainerCallback, TrainingArguments
 
 from reasondistill.generate.logprobs import from_logits
-from reasondistill.objectives import IGNORE_INDEX, make_objective
+from reasondistill.objectives import make_objective
+from reasondistill.objectives.base import IGNORE_INDEX
 from reasondistill.records import TrainingExample
 from reasondistill.tasks import TASKS
 from reasondistill.testbed.models import STUDENT_SHAPE, TEACHER_SHAPE, ModelShape, _model_config

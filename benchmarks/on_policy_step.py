@@ -65,11 +65,13 @@ from statistics import median
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from reasondistill.objectives import IGNORE_INDEX, make_objective
+from reasondistill.objectives import make_objective
+from reasondistill.objectives.base import IGNORE_INDEX
 from reasondistill.tasks import default_grader
 from reasondistill.testbed.models import STUDENT_SHAPE
 from reasondistill.train.data import tokenize_examples
-from reasondistill.train.on_policy import OnPolicyOptions, StepBatches, collate_indices, prompt_rows
+from reasondistill.train.on_policy import StepBatches, collate_indices, prompt_rows
+from reasondistill.train.on_policy_options import OnPolicyOptions
 from reasondistill.train.trainer import DistillationTrainer
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is there already

@@ -1,6 +1,6 @@
 """Client overhead of the `openai` backend: requests/s at concurrency 64 against an instant server.
 
-The server (`python -m reasondistill.generate.server --instant`) runs in its own process and answers
+The server (`python -m reasondistill.testing.server --instant`) runs in its own process and answers
 every request at once with a fixed completion, so what is measured is the client: building
 requests, HTTP, parsing answers, retry bookkeeping. Baseline, measured in the same run against the
 same server: the official `openai` SDK (`AsyncOpenAI`, its own retries off) with the same
@@ -27,7 +27,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
-            "reasondistill.generate.server",
+            "reasondistill.testing.server",
             "--instant",
             "--served-name",
             "instant",

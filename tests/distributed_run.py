@@ -17,7 +17,8 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from reasondistill.objectives import IGNORE_INDEX, make_objective
+from reasondistill.objectives import make_objective
+from reasondistill.objectives.base import IGNORE_INDEX
 from reasondistill.train.data import CompletionCollator
 from reasondistill.train.trainer import DistillationTrainer
 

@@ -12,20 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasondistill.analyze.common import check_same_tokenizer
 from reasondistill.analyze.memorization import extraction
-from reasondistill.analyze.memorization import report_sections as memorization_sections
 from reasondistill.analyze.provenance import (
     BOOSTED,
     NOT_BOOSTED,
     ROLES,
     STUDENT,
     TEACHER,
-    ProvenanceConfig,
     _by_share,
     classify,
     locate,
     score_steps,
 )
-from reasondistill.analyze.provenance import report_sections as provenance_sections
 from reasondistill.analyze.text import (
     count_keywords,
     count_steps,
@@ -34,14 +31,18 @@ from reasondistill.analyze.text import (
     trace_features,
     word_count,
 )
-from reasondistill.analyze.trace_stats import report_sections as trace_stats_sections
 from reasondistill.chat import completion_ids, prompt_ids
 from reasondistill.cli import main
 from reasondistill.errors import UserError
 from reasondistill.records import Message, TrainingExample
 from reasondistill.rundir import RunDir
+from reasondistill.stages.memorization import report_sections as memorization_sections
+from reasondistill.stages.provenance import ProvenanceConfig
+from reasondistill.stages.provenance import report_sections as provenance_sections
+from reasondistill.stages.trace_stats import report_sections as trace_stats_sections
 from reasondistill.tasks import TASKS
-from reasondistill.train.trainer import Hyperparameters, train_model
+from reasondistill.train.hyperparameters import Hyperparameters
+from reasondistill.train.trainer import train_model
 
 
 # ---- text functions -------------------------------------------------------------------------------

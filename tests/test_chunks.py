@@ -7,29 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_rewrite import ScriptedGenerator, problem_of, use_generator
 
-from reasondistill.curate import rewrite as rewrite_module
-from reasondistill.curate.chunks import (
-    ChunkConfig,
-    ChunkedTrace,
-    RuleLabeller,
-    average_chunks,
-    boundary_chunks,
-    count_words,
-    label_messages,
-    parse_labels,
-    run_chunk,
-    skip_thinking,
-)
-from reasondistill.curate.sets import training_data
+from reasondistill.curate import teacher_jobs as rewrite_module
+from reasondistill.curate.chunking import average_chunks, boundary_chunks, count_words, skip_thinking
+from reasondistill.curate.label_prompt import label_messages, parse_labels
+from reasondistill.curate.labelling import RuleLabeller
 from reasondistill.errors import UserError
-from reasondistill.generate import stage as generate_module
-from reasondistill.generate.stage import GenerateConfig, run_generate
 from reasondistill.records import GradedTrace, TrainingExample, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.stages import generate as generate_module
+from reasondistill.stages.chunk import ChunkConfig, ChunkedTrace, run_chunk
+from reasondistill.stages.generate import GenerateConfig, run_generate
+from reasondistill.stages.problems import ProblemsConfig, run_problems
+from reasondistill.stages.verify import VerifyConfig, run_verify
+from reasondistill.store import problems_by_id, training_data
 from reasondistill.tasks import get_task
-from reasondistill.tasks.stage import ProblemsConfig, problems_by_id, run_problems
 from reasondistill.verify.reasoning import format_completion, split_reasoning
-from reasondistill.verify.stage import VerifyConfig, run_verify
 
 # --- chunking --------------------------------------------------------------------------------------
 

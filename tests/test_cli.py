@@ -102,7 +102,7 @@ def test_the_benchmarks_command_lists_each_benchmark_with_its_grader():
 
 def test_nested_options_are_json_objects_on_the_command_line(tmp_path, capsys):
     from reasondistill.cli import _parse_option
-    from reasondistill.train.stage import TrainConfig
+    from reasondistill.stages.train import TrainConfig
 
     field = TrainConfig.model_fields["on_policy"]
     options = {"name": "s", "init": "testbed:student", "data": "problems", "objective": "reverse_kl_pg"}
@@ -112,3 +112,20 @@ def test_nested_options_are_json_objects_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--run-dir", str(tmp_path), "--name", "s", "--init", "x", "--data", "d", "--on-policy", "x"])  # fmt: skip
     assert capsys.readouterr().err.strip().startswith("error: --on-policy: expected a JSON object")
+
+
+def test_the_objectives_command_shows_each_objectives_options_and_refuses_an_unknown_one(capsys):
+    result = CliRunner().invoke(cli, ["objectives", "jsd", "dpo"])
+    assert result.exit_code == 0, result.output
+    jsd, dpo = result.output.split("\n\n")
+    assert jsd.startswith("jsd: ") and "needs: a teacher" in jsd
+    assert "beta" in jsd and "float in [0, 1] = 0.5" in jsd
+    assert dpo.startswith("dpo: ") and "beta" in dpo and "jsd" not in dpo
+    everything = CliRunner().invoke(cli, ["objectives"]).output
+    assert all(
+        f"\n{name}: " in f"\n{everything}" for name in ("sft", "forward_kl", "taid", "grpo", "curio_sft")
+    )
+    with pytest.raises(SystemExit) as exit:
+        main(["objectives", "forward-kl"])
+    assert exit.value.code == 2
+    assert "unknown objective 'forward-kl'; known: forward_kl" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from reasondistill.cli import main
 from reasondistill.curate.operators import Candidate, Context, Dedup
+from reasondistill.curate.pipeline import CurationDecision
 from reasondistill.curate.similarity import farthest_first, jaccard, shingles, word_edit_distance
-from reasondistill.curate.stage import CurateConfig, CurationDecision, curate, run_curate
 from reasondistill.errors import UserError
 from reasondistill.recipe import load_recipe
 from reasondistill.records import (
@@ -25,8 +25,10 @@ from reasondistill.records import (
     write_records,
 )
 from reasondistill.rundir import RunDir, fingerprint
-from reasondistill.tasks.stage import ProblemsConfig, problems_by_id, run_problems
-from reasondistill.verify.stage import VerifyConfig
+from reasondistill.stages.curate import CurateConfig, curate, run_curate
+from reasondistill.stages.problems import ProblemsConfig, run_problems
+from reasondistill.stages.verify import VerifyConfig
+from reasondistill.store import problems_by_id
 
 GSM8K_TEST = SHARED_BENCHMARKS / "gsm8k" / "test.jsonl"
 

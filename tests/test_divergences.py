@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reasondistill.objectives import OBJECTIVES, ObjectiveInputs, make_objective
+from reasondistill.objectives import OBJECTIVES, make_objective
+from reasondistill.objectives.base import ObjectiveInputs
 from reasondistill.objectives.divergences import (
     adaptive_kl,
     generalized_jsd,

@@ -8,25 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reasondistill.analyze.memorization import MemorizationConfig, run_memorization
-from reasondistill.analyze.provenance import ProvenanceConfig, run_provenance
-from reasondistill.analyze.trace_stats import TraceStatsConfig, run_trace_stats
 from reasondistill.chat import completion_ids, encode_texts, prompt_ids
-from reasondistill.curate.chunks import ChunkConfig, run_chunk
-from reasondistill.curate.decontaminate import DecontaminateConfig, run_decontaminate
-from reasondistill.curate.rewrite import RewriteConfig, run_rewrite
-from reasondistill.curate.stage import CurateConfig, run_curate
-from reasondistill.curate.teacher_selection import (
-    NO_CORRECT,
-    SelectTeacherConfig,
-    completion_nll,
-    run_select_teacher,
-    selection_table,
-)
+from reasondistill.curate.student_measures import completion_nll
+from reasondistill.curate.teacher_selection import NO_CORRECT, selection_table
 from reasondistill.errors import UserError
-from reasondistill.evaluate.stage import EvalConfig, run_eval
-from reasondistill.generate.score import ScoreConfig, run_score
-from reasondistill.generate.stage import GenerateConfig, run_generate
 from reasondistill.records import (
     GradedTrace,
     Problem,
@@ -37,10 +22,22 @@ from reasondistill.records import (
     write_records,
 )
 from reasondistill.rundir import RunDir, fingerprint
-from reasondistill.tasks.stage import ProblemsConfig, problems_by_id, run_problems
+from reasondistill.stages.chunk import ChunkConfig, run_chunk
+from reasondistill.stages.curate import CurateConfig, run_curate
+from reasondistill.stages.decontaminate import DecontaminateConfig, run_decontaminate
+from reasondistill.stages.evaluate import EvalConfig, run_eval
+from reasondistill.stages.generate import GenerateConfig, run_generate
+from reasondistill.stages.memorization import MemorizationConfig, run_memorization
+from reasondistill.stages.problems import ProblemsConfig, run_problems
+from reasondistill.stages.provenance import ProvenanceConfig, run_provenance
+from reasondistill.stages.rewrite import RewriteConfig, run_rewrite
+from reasondistill.stages.score import ScoreConfig, run_score
+from reasondistill.stages.select_teacher import SelectTeacherConfig, run_select_teacher
+from reasondistill.stages.trace_stats import TraceStatsConfig, run_trace_stats
+from reasondistill.stages.train import TrainConfig, run_train
+from reasondistill.stages.verify import VerifyConfig, run_verify
+from reasondistill.store import problems_by_id
 from reasondistill.train.data import tokenize_examples
-from reasondistill.train.stage import TrainConfig, run_train
-from reasondistill.verify.stage import VerifyConfig, run_verify
 
 WRONG = "<think>\nno idea\n</think>\nThe answer is 0."
 

@@ -8,8 +8,8 @@ from helpers import SHARED_BENCHMARKS
 from reasondistill.cli import main
 from reasondistill.evaluate.metrics import summarise
 from reasondistill.records import GradedTrace, Problem, read_records
-from reasondistill.report.stage import ReportConfig, render
 from reasondistill.rundir import RunDir
+from reasondistill.stages.report import ReportConfig, render
 from reasondistill.tasks import default_grader, get_benchmark
 
 pytestmark = [
@@ -76,8 +76,7 @@ def test_eval_command_on_benchmarks_writes_every_metric_per_benchmark(testbed, t
 
 def test_the_harness_scores_gold_solutions_as_perfect_on_every_math_level():
     """The metrics path without a model: MATH-500 gold solutions, graded and summarised by level."""
-    from reasondistill.generate.base import Completion
-    from reasondistill.generate.stage import make_traces
+    from reasondistill.generate.base import Completion, make_traces
     from reasondistill.verify.grading import grade_trace
 
     problems: list[Problem] = get_benchmark("math500").load(SHARED_BENCHMARKS / DATA["math500"])[::10]

@@ -316,8 +316,8 @@ def test_an_unknown_grader_spec_is_an_error_listing_the_known_ones(spec):
 
 
 def test_verify_and_eval_use_a_tasks_own_grader_unless_overridden():
-    from reasondistill.evaluate.stage import EvalConfig
-    from reasondistill.verify.stage import VerifyConfig
+    from reasondistill.stages.evaluate import EvalConfig
+    from reasondistill.stages.verify import VerifyConfig
 
     overrides = {"gsm8k": "math-verify:number"}
     verify = VerifyConfig(traces="teacher", graders=overrides)

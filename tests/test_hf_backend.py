@@ -11,9 +11,9 @@ from reasondistill.cli import main
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.logprobs import read_logprobs
-from reasondistill.generate.stage import logprob_shards, trace_shards
 from reasondistill.records import Trace, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.store import logprob_shards, trace_shards
 from reasondistill.tasks import get_task
 
 pytestmark = pytest.mark.slow  # needs the trained testbed teacher

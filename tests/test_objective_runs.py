@@ -22,7 +22,8 @@ from reasondistill.generate.hf import HFGenerator
 from reasondistill.objectives import OBJECTIVES, make_objective
 from reasondistill.records import PairExample, TrainingExample
 from reasondistill.tasks import TASKS
-from reasondistill.train.trainer import Hyperparameters, Teachers, train_model
+from reasondistill.train.hyperparameters import Hyperparameters
+from reasondistill.train.trainer import Teachers, train_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.training_sensitive]
 

@@ -8,19 +8,15 @@ from transformers import AutoTokenizer
 
 from reasondistill.errors import UserError
 from reasondistill.generate.logprobs import TokenLogprobs
-from reasondistill.objectives import ObjectiveInputs, make_objective
+from reasondistill.objectives import make_objective
+from reasondistill.objectives.base import ObjectiveInputs
 from reasondistill.objectives.divergences import kl_student_teacher
 from reasondistill.objectives.heads import Head, SparseTargets
 from reasondistill.objectives.policy import group_advantages, sampled_reverse_kl
 from reasondistill.records import TrainingExample
 from reasondistill.tasks import TASKS
-from reasondistill.train.on_policy import (
-    OnPolicyOptions,
-    Sample,
-    StepBatches,
-    on_policy_problem,
-    prompt_rows,
-)
+from reasondistill.train.on_policy import Sample, StepBatches, prompt_rows
+from reasondistill.train.on_policy_options import OnPolicyOptions, on_policy_problem
 
 V = 7
 

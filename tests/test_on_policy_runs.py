@@ -18,12 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.openai import OpenAIGenerator
-from reasondistill.generate.server import serve_in_thread
 from reasondistill.recipe import run_recipe
 from reasondistill.records import TrainingExample
 from reasondistill.tasks import TASKS
-from reasondistill.train.on_policy import TEACHER_SELF, OnPolicyOptions, StepBatches, privileged_messages
-from reasondistill.train.trainer import Hyperparameters, Teachers, train_model
+from reasondistill.testing.server import serve_in_thread
+from reasondistill.train.hyperparameters import Hyperparameters
+from reasondistill.train.on_policy import StepBatches, privileged_messages
+from reasondistill.train.on_policy_options import TEACHER_SELF, OnPolicyOptions
+from reasondistill.train.trainer import Teachers, train_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.training_sensitive]
 

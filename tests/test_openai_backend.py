@@ -1,6 +1,6 @@
 """The openai backend against a local OpenAI-compatible server backed by the testbed teacher.
 
-The server (generate/server.py) answers like vLLM: real logprobs and top logprobs from the model,
+The server (testing/server.py) answers like vLLM: real logprobs and top logprobs from the model,
 prompt logprobs for scoring, and, in its fault-injecting mode, 500s, 429s with Retry-After, hangs
 past the client's timeout, malformed JSON and dropped connections.
 """
@@ -24,11 +24,11 @@ from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.logprobs import TokenLogprobs, read_logprobs
 from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, check_distribution, parse_retry_after
-from reasondistill.generate.server import FAULT_KINDS, Faults, serve_in_thread
-from reasondistill.generate.stage import logprob_shards, trace_shards
 from reasondistill.records import Problem, Trace, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.store import logprob_shards, trace_shards
 from reasondistill.tasks import get_task
+from reasondistill.testing.server import FAULT_KINDS, Faults, serve_in_thread
 
 pytestmark = pytest.mark.slow  # needs the trained testbed teacher
 

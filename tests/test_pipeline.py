@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 from reasondistill.cli import main
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
-from reasondistill.generate.stage import trace_shards
 from reasondistill.recipe import run_recipe
 from reasondistill.records import GradedTrace, Trace, TrainingExample, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.store import trace_shards
 from reasondistill.tasks import get_task
 
 pytestmark = pytest.mark.slow

@@ -57,9 +57,9 @@ def test_a_step_fingerprint_ignores_options_at_their_defaults_and_operational_on
     a connection setting of a nested backend (`teacher_server.base_url`) changes no output."""
     from pydantic import Field
 
+    from reasondistill.config import StageConfig
     from reasondistill.rundir import RunDir
-    from reasondistill.stages import StageConfig
-    from reasondistill.train.stage import TrainConfig
+    from reasondistill.stages.train import TrainConfig
 
     class Before(StageConfig):
         name: str
@@ -80,3 +80,13 @@ def test_a_step_fingerprint_ignores_options_at_their_defaults_and_operational_on
     moved = TrainConfig(**served, teacher_server={"model": "m", "backend": "openai", "base_url": "http://b"})
     other = TrainConfig(**served, teacher_server={"model": "m2", "backend": "openai", "base_url": "http://a"})
     assert first.identity() == moved.identity() != other.identity()
+
+
+def test_a_step_fingerprint_tells_operators_at_their_defaults_apart():
+    """Operators are told apart by their tag (`op`), which has a default: it stays in the fingerprint."""
+    from reasondistill.stages.curate import CurateConfig
+
+    dedup = CurateConfig(traces=["t"], name="x", ops=[{"op": "select", "problems": 3}, {"op": "dedup"}])
+    length = CurateConfig(traces=["t"], name="x", ops=[{"op": "select", "problems": 3}, {"op": "length"}])
+    assert dedup.identity() != length.identity()
+    assert dedup.identity()["ops"] == [{"op": "select", "problems": 3}, {"op": "dedup"}]

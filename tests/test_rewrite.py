@@ -7,28 +7,27 @@ import textwrap
 import pytest
 from pydantic import ValidationError
 
-from reasondistill.curate import rewrite as rewrite_module
+from reasondistill.curate import teacher_jobs as rewrite_module
 from reasondistill.curate.rewrite import (
     DAP_SYSTEM_PROMPT,
-    RewriteConfig,
     dap_messages,
-    dropped_file,
     framework_headings,
     judged_tier,
     parse_dap,
-    run_rewrite,
 )
 from reasondistill.errors import UserError
-from reasondistill.generate import stage as generate_module
 from reasondistill.generate.base import Completion, Usage
-from reasondistill.generate.stage import GenerateConfig, run_generate, trace_shards
 from reasondistill.recipe import check_references, load_recipe
 from reasondistill.records import GradedTrace, Trace, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.stages import generate as generate_module
+from reasondistill.stages.generate import GenerateConfig, run_generate
+from reasondistill.stages.problems import ProblemsConfig, run_problems
+from reasondistill.stages.rewrite import RewriteConfig, dropped_file, run_rewrite
+from reasondistill.stages.verify import VerifyConfig, run_verify
+from reasondistill.store import problems_by_id, trace_shards
 from reasondistill.tasks import get_task
-from reasondistill.tasks.stage import ProblemsConfig, problems_by_id, run_problems
 from reasondistill.verify.reasoning import split_reasoning
-from reasondistill.verify.stage import VerifyConfig, run_verify
 
 
 class Interrupted(Exception):

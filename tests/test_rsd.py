@@ -19,10 +19,10 @@ from reasondistill.errors import UserError
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.rsd import StudentGatedGenerator
-from reasondistill.generate.stage import trace_shards
 from reasondistill.recipe import check_references, load_recipe, run_recipe
 from reasondistill.records import GradedTrace, Trace, TrainingExample, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.store import trace_shards
 from reasondistill.tasks import get_task
 
 # the gate's rejections and the traces' grades depend on how the testbed models trained

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from reasondistill.errors import UserError
-from reasondistill.objectives import OBJECTIVES, ObjectiveInputs, make_objective
+from reasondistill.objectives import OBJECTIVES, make_objective
+from reasondistill.objectives.base import ObjectiveInputs
 from reasondistill.objectives.heads import Head, SparseTargets
 from reasondistill.objectives.selective import (
     early_entropy_positions,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from reasondistill.errors import UserError
-from reasondistill.objectives import IGNORE_INDEX, OBJECTIVES, ObjectiveInputs, make_objective
+from reasondistill.objectives import OBJECTIVES, make_objective
+from reasondistill.objectives.base import IGNORE_INDEX, ObjectiveInputs
 from reasondistill.objectives.heads import Head
 from reasondistill.objectives.preference import aft_loss, sequence_logprobs
 from reasondistill.objectives.sequence import (

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from reasondistill.chat import completion_ids, prompt_ids
-from reasondistill.generate.server import FAULT_KINDS, Faults, serve_in_thread
 from reasondistill.tasks import get_task
+from reasondistill.testing.server import FAULT_KINDS, Faults, serve_in_thread
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -273,7 +273,7 @@ def test_command_line_server_prints_its_address_and_stops_on_sigterm():
     command = [
         sys.executable,
         "-m",
-        "reasondistill.generate.server",
+        "reasondistill.testing.server",
         "--instant",
         "--api-key-env",
         "RD_TEST_SERVER_KEY",

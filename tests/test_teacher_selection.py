@@ -8,22 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasondistill.chat import completion_ids, prompt_ids
-from reasondistill.curate.teacher_selection import (
-    NO_CORRECT,
-    SelectTeacherConfig,
-    completion_nll,
-    rank,
-    report_sections,
-    run_select_teacher,
-)
+from reasondistill.curate.student_measures import completion_nll
+from reasondistill.curate.teacher_selection import NO_CORRECT, rank
 from reasondistill.errors import UserError
-from reasondistill.generate.stage import GenerateConfig, run_generate
 from reasondistill.recipe import run_recipe
 from reasondistill.records import GradedTrace, Message, TrainingExample, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.stages.generate import GenerateConfig, run_generate
+from reasondistill.stages.select_teacher import SelectTeacherConfig, report_sections, run_select_teacher
+from reasondistill.stages.verify import VerifyConfig, run_verify
 from reasondistill.tasks import TASKS
 from reasondistill.testbed.zoo import STYLES, ZOO, styled_solution
-from reasondistill.verify.stage import VerifyConfig, run_verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.training_sensitive]
 

@@ -16,8 +16,9 @@ from reasondistill.records import TrainingExample
 from reasondistill.tasks import TASKS
 from reasondistill.testbed.models import ModelShape, _model_config
 from reasondistill.train import trainer as trainer_module
+from reasondistill.train.hyperparameters import Hyperparameters
 from reasondistill.train.teachers import check_head, preflight
-from reasondistill.train.trainer import Hyperparameters, Teachers, train_model
+from reasondistill.train.trainer import Teachers, train_model
 
 QWEN_TOKENIZER = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "Qwen2.5-0.5B-Instruct"

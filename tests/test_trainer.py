@@ -3,7 +3,8 @@ import torch
 from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
 
-from reasondistill.objectives import IGNORE_INDEX, make_objective
+from reasondistill.objectives import make_objective
+from reasondistill.objectives.base import IGNORE_INDEX
 from reasondistill.train.data import CompletionCollator
 from reasondistill.train.trainer import DistillationTrainer
 
@@ -98,7 +99,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tokenizer_di
     from reasondistill.records import TrainingExample
     from reasondistill.tasks import get_task
     from reasondistill.testbed.models import ModelShape, save_initial_model
-    from reasondistill.train.trainer import Hyperparameters, train_model
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
 
     init = tmp_path / "init"
     save_initial_model(
@@ -144,7 +146,8 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tokenizer_dir, 
 
     from reasondistill.records import TrainingExample
     from reasondistill.testbed.models import ModelShape, save_initial_model
-    from reasondistill.train.trainer import Hyperparameters, train_model
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
 
     init = tmp_path / "init"
     save_initial_model(
@@ -172,7 +175,8 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tokenizer_dir, 
 def test_trainer_args_cannot_silently_override_first_class_options(tmp_path, tiny_init):
     from reasondistill.errors import UserError
     from reasondistill.records import TrainingExample
-    from reasondistill.train.trainer import Hyperparameters, train_model
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
 
     examples = [
         TrainingExample(problem_id="p", task="t", messages=[{"role": "user", "content": "q"}], completion="a")
@@ -216,8 +220,9 @@ def test_truncation_is_counted_named_and_can_drop_the_examples(tmp_path, tiny_in
     names the example, counts it in its statistics (and the report), and `drop` leaves it out."""
     import logging
 
-    from reasondistill.report.stage import pipeline_table
-    from reasondistill.train.trainer import Hyperparameters, train_model
+    from reasondistill.report.render import pipeline_table
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
 
     hp = dict(epochs=1, max_length=48, batch_size=2, trainer_args={"disable_tqdm": True})
     with caplog.at_level(logging.WARNING):
@@ -240,7 +245,8 @@ def test_truncation_is_counted_named_and_can_drop_the_examples(tmp_path, tiny_in
 
 def test_every_example_longer_than_max_length_dropped_is_an_error(tmp_path, tiny_init):
     from reasondistill.errors import UserError
-    from reasondistill.train.trainer import Hyperparameters, train_model
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
 
     hp = Hyperparameters(epochs=1, max_length=48, truncation="drop", trainer_args={"disable_tqdm": True})
     with pytest.raises(UserError, match="all 1 examples are longer than max_length=48"):
@@ -250,7 +256,8 @@ def test_every_example_longer_than_max_length_dropped_is_an_error(tmp_path, tiny
 def test_max_length_beyond_the_model_positions_is_warned(tmp_path, tiny_init, caplog):
     import logging
 
-    from reasondistill.train.trainer import Hyperparameters, train_model
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
 
     hp = Hyperparameters(epochs=1, max_length=2048, trainer_args={"disable_tqdm": True})
     with caplog.at_level(logging.WARNING):

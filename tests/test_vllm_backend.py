@@ -435,7 +435,8 @@ def test_on_policy_sampling_pushes_the_current_weights_before_every_step(fake_vl
 
     from reasondistill.records import TrainingExample
     from reasondistill.testbed.models import STUDENT_SHAPE, _model_config
-    from reasondistill.train.on_policy import OnPolicyOptions, StepBatches, prompt_rows
+    from reasondistill.train.on_policy import StepBatches, prompt_rows
+    from reasondistill.train.on_policy_options import OnPolicyOptions
 
     # the engine's rendezvous defaults go into a copy of the environment, gone after the test
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
@@ -470,9 +471,9 @@ def test_a_rerun_of_failed_rows_gives_the_rows_of_an_uninterrupted_job(fake_vllm
     """Each row is sampled with the seed of its identity, so the rows a rerun asks for again (now
     first in a shorter request list) come out as they would have in one go."""
     from reasondistill.cli import main
-    from reasondistill.generate.stage import trace_shards
     from reasondistill.records import Problem, Trace, read_records
     from reasondistill.rundir import RunDir
+    from reasondistill.store import trace_shards
 
     failing: set[tuple[int, ...]] = set()  # prompts whose requests the engine aborts
 

@@ -36,8 +36,13 @@ def _setup_logging(debug: bool) -> None:
     for noisy in ("transformers", "datasets", "accelerate", "httpx", "torch", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_transformers() -> None:
+    """Before a command does work (not for --help: importing transformers takes seconds)."""
     from transformers.utils import logging as hf_logging
 
+    debug = click.get_current_context().find_root().params.get("debug", False)
     hf_logging.set_verbosity_warning() if debug else hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
 
@@ -115,6 +120,7 @@ def _stage_command(stage: Stage) -> click.Command:
     def callback(run_dir: str, overwrite: bool, **options) -> None:
         from .rundir import RunDir
 
+        _quiet_transformers()
         values = {}
         for name, value in options.items():
             if value is None:
@@ -188,6 +194,7 @@ def run_command(recipe: Path, run_dir: Path | None, overwrite: bool) -> None:
     """
     from .recipe import run_recipe
 
+    _quiet_transformers()
     if not recipe.exists() and str(recipe) in _builtin_recipes():
         with resources.as_file(resources.files("reasondistill") / "recipes" / f"{recipe}.yaml") as path:
             run_recipe(path, run_dir, overwrite)
@@ -202,6 +209,7 @@ def demo(run_dir: Path, overwrite: bool) -> None:
     """Quickstart: testbed teacher → traces → verify → distilled and answer-only students → eval → report."""
     from .recipe import run_recipe
 
+    _quiet_transformers()
     with resources.as_file(resources.files("reasondistill") / "recipes" / DEMO_RECIPE) as recipe:
         run = run_recipe(recipe, run_dir, overwrite)
     console.print(
@@ -224,6 +232,21 @@ def list_benchmarks() -> None:
     console.print(table)
 
 
+@cli.command("objectives")
+@click.argument("names", nargs=-1)
+def list_objectives(names: tuple[str, ...]) -> None:
+    """List the training objectives (or those NAMES) with their options: type, bounds, default, help.
+
+    Set one in a recipe's train step with `objective: NAME` and its options with `objective_args`.
+    """
+    from .objectives import OBJECTIVES, describe_objectives
+
+    unknown = [name for name in names if name not in OBJECTIVES]
+    if unknown:
+        raise UserError(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+    click.echo(describe_objectives(names or None))
+
+
 @cli.group()
 def testbed() -> None:
     """The embedded testbed: tokenizer, tiny teacher and student models."""
@@ -235,6 +258,7 @@ def testbed_build(force: bool) -> None:
     """Build (or rebuild) the testbed tokenizer, student initialisation and trained teacher."""
     from .testbed.models import build_testbed
 
+    _quiet_transformers()
     root = build_testbed(force=force)
     console.print(f"testbed models in {root}: {root / 'teacher'}, {root / 'student'}")
 

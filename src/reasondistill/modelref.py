@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .generate.backends import BackendOptions
 from .models import check_model_folder
 from .rundir import RunDir, fingerprint
-from .testbed.models import MODEL_NAMES, TESTBED_PREFIX, resolve_testbed_model
+from .testbed.refs import TESTBED_PREFIX, resolve_testbed_model, testbed_names
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -69,9 +70,7 @@ def required_steps(option: str, references: list[str]) -> dict[str, str]:
 def check_reference(reference: str) -> None:
     """UserError unless `reference` names a testbed model, a usable model folder, or looks like a Hub id."""
     if reference.startswith(TESTBED_PREFIX):
-        from .testbed.zoo import ZOO
-
-        if reference.removeprefix(TESTBED_PREFIX) not in (*MODEL_NAMES, *ZOO):
+        if reference.removeprefix(TESTBED_PREFIX) not in testbed_names():
             resolve_testbed_model(reference)  # raises the error that lists the testbed models
         return
     folder = Path(reference).expanduser()
@@ -109,3 +108,14 @@ def resolve_model(reference: str, run: RunDir) -> ResolvedModel:
         f"model {reference!r}: not a testbed model ({TESTBED_PREFIX}teacher, {TESTBED_PREFIX}student), "
         f"a model trained in {run.root}, a model folder, or a Hub id"
     )
+
+
+def backend_model(options: BackendOptions, reference: str, run: RunDir) -> ResolvedModel:
+    """The model a step calls: for `openai` the name the server knows it by, else a local model."""
+    if options.backend == "openai":
+        return ResolvedModel(reference_name(reference), reference, fingerprint(["openai", reference]))
+    return resolve_model(reference, run)
+
+
+def backend_requirements(options: BackendOptions, reference: str) -> dict[str, str]:
+    return {} if options.backend == "openai" else required_steps("model", [reference])

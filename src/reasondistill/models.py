@@ -195,3 +195,49 @@ def load_causal_lm(path: str | Path, **kwargs):
 
     check_model_folder(path, chat_template=False)
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
+
+
+# ---- a pair of models ---------------------------------------------------------------------------
+
+
+def shared_vocabulary(
+    student: Any, teacher: Any, student_rows: int, teacher_rows: int, teacher_name: str
+) -> int:
+    """Check that two tokenizers (student's, teacher's) number tokens alike; return the tokenizer's size.
+
+    Comparing distributions token id by token id (distillation, a student gating a teacher's
+    decoding) needs the same vocabulary, EOS and chat template; a mismatch trains or gates against
+    the wrong tokens silently, so it is refused with one line saying what differs. Both heads need a
+    row for every token; rows beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936 rows, and
+    to 152,064 in its larger sizes) are padding, never a real token, and are cut by the callers.
+    """
+    prefix = f"teacher {teacher_name} is not compatible with the student"
+    if student.get_vocab() != teacher.get_vocab():
+        raise UserError(
+            f"{prefix}: different tokenizers: {_first_difference(student.get_vocab(), teacher.get_vocab())}"
+        )
+    if student.eos_token_id != teacher.eos_token_id:
+        raise UserError(
+            f"{prefix}: EOS differs: student {student.eos_token!r} (id {student.eos_token_id}), "
+            f"teacher {teacher.eos_token!r} (id {teacher.eos_token_id})"
+        )
+    if student.chat_template != teacher.chat_template:
+        raise UserError(
+            f"{prefix}: chat templates differ, so the same conversation becomes different token ids "
+            "(save the student's template with the teacher's tokenizer, or the reverse)"
+        )
+    tokens = len(student)
+    if min(student_rows, teacher_rows) < tokens:
+        raise UserError(
+            f"{prefix}: a head has {min(student_rows, teacher_rows)} rows for a tokenizer of {tokens} tokens"
+        )
+    return tokens
+
+
+def _first_difference(student: dict[str, int], teacher: dict[str, int]) -> str:
+    for token, index in sorted(student.items(), key=lambda item: item[1]):
+        if teacher.get(token) != index:
+            where = f"id {teacher[token]}" if token in teacher else "absent"
+            return f"token {token!r} is id {index} for the student, {where} for the teacher"
+    extra = sorted(set(teacher) - set(student), key=teacher.get)[0]
+    return f"token {extra!r} (teacher id {teacher[extra]}) is absent from the student's vocabulary"

@@ -23,11 +23,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import StageConfig
 from .errors import UserError, describe_validation_error
 from .models import remote_code_allowed_if
 from .records import read_text_utf8
 from .rundir import RunDir
-from .stages import Stage, StageConfig, all_stages
+from .stages import Stage, all_stages
 from .ui import note
 
 

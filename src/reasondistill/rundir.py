@@ -33,15 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .config import StageConfig
 from .errors import UserError
 from .models import trust_remote_code
 from .records import atomic_write_json
 from .ui import note
-
-if TYPE_CHECKING:  # stages.py imports this module
-    from .stages import StageConfig
 
 TRACKED_PACKAGES = (
     "reasondistill", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "math-verify", "pyarrow",

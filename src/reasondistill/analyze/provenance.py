@@ -1,4 +1,4 @@
-"""`provenance`: where did each sentence of a distilled model's reasoning come from?
+"""Sentence provenance: where did each sentence of a distilled model's reasoning come from?
 
 After "Where Did This Sentence Come From?" (arXiv 2512.20908; method card 19). Every sentence
 (or line) a distilled student D wrote is scored under the teacher T, the original student S0 (D's
@@ -24,9 +24,10 @@ between steps, are context only). The three models must share one tokenizer (voc
 template): then all three score the same token ids and per-token normalisation compares like with
 like. Models with different tokenizers are refused before any weights load.
 
-Output analysis/<name>.json: counts and shares per category (overall and by task), the mean scores
-of each category under each model, example sentences, and the accuracy of completions grouped by
-their share of teacher-originated sentences (for graded and evaluation sets, which carry labels).
+`summarise` gives counts and shares per category (overall and by task), the mean scores of each
+category under each model, example sentences, and the accuracy of completions grouped by their
+share of teacher-originated sentences (for graded and evaluation sets, which carry labels); the
+`provenance` stage writes them to analysis/<name>.json.
 """
 
 from __future__ import annotations
@@ -37,37 +38,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from ..chat import prompt_ids
-from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
-from ..models import load_tokenizer
 from ..records import Message
-from ..rundir import RunDir
-from ..stages import Stage
-from ..ui import note, progress_bar
+from ..ui import progress_bar
 from ..verify.reasoning import THINK_CLOSE, THINK_OPEN
-from .common import (
-    Section,
-    Text,
-    TextSelection,
-    analyses,
-    check_same_tokenizer,
-    completion_logprobs,
-    fast_tokenizer,
-    join_prompts,
-    load_texts,
-    number,
-    percent,
-    selection_requirements,
-    write_analysis,
-)
+from .selection import Text
 from .text import Segment, Unit, segments
 
-KIND = "provenance"
 TEACHER, STUDENT, BOOSTED, NOT_BOOSTED = (
     "teacher-originated",
     "student-originated",
@@ -76,60 +55,6 @@ TEACHER, STUDENT, BOOSTED, NOT_BOOSTED = (
 )
 CATEGORIES = (TEACHER, STUDENT, BOOSTED, NOT_BOOSTED)
 ROLES = ("teacher", "student", "distilled")
-
-
-class ProvenanceConfig(TextSelection):
-    name: str = Field("provenance", description="output name: analysis/<name>.json")
-    teacher: str = Field(
-        description="the teacher T (testbed:…, a model trained in the run, a folder, a Hub id)"
-    )
-    student: str = Field(description="the original student S0: the distilled student's starting weights")
-    distilled: str = Field(
-        description="the distilled student D; its greedy evaluation completions are traced unless "
-        "traces, data or eval_model say otherwise"
-    )
-    unit: Unit = Field(
-        "sentences", description="what a step is: sentences (real traces), or lines (testbed traces)"
-    )
-    scope: Literal["reasoning", "completion"] = Field(
-        "reasoning",
-        description="reasoning: the steps inside <think>…</think> (completions without one contribute none); "
-        "completion: every step of the completion, the final answer included",
-    )
-    likely: float = Field(
-        0.3,
-        gt=0,
-        lt=1,
-        description="a model would write a sentence when its geometric-mean token probability exp(ℓ) is at "
-        "least this (inferred default)",
-    )
-    origin_margin: float = Field(
-        0.5,
-        ge=0,
-        description="nats per token by which the teacher (or the original student) must prefer a sentence "
-        "for it to originate there (inferred default)",
-    )
-    boost_margin: float = Field(
-        0.5,
-        ge=0,
-        description="nats per token by which the distilled student must prefer a pre-existing sentence over "
-        "the original student for it to count as boosted (inferred default)",
-    )
-    share_bins: list[float] = Field(
-        [0.0, 0.25, 0.5, 0.75, 1.0],
-        description="edges of the bins of completions by share of teacher-originated sentences (0 … 1)",
-    )
-    examples: int = Field(3, ge=0, description="example sentences kept per category in the output")
-    batch_size: int = Field(16, ge=1, description="sequences scored together")
-
-    operational = frozenset({"batch_size"})
-
-    @field_validator("share_bins")
-    @classmethod
-    def _bins_cover_zero_to_one(cls, edges: list[float]) -> list[float]:
-        if len(edges) < 2 or edges[0] != 0 or edges[-1] != 1 or any(a >= b for a, b in pairwise(edges)):
-            raise ValueError("share_bins must increase strictly from 0 to 1, e.g. [0, 0.5, 1]")
-        return edges
 
 
 def classify(
@@ -218,7 +143,12 @@ def score_steps(
 
     `models` maps a role to a model folder or Hub id; they must share one tokenizer. Models are
     loaded one at a time."""
+    # Imported here: they bring torch and transformers along, which the rest of this module does
+    # not need.
+    from ..chat import prompt_ids
     from ..generate.hf import HFGenerator
+    from ..models import load_tokenizer
+    from .common import check_same_tokenizer, completion_logprobs, fast_tokenizer
 
     tokenizers = [(role, load_tokenizer(path, chat_template=False)) for role, path in models.items()]
     check_same_tokenizer(
@@ -248,7 +178,10 @@ def score_steps(
 def summarise(
     texts: Sequence[Text], located: Sequence[Located], scores: dict[str, list[list[float]]], cfg
 ) -> dict:
-    """Category counts and shares, mean scores per category, examples, accuracy by teacher share."""
+    """Category counts and shares, mean scores per category, examples, accuracy by teacher share.
+
+    `cfg` gives the thresholds (`likely`, `origin_margin`, `boost_margin`), the `examples` kept per
+    category and the `share_bins` (the `provenance` stage's options)."""
     counts: Counter = Counter()
     by_task: dict[str, Counter] = defaultdict(Counter)
     sums = {c: np.zeros(3) for c in CATEGORIES}
@@ -315,103 +248,3 @@ def _by_share(shares: list[tuple[float, str | None]], edges: list[float]) -> lis
             }
         )
     return rows
-
-
-def run_provenance(cfg: ProvenanceConfig, run: RunDir, overwrite: bool) -> None:
-    references = {"teacher": cfg.teacher, "student": cfg.student, "distilled": cfg.distilled}
-    models: dict[str, ResolvedModel] = {role: resolve_model(ref, run) for role, ref in references.items()}
-    texts, description, texts_fingerprint = load_texts(
-        cfg, run, f"{KIND}:{cfg.name}", models["distilled"].name
-    )
-    inputs = {"texts": texts_fingerprint, **{role: m.fingerprint for role, m in models.items()}}
-
-    def body(_fingerprint: str) -> dict:
-        join_prompts(texts, run, description)
-        located, scores = score_steps(
-            {role: m.path for role, m in models.items()},
-            [t.messages for t in texts],
-            [t.completion for t in texts],
-            cfg.unit,
-            cfg.scope,
-            cfg.batch_size,
-        )
-        result = {
-            "texts": description,
-            "models": {role: {"name": m.name, "path": m.path} for role, m in models.items()},
-            "unit": cfg.unit,
-            "scope": cfg.scope,
-            "thresholds": {
-                "likely": cfg.likely,
-                "origin_margin": cfg.origin_margin,
-                "boost_margin": cfg.boost_margin,
-            },  # fmt: skip
-            **summarise(texts, located, scores, cfg),
-        }
-        write_analysis(run, cfg.name, KIND, result)
-        return {
-            "steps": result["steps"],
-            "shares": {c: _round(v["share"]) for c, v in result["categories"].items()},
-        }
-
-    stats = run.step(
-        f"provenance:{cfg.name}", cfg, inputs, body, outputs=[run.analysis(cfg.name)], overwrite=overwrite
-    )["stats"]
-    note(f"provenance:{cfg.name}: {stats['steps']} steps, shares {stats['shares']}")
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
-def report_sections(run: RunDir) -> list[Section]:
-    sections: list[Section] = []
-    for result in analyses(run, KIND):
-        names = {role: result["models"][role]["name"] for role in ROLES}
-        heading = (
-            f"Provenance of {result['texts']} ({result['name']}): teacher {names['teacher']}, "
-            f"original student {names['student']}, distilled {names['distilled']}"
-        )
-        rows = [
-            [
-                category,
-                str(v["count"]),
-                percent(v["share"]),
-                *[number(v["mean_logprob"][role], 2) for role in ROLES],
-            ]  # fmt: skip
-            for category, v in result["categories"].items()
-        ]
-        headers = [
-            f"category ({result['unit']})",
-            "count",
-            "share",
-            "mean ℓ teacher",
-            "mean ℓ original",
-            "mean ℓ distilled",
-        ]
-        sections.append((heading, (headers, rows)))
-        share_rows = [
-            [f"{100 * b['low']:.0f}–{100 * b['high']:.0f}%", str(b["completions"]), percent(b["accuracy"])]
-            for b in result["accuracy_by_teacher_share"]
-        ]
-        sections.append(
-            (
-                f"Accuracy by share of teacher-originated {result['unit']} ({result['name']})",
-                (["teacher-originated share", "completions", "accuracy"], share_rows),
-            )
-        )
-    return sections
-
-
-STAGE = Stage(
-    KIND,
-    ProvenanceConfig,
-    run_provenance,
-    "trace the sentences of a distilled model to the teacher or the original student",
-    produces=lambda cfg: [f"{KIND}:{cfg.name}"],
-    requires=lambda cfg: {
-        **selection_requirements(cfg, reference_name(cfg.distilled)),
-        **required_steps("teacher", [cfg.teacher]),
-        **required_steps("student", [cfg.student]),
-        **required_steps("distilled", [cfg.distilled]),
-    },
-)

@@ -24,14 +24,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
+from ..config import StageConfig
 from ..errors import UserError
 from ..modelref import required_steps, resolve_model
 from ..records import GradedTrace, Problem, read_records
 from ..rundir import RunDir
-from ..stages import StageConfig
-from ..tasks.stage import benchmark_inputs, load_benchmarks
+from ..tasks.selection import benchmark_inputs, load_benchmarks
 from .decontaminate import BenchmarkIndex, ContaminationCheck, prompt_text
-from .sets import graded_fingerprint, graded_requirement
 from .similarity import NearDuplicateIndex, exact_key, farthest_first, jaccard, shingles, word_edit_distance
 
 
@@ -81,6 +80,11 @@ class Op(StageConfig, ABC):
         """Steps the operator needs: {option: step key}."""
         return {}
 
+    def graded_sets(self) -> dict[str, str]:
+        """Graded sets of the run the operator reads besides the curated traces, by option: the
+        `curate` stage adds their fingerprints to the step's and requires the steps that write them."""
+        return {}
+
 
 def _by_problem(pool: list[Candidate]) -> dict[str, list[Candidate]]:
     groups: dict[str, list[Candidate]] = defaultdict(list)
@@ -124,19 +128,8 @@ class Difficulty(Op):
     )
     keep_levels: list[int] | None = Field(None, description="keep only these levels")
 
-    def inputs(self, run: RunDir) -> dict[str, str]:
-        return (
-            {f"pass_rate_from:{self.pass_rate_from}": graded_fingerprint(run, self.pass_rate_from)}
-            if self.pass_rate_from
-            else {}
-        )
-
-    def requires(self) -> dict[str, str | tuple[str, ...]]:
-        return (
-            {"ops.difficulty.pass_rate_from": graded_requirement(self.pass_rate_from)}
-            if self.pass_rate_from
-            else {}
-        )
+    def graded_sets(self) -> dict[str, str]:
+        return {"pass_rate_from": self.pass_rate_from} if self.pass_rate_from else {}
 
     def level(self, pass_rate: float) -> int:
         return min(self.bins, max(1, self.bins - int(pass_rate * self.bins)))

@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from datasketch import MinHash, MinHashLSH
 from rapidfuzz.distance import Levenshtein
+
+if TYPE_CHECKING:  # datasketch imports scipy (a quarter of a second): imported where an index is built
+    from datasketch import MinHash
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -56,6 +59,8 @@ class NearDuplicateIndex:
     def __init__(
         self, threshold: float, shingle_size: int, num_perm: int, exhaustive: bool = False, seed: int = 1
     ):
+        from datasketch import MinHashLSH
+
         self.threshold, self.shingle_size, self.num_perm, self.seed = threshold, shingle_size, num_perm, seed
         # LSH tuned to a lower threshold than the decision's: more candidates to confirm exactly, and
         # fewer true near-duplicates missed (a pair's chance of becoming a candidate falls steeply
@@ -64,6 +69,8 @@ class NearDuplicateIndex:
         self.sets: dict[str, frozenset[str]] = {}
 
     def _signature(self, grams: frozenset[str]) -> MinHash:
+        from datasketch import MinHash
+
         signature = MinHash(num_perm=self.num_perm, seed=self.seed)
         signature.update_batch([g.encode() for g in sorted(grams)])
         return signature

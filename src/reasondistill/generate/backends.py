@@ -1,4 +1,5 @@
-"""Backend options shared by the stages that call a teacher (generate, score), and the factory."""
+"""Backend options shared by the stages that call a teacher (generate, score, rewrite, chunk, train), and
+the factory of generators."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..config import StageConfig
 from ..errors import UserError
-from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
-from ..rundir import RunDir, fingerprint
-from ..stages import StageConfig
 from .base import Generator
 from .shards import Pricing
 
@@ -77,33 +76,23 @@ class BackendOptions(StageConfig):
         return url
 
 
-def backend_model(options: BackendOptions, reference: str, run: RunDir) -> ResolvedModel:
-    """The model a step calls: for `openai` the name the server knows it by, else a local model."""
-    if options.backend == "openai":
-        return ResolvedModel(reference_name(reference), reference, fingerprint(["openai", reference]))
-    return resolve_model(reference, run)
-
-
-def backend_requirements(options: BackendOptions, reference: str) -> dict[str, str]:
-    return {} if options.backend == "openai" else required_steps("model", [reference])
-
-
 def open_generator(
     options: BackendOptions,
-    model: ResolvedModel,
+    model: str,
     batch_size: int,
     top_logprobs: int,
-    gate: tuple[ResolvedModel, float] | None = None,
+    gate: tuple[str, float] | None = None,
 ) -> Generator:
-    """`top_logprobs`: the largest k the step asks for (vLLM sizes its engine for it); `gate`: a
-    student and its threshold τ for student-gated decoding (RSD, rsd.py; local models only)."""
+    """`model`: what from_pretrained receives, or for `openai` the name the server knows it by;
+    `top_logprobs`: the largest k the step asks for (vLLM sizes its engine for it); `gate`: a student
+    and its threshold τ for student-gated decoding (RSD, rsd.py; local models only)."""
     if gate is not None:
         from .rsd import StudentGatedGenerator
 
         student, threshold = gate
         return StudentGatedGenerator(
-            model.path,
-            student.path,
+            model,
+            student,
             threshold=threshold,
             batch_size=batch_size,
         )
@@ -111,7 +100,7 @@ def open_generator(
         from .openai import OpenAIGenerator, RetryPolicy
 
         return OpenAIGenerator(
-            model.path,
+            model,
             options.server_url(),
             endpoint=options.endpoint,
             api_key_env=options.api_key_env,
@@ -124,11 +113,11 @@ def open_generator(
         from .vllm import VLLMGenerator
 
         return VLLMGenerator(
-            model.path,
+            model,
             tensor_parallel_size=options.tensor_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization,
             max_logprobs=max(top_logprobs, 20),  # 20: vLLM's own default
         )
     from .hf import HFGenerator
 
-    return HFGenerator(model.path, batch_size=batch_size)
+    return HFGenerator(model, batch_size=batch_size)

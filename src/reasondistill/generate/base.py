@@ -1,34 +1,64 @@
-"""The Generator interface every backend implements (hf, openai, vllm), and what it returns."""
+"""The Generator base class every backend extends (hf, openai, vllm; rsd over hf), what it is asked
+for (SamplingParams, made of the sampling fields every options model shares) and what it returns."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
-from ..records import FinishReason, Message
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from ..chat import completion_ids, prompt_ids
+from ..records import FinishReason, Message, Problem, Trace
+from ..verify.reasoning import split_reasoning
 from .logprobs import TokenLogprobs
 
+if TYPE_CHECKING:  # an annotation only: transformers takes seconds to import, a stage's --help must not
+    from transformers import PreTrainedTokenizerBase
 
-@dataclass(frozen=True)
+# ---- the sampling fields --------------------------------------------------------------------------
+# Each declared once, with its bounds and help. SamplingParams is made of them, and so is every model
+# of options that samples (SamplingOptions, rewrite's TeacherOptions, OnPolicyOptions, the test
+# server's requests): each declares its field with the type and sets only its default (and its help
+# where it says more), so pydantic checks the same bounds everywhere. (A model that redeclares an
+# inherited field keeps the constraints only when they are part of the type, hence types.)
+Samples = Annotated[int, Field(ge=1, description="completions per prompt")]
+Temperature = Annotated[float, Field(ge=0, description="sampling temperature (0: greedy)")]
+TopP = Annotated[float, Field(gt=0, le=1, description="nucleus sampling mass")]
+TopK = Annotated[int, Field(ge=0, description="top-k filtering (0: off)")]
+MaxNewTokens = Annotated[
+    int, Field(ge=1, description="completion token limit; longer ones are cut and unparseable")
+]
+StopStrings = Annotated[list[str], Field(description="strings that end a completion (left out of its text)")]
+Seed = Annotated[int, Field(description="sampling seed")]
+TopLogprobs = Annotated[
+    int, Field(ge=0, description="the model's k most likely tokens at every position (implies logprobs)")
+]
+
+
+@pydantic_dataclass(frozen=True)
 class SamplingParams:
-    n: int = 1  # completions per prompt
-    temperature: float = 1.0  # 0 means greedy decoding
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k filtering
-    max_new_tokens: int = 512
-    seed: int = 0
-    stop: tuple[str, ...] = ()  # strings that end a completion (not included in its text)
+    """What a generator is asked for: a frozen value, checked by pydantic when made (`replace` too).
+
+    Bounds come with the field types (a ValidationError, which is a ValueError, names the field);
+    `__post_init__` checks only what no single field can: combinations."""
+
+    n: Samples = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    max_new_tokens: MaxNewTokens = 512
+    seed: Seed = 0
+    stop: tuple[str, ...] = ()  # StopStrings, frozen
     logprobs: bool = False  # return the logprob of every generated token
-    top_logprobs: int = 0  # and the teacher's k most likely tokens at every position (implies logprobs)
+    top_logprobs: TopLogprobs = 0
 
     def __post_init__(self):
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError("n and max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.top_logprobs < 0:
-            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k and top_logprobs >= 0")
         if self.temperature == 0 and self.n > 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per prompt; set n=1")
         if "" in self.stop:
@@ -106,13 +136,21 @@ class Usage:
 ProgressCallback = Callable[[int], None]  # called with the number of rows just finished
 
 
-class Generator(Protocol):
-    backend: str
-    usage: Usage
+class Generator(ABC):
+    """A backend: completions of chat prompts, and the model's distribution over given completions.
 
+    A backend implements `describe`, `generate` and `score_ids` (and `close` if it holds anything);
+    `score` is written here once, from `score_ids` and the teacher's tokenizer."""
+
+    backend: ClassVar[str]
+    usage: Usage
+    tokenizer: PreTrainedTokenizerBase | None  # the teacher's; None where a backend can do without
+
+    @abstractmethod
     def describe(self) -> dict:
         """What produced the completions (backend, model, server): recorded with every trace."""
 
+    @abstractmethod
     def generate(
         self,
         prompts: Sequence[list[Message]],
@@ -132,8 +170,13 @@ class Generator(Protocol):
         top_k: int,
         progress: ProgressCallback | None = None,
     ) -> list[TokenLogprobs | Failure]:
-        """The model's distribution over each given completion of each prompt (teacher forcing)."""
+        """The model's distribution over each given completion of each prompt (teacher forcing): the
+        prompts rendered with the chat template and the completions tokenized here, for `score_ids`."""
+        return self.score_ids(
+            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
+        )
 
+    @abstractmethod
     def score_ids(
         self,
         prompts: Sequence[list[int]],
@@ -143,5 +186,50 @@ class Generator(Protocol):
     ) -> list[TokenLogprobs | Failure]:
         """Like `score`, prompts (chat template applied) and completions given as token ids."""
 
-    def close(self) -> None:
-        """Release the model or connections."""
+    def close(self) -> None:  # noqa: B027 - a backend with nothing to release keeps this
+        """Release the model or connections (by default there is nothing to release)."""
+
+
+class TokenIdGenerator(Generator):
+    """A backend that decodes prompts given as token ids (hf, vllm; rsd): `generate` renders the chat
+    prompts with the teacher's own chat template, so every backend of this kind sees the same ids, and
+    callers that hold ids already (on-policy sampling, the test server) call `generate_ids`."""
+
+    def generate(
+        self,
+        prompts: Sequence[list[Message]],
+        sampling: SamplingParams,
+        progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[Completion | Failure]]:
+        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress, seeds)
+
+    @abstractmethod
+    def generate_ids(
+        self,
+        prompts: Sequence[list[int]],
+        sampling: SamplingParams,
+        progress: ProgressCallback | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[Completion | Failure]]:
+        """Completions of prompts given as token ids (the chat template already applied)."""
+
+
+def make_traces(problem: Problem, completions: list[Completion], source: str) -> list[Trace]:
+    return [make_trace(problem, sample_idx, c, source) for sample_idx, c in enumerate(completions)]
+
+
+def make_trace(problem: Problem, sample_idx: int, completion: Completion, source: str) -> Trace:
+    split = split_reasoning(completion.text)
+    return Trace(
+        problem_id=problem.id,
+        task=problem.task,
+        sample_idx=sample_idx,
+        source=source,
+        completion=completion.text,
+        reasoning=split.reasoning,
+        final=split.final,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        finish_reason=completion.finish_reason,
+    )

@@ -2,7 +2,8 @@
 
 Logprobs come from one teacher-forced forward pass over prompt + completion after decoding, so they
 are the model's own distribution (temperature 1, no top-k/top-p filter), as vLLM's raw logprobs are,
-and the [T, V] logits are projected in chunks of positions instead of being kept for every step.
+and the [T, V] logits are projected in chunks of positions instead of being kept for every step
+(`scoring.teacher_forced`).
 
 Seeds: `model.generate` samples a whole batch with one draw from torch's global random stream per
 step, so rows cannot be seeded one by one. A call seeds that stream once with `sampling.seed` and
@@ -22,17 +23,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..chat import completion_ids, prompt_ids
-from ..errors import UserError
 from ..models import load_causal_lm, load_tokenizer
-from ..records import Message
-from .base import Completion, ProgressCallback, SamplingParams, Usage
+from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage
 from .logprobs import TokenLogprobs, from_logits
+from .scoring import teacher_forced
 
-LOGIT_CHUNK = 256  # positions projected onto the vocabulary at once: 256 × 151,936 float32 = 156 MB
 
-
-class HFGenerator:
+class HFGenerator(TokenIdGenerator):
     backend = "hf"
 
     def __init__(
@@ -78,20 +75,15 @@ class HFGenerator:
             torch.cuda.empty_cache()
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(
+    def generate_ids(
         self,
-        prompts: Sequence[list[Message]],
+        prompts: Sequence[list[int]],
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """`seeds` is accepted for the Generator interface and not used (see the module docstring)."""
-        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress)
-
-    def generate_ids(
-        self, prompts: Sequence[list[int]], sampling: SamplingParams, progress: ProgressCallback | None = None
-    ) -> list[list[Completion]]:
-        """Completions of prompts given as token ids (the chat template already applied)."""
+        """Completions of prompts given as token ids (the chat template already applied). `seeds` is
+        accepted for the Generator interface and not used (see the module docstring)."""
         torch.manual_seed(sampling.seed)
         prompts_per_batch = max(1, self.batch_size // sampling.n)
         results: list[list[Completion]] = []
@@ -187,17 +179,6 @@ class HFGenerator:
         return low
 
     # ---- scoring ------------------------------------------------------------------------------
-    def score(
-        self,
-        prompts: Sequence[list[Message]],
-        completions: Sequence[str],
-        top_k: int,
-        progress: ProgressCallback | None = None,
-    ) -> list[TokenLogprobs]:
-        return self.score_ids(
-            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
-        )
-
     def score_ids(
         self,
         prompts: Sequence[list[int]],
@@ -212,7 +193,6 @@ class HFGenerator:
         self.usage.add(Usage(requests=len(prompts), prompt_tokens=read))
         return scored
 
-    @torch.inference_mode()
     def _distributions(
         self,
         prompts: Sequence[list[int]],
@@ -221,55 +201,22 @@ class HFGenerator:
         progress: ProgressCallback | None,
         temperature: float = 1.0,
     ) -> list[TokenLogprobs]:
-        """`temperature` divides the logits first: 1, the model's own distribution, is what is stored;
-        the test server uses other values to play a server that reports processed logprobs."""
-        config = self.model.config
-        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-            raise UserError(
-                f"{self.path}: scoring projects hidden states with the output embeddings; models that "
-                "rescale their logits (final_logit_softcapping, logit_scale) are not supported by the hf backend"
-            )
-        head = self.model.get_output_embeddings()
-        # Rows beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936) are never a token; the
-        # store, like the trainer's loss, covers the real tokens only.
-        real_tokens = len(self.tokenizer)
-        results: list[TokenLogprobs] = []
-        for start in range(0, len(prompts), self.batch_size):
-            pairs = list(
-                zip(
-                    prompts[start : start + self.batch_size],
-                    completions[start : start + self.batch_size],
-                    strict=True,
-                )
-            )
-            sequences = [p + c for p, c in pairs]
-            width = max(len(s) for s in sequences)
-            input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id)
-            attention = torch.zeros((len(sequences), width), dtype=torch.long)
-            for row, sequence in enumerate(sequences):  # right padding: positions stay 0..len-1
-                input_ids[row, : len(sequence)] = torch.tensor(sequence)
-                attention[row, : len(sequence)] = 1
-            hidden = self.model.get_decoder()(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
-            ).last_hidden_state
-            for row, (prompt, completion) in enumerate(pairs):
-                # hidden state at position i predicts token i + 1
-                states = hidden[row, len(prompt) - 1 : len(prompt) + len(completion) - 1]
-                targets = torch.tensor(completion, device=self.device)
-                results.append(
-                    TokenLogprobs.concat(
-                        [
-                            from_logits(_scaled(head(chunk)[:, :real_tokens], temperature), target, top_k)
-                            for chunk, target in zip(
-                                states.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK), strict=True
-                            )
-                        ],
-                        top_k,
-                    )
-                )
-            if progress:
-                progress(len(pairs))
-        return results
+        """Top-k and tail at every completion token, in the given order (`teacher_forced`).
+
+        `temperature` divides the logits first: 1, the model's own distribution, is what is stored;
+        the test server uses other values to play a server that reports processed logprobs. Rows
+        beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936) are never a token; the store,
+        like the distillation loss against a teacher, covers the real tokens only."""
+        chunks = teacher_forced(
+            self.model,
+            prompts,
+            completions,
+            lambda logits, targets: from_logits(_scaled(logits, temperature), targets, top_k),
+            batch_size=self.batch_size,
+            vocab_size=len(self.tokenizer),
+            progress=progress,
+        )
+        return [TokenLogprobs.concat(parts, top_k) for parts in chunks]
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

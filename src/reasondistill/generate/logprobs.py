@@ -23,14 +23,17 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 TAIL_FLOOR = -1e4  # log of an (almost) empty tail: float16 keeps it, and exp() of it is 0
 
@@ -84,6 +87,8 @@ def from_logits(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> TokenL
     The tail is computed from the full distribution (logsumexp of the logits outside the top k),
     which stays exact where 1 - Σ top-k would cancel catastrophically.
     """
+    import torch  # here: the modules that only read and write the store stay light
+
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     top = logprobs.topk(k, dim=-1) if k else None
     if top is None:

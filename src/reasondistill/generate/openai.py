@@ -41,11 +41,11 @@ from functools import partial
 import aiohttp
 import numpy as np
 
-from ..chat import completion_ids, prompt_ids
+from ..chat import prompt_ids
 from ..errors import UserError
 from ..records import Message
 from ..ui import note
-from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage, prompt_seeds
+from .base import Completion, Failure, Generator, ProgressCallback, SamplingParams, Usage, prompt_seeds
 from .logprobs import TokenLogprobs, from_candidates
 
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
@@ -118,7 +118,10 @@ def token_id(token: str) -> int:
     return int(number)
 
 
-class OpenAIGenerator:
+class OpenAIGenerator(Generator):
+    """A client of one served model. Each generate/score call opens and closes its own connection
+    pool, so there is nothing to `close`."""
+
     backend = "openai"
 
     def __init__(
@@ -158,9 +161,6 @@ class OpenAIGenerator:
             "api_key_env": self.api_key_env,
         }
 
-    def close(self) -> None:
-        """Nothing to release: each generate/score call opens and closes its own connection pool."""
-
     # ---- public interface ----------------------------------------------------------------------
     def generate(
         self,
@@ -195,9 +195,7 @@ class OpenAIGenerator:
         """Teacher-forced top-k via vLLM's `prompt_logprobs`, the prompt sent as token ids."""
         if self.tokenizer is None:
             raise UserError(SCORING_NEEDS_TOKENIZER)
-        return self.score_ids(
-            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
-        )
+        return super().score(prompts, completions, top_k, progress)
 
     def score_ids(
         self,

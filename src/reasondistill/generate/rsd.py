@@ -32,8 +32,7 @@ from transformers import (
 )
 
 from ..errors import UserError
-from ..models import load_config, load_tokenizer
-from ..train.teachers import preflight
+from ..models import load_config, load_tokenizer, shared_vocabulary
 from .base import Completion, SamplingParams
 from .hf import HFGenerator
 
@@ -180,6 +179,6 @@ def _check_shared_tokenizer(teacher: Path | str, student: Path | str) -> None:
     tokenizers = [load_tokenizer(p) for p in (student, teacher)]
     rows = [load_config(p).get_text_config().vocab_size for p in (student, teacher)]
     try:
-        preflight(*tokenizers, *rows, str(teacher))
+        shared_vocabulary(*tokenizers, *rows, str(teacher))
     except UserError as err:
         raise UserError(f"gate_model {student}: {err}") from None

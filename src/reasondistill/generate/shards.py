@@ -21,7 +21,8 @@ from typing import Generic, TypeVar
 
 from ..errors import UserError
 from ..records import atomic_write_json
-from ..ui import progress_bar
+from ..rundir import fingerprint
+from ..ui import note, progress_bar
 from .base import Failure, Generator, ProgressCallback, Usage
 
 Row = TypeVar("Row")
@@ -195,3 +196,40 @@ def _copy(usage: Usage) -> Usage:
 
 def _difference(after: Usage, before: Usage) -> Usage:
     return Usage(**{name: value - getattr(before, name) for name, value in asdict(after).items()})
+
+
+def usage_stats(index: ShardIndex, pricing: Pricing, generator: str) -> dict:
+    """Tokens, time and money of a sharded step, for the manifest and the report.
+
+    `failures` counts the rows still failed when the step ended (listed in `failed`), not every
+    request that ever failed: a row a rerun recovered is counted in `recovered_by_rerun` instead;
+    `retries` counts the attempts repeated within the runs."""
+    failed = index.all_failures()
+    return {
+        "backend": generator,
+        **asdict(index.usage),
+        "failures": len(failed),
+        "recovered_by_rerun": index.recovered,
+        "seconds": round(index.seconds, 2),
+        "cost": pricing.cost(index.usage),
+        "failed": failed,
+    }
+
+
+def finish_sharded_step(key: str, index: ShardIndex, allow_failures: bool) -> None:
+    """Failed rows stop the step (a rerun retries them) unless the user accepts them."""
+    failures = index.all_failures()
+    if not failures:
+        return
+    first = failures[0]
+    message = (
+        f"{key}: {len(failures)} request(s) failed after their retries, e.g. {first['problem_id']} "
+        f"sample {first['sample_idx']}: {first['error']} (all listed in {index.path})"
+    )
+    if not allow_failures:
+        raise UserError(f"{message}; rerun the same command to retry them, or set allow_failures")
+    note(f"[yellow]warning:[/] {message}; kept out of the output (allow_failures)")
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    return int(fingerprint([seed, shard]), 16) % 2**31

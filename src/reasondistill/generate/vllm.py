@@ -19,11 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
 from ..models import check_model_folder, trust_remote_code
-from ..records import Message
-from .base import Completion, Failure, ProgressCallback, SamplingParams, Usage, prompt_seeds
+from .base import Completion, Failure, ProgressCallback, SamplingParams, TokenIdGenerator, Usage, prompt_seeds
 from .logprobs import TokenLogprobs, from_candidates
 
 PROMPTS_PER_CALL = 256  # prompts per `LLM.generate` call (vLLM batches within it); the bar moves between
@@ -55,7 +53,7 @@ def to_vllm_sampling(sampling: SamplingParams) -> dict[str, Any]:
     return kwargs
 
 
-class VLLMGenerator:
+class VLLMGenerator(TokenIdGenerator):
     backend = "vllm"
 
     def __init__(
@@ -146,15 +144,6 @@ class VLLMGenerator:
         self.llm.reset_prefix_cache()  # cached prefixes hold activations of the old weights
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[list[Message]],
-        sampling: SamplingParams,
-        progress: ProgressCallback | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[list[Completion | Failure]]:
-        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress, seeds)
-
     def generate_ids(
         self,
         prompts: Sequence[list[int]],
@@ -230,17 +219,6 @@ class VLLMGenerator:
         )
 
     # ---- scoring ------------------------------------------------------------------------------
-    def score(
-        self,
-        prompts: Sequence[list[Message]],
-        completions: Sequence[str],
-        top_k: int,
-        progress: ProgressCallback | None = None,
-    ) -> list[TokenLogprobs | Failure]:
-        return self.score_ids(
-            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
-        )
-
     def score_ids(
         self,
         prompts: Sequence[list[int]],

@@ -11,9 +11,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 
-from . import Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import Objective, ObjectiveInputs, register, sum_over_tokens
 from .divergences import (
     adaptive_kl,
     generalized_jsd,
@@ -25,16 +25,22 @@ from .divergences import (
     total_variation,
 )
 from .heads import map_token_chunks
+from .options import (
+    AdaptiveKLOptions,
+    ForwardKLOptions,
+    JSDOptions,
+    ReverseKLOptions,
+    SkewForwardKLOptions,
+    SkewReverseKLOptions,
+    TAIDOptions,
+    TokenDistillationOptions,
+    TotalVariationOptions,
+)
 
 
-class TokenDistillation(Objective):
-    """Base: Σ_t D(p_T(·|c_t), p_S(·|c_t)) over completion tokens, plus an optional SFT term."""
-
-    needs_teacher = True
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of both models in the loss")
-    sft_weight: float = Field(
-        0.0, ge=0, description="weight of the completion NLL added to the divergence (DistillKit-style mix)"
-    )
+class TokenDistillation(TokenDistillationOptions, Objective):
+    """Base of the token-level divergences: the per-token loss is `divergence` at `temperature` over
+    `shared_support`, plus sft_weight·NLL of the label."""
 
     def divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -50,68 +56,44 @@ class TokenDistillation(Objective):
         return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
 
 
-@register("forward_kl")
-class ForwardKL(TokenDistillation):
-    """Forward KL(teacher‖student) per token (mean-seeking; TRL β=0, DistillKit `kl`)."""
-
+@register
+class ForwardKL(ForwardKLOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return kl_teacher_student(student, teacher)
 
 
-@register("reverse_kl")
-class ReverseKL(TokenDistillation):
-    """Reverse KL(student‖teacher) per token (mode-seeking; TRL β=1)."""
-
+@register
+class ReverseKL(ReverseKLOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return kl_student_teacher(student, teacher)
 
 
-@register("jsd")
-class GeneralizedJSD(TokenDistillation):
-    """Generalized JSD_β(teacher‖student): β=0 forward KL, β=1 reverse KL (TRL/GKD convention)."""
-
-    beta: float = Field(
-        0.5, ge=0, le=1, description="weight of the teacher in the mixture M = βp_T + (1−β)p_S"
-    )
-
+@register
+class GeneralizedJSD(JSDOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return generalized_jsd(student, teacher, self.beta)
 
 
-@register("skew_forward_kl")
-class SkewForwardKL(TokenDistillation):
-    """Skew forward KL(teacher‖λ·teacher+(1−λ)·student) per token (DistiLLM)."""
-
-    skew: float = Field(0.1, ge=0, lt=1, description="λ, the teacher's share of the mixture")
-
+@register
+class SkewForwardKL(SkewForwardKLOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return skew_kl_teacher_mixture(student, teacher, self.skew)
 
 
-@register("skew_reverse_kl")
-class SkewReverseKL(TokenDistillation):
-    """Skew reverse KL(student‖λ·student+(1−λ)·teacher) per token (DistiLLM)."""
-
-    skew: float = Field(0.1, ge=0, lt=1, description="λ, the student's share of the mixture")
-
+@register
+class SkewReverseKL(SkewReverseKLOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return skew_kl_student_mixture(student, teacher, self.skew)
 
 
-@register("tvd")
-class TotalVariation(TokenDistillation):
-    """Total variation ½·Σ|p_T − p_S| per token."""
-
+@register
+class TotalVariation(TotalVariationOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return total_variation(student, teacher)
 
 
-@register("akl")
-class AdaptiveKL(TokenDistillation):
-    """Adaptive KL: forward KL(teacher‖student) on the teacher's head, reverse KL(student‖teacher) on its tail, weighted by the gaps."""
-
-    head_mass: float = Field(0.5, gt=0, le=1, description="μ: cumulative teacher mass that makes up the head")
-
+@register
+class AdaptiveKL(AdaptiveKLOptions, TokenDistillation):
     def divergence(self, student, teacher):
         return adaptive_kl(student, teacher, self.head_mass)
 
@@ -125,16 +107,8 @@ def taid_target(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch
     return torch.log_softmax((1 - t) * student.detach() + t * teacher, dim=-1)
 
 
-@register("taid")
-class TAID(TokenDistillation):
-    """TAID: KL(p_t‖student) toward p_t = softmax((1−t)·sg[z_S] + t·z_T), t rising adaptively to 1."""
-
-    t_start: float = Field(0.4, ge=0, le=1, description="interpolation t at step 0")
-    t_end: float = Field(1.0, ge=0, le=1, description="final t (1 = the teacher itself)")
-    alpha: float = Field(5e-4, ge=0, description="step size of the adaptive increase of t")
-    momentum: float = Field(0.99, ge=0, lt=1, description="β of the moving average of relative loss decrease")
-    adaptive: bool = Field(True, description="false: t follows the linear schedule only")
-
+@register
+class TAID(TAIDOptions, TokenDistillation):
     _t: float | None = PrivateAttr(None)
     _state: dict = PrivateAttr(
         default_factory=lambda: {"step": None, "loss": 0.0, "previous": None, "m": 0.0}

@@ -14,13 +14,12 @@ the current one (π_old = π_θ): PPO/GRPO's importance ratio exp(ℓ_t − sg[�
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from . import Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import Objective, ObjectiveInputs, register, sum_over_tokens
 from .heads import SparseTargets, map_token_chunks
+from .options import GRPOOptions, KDRLOptions, ReverseKLPolicyGradientOptions
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,18 +54,13 @@ def sampled_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, estimator: 
     return torch.exp(-d) + d - 1
 
 
-@register("reverse_kl_pg")
-class ReverseKLPolicyGradient(Objective):
-    """Per-token reverse KL(student‖teacher) as a policy-gradient advantage: −sg[log p_T(y_t) − log q_θ(y_t)]·log q_θ(y_t).
-
-    The on-policy distillation loss of Thinking Machines' tinker cookbook and ms-swift's OPD: each
+@register
+class ReverseKLPolicyGradient(ReverseKLPolicyGradientOptions, Objective):
+    """The on-policy distillation loss of Thinking Machines' tinker cookbook and ms-swift's OPD: each
     sampled token is reinforced by how much more likely the teacher finds it than the student
     (discount 0: the advantage is the token's own). The expected gradient is ∇KL(q_θ‖p_T); it needs
     only log p_T of the sampled token, so a served teacher answers with k = 1. Zero when teacher = student.
     """
-
-    needs_teacher = True
-    on_policy_only = True
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         def per_token(logits, teacher, labels):
@@ -93,16 +87,8 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale: bool) -
     return centred / (variance.sqrt()[group] + 1e-4)
 
 
-@register("grpo")
-class GRPO(Objective):
-    """GRPO on verifier rewards: −Â_i·exp(ℓ_t − sg[ℓ_t]) per token, Â the group-normalised reward."""
-
-    on_policy_only = True
-    needs_rewards = True
-    scale_rewards: bool = Field(
-        True, description="divide advantages by the group's reward std (false: Dr. GRPO, mean-centred only)"
-    )
-
+@register
+class GRPO(GRPOOptions, Objective):
     def policy_loss(self, student: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
         return -advantage * torch.exp(student - student.detach())
 
@@ -119,25 +105,14 @@ class GRPO(Objective):
         return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
 
 
-@register("kdrl")
-class KDRL(GRPO):
-    """KDRL: GRPO on verifier rewards + β·k(log q_θ(y_t) − log p_T(y_t)), a sampled reverse KL(student‖teacher) per token.
-
-    The teacher takes the place of GRPO's reference model in the KL term. Estimator k2 (the paper's
+@register
+class KDRL(KDRLOptions, GRPO):
+    """The teacher takes the place of GRPO's reference model in the KL term. Estimator k2 (the paper's
     best) and k3 are added to the loss; k1 is subtracted from the advantage instead (as a loss term
     its gradient vanishes on-policy). β follows `kd_schedule` from `kd_coef` to `kd_coef_end`
     (reported: 5e-3 → 1e-3). `kd_on: incorrect` applies the KL only to samples the verifier
     rejects (reward-guided KD).
     """
-
-    needs_teacher = True
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k2", description="sampled reverse-KL estimator")
-    kd_coef: float = Field(5e-3, ge=0, description="β at the start of training")
-    kd_coef_end: float | None = Field(1e-3, ge=0, description="β at the end (None: constant kd_coef)")
-    kd_schedule: Literal["linear", "cosine"] = Field("linear", description="how β moves from start to end")
-    kd_on: Literal["all", "incorrect"] = Field(
-        "all", description="incorrect: the KL term only on samples whose reward is below 1"
-    )
 
     def kd_weight(self, progress: float) -> float:
         if self.kd_coef_end is None:

@@ -9,14 +9,14 @@ objectives compute those (`sequence_logprobs`), apply the function per pair and 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from . import Objective, ObjectiveInputs, register
+from .base import Objective, ObjectiveInputs, register
 from .heads import Head, map_token_chunks
+from .options import AFTOptions, DPOOptions, REDIOptions, SimPOOptions
 from .sequence import token_nll
 
 
@@ -131,17 +131,9 @@ def aft_loss(
 # --- registered objectives -----------------------------------------------------------------------
 
 
-class PairObjective(Objective):
-    """Base of objectives on (chosen, rejected) pairs: rows 0..P−1 chosen, P..2P−1 rejected."""
-
-    data: ClassVar[Literal["completions", "pairs"]] = "pairs"
-
-
-@register("redi")
-class REDI(PairObjective):
-    """REDI stage 2: −c⁺·log π(y⁺)/|y⁺| + c⁻·log π(y⁻)/|y⁻| per pair, reference-free, c⁻ < c⁺.
-
-    Reinforcement Distillation (arXiv 2505.24850). Stage 1 is plain `sft` on the positive traces;
+@register
+class REDI(REDIOptions, Objective):
+    """Reinforcement Distillation (arXiv 2505.24850). Stage 1 is plain `sft` on the positive traces;
     a REDI recipe runs `sft`, then `redi` on pairs from the SFT checkpoint (the paper: lr 1e-6,
     1 epoch). Lengths |y| are completion tokens, clamped ≥ 1; the loss is normalised per sequence,
     then summed over pairs / pairs in the global batch (the batch mean of the reference code).
@@ -153,16 +145,6 @@ class REDI(PairObjective):
     negative log-likelihood can fall without bound: keep c⁻ < c⁺, a small learning rate, 1 epoch.
     """
 
-    chosen_coef: float = Field(1.0, ge=0, description="c⁺, weight of the positive's mean log-prob")
-    rejected_coef: float = Field(
-        0.8, ge=0, description="c⁻ (the paper's α), weight of the negative's; keep < c⁺"
-    )
-    negative_weighting: bool = Field(False, description="multiply the negative term by exp(γ·log π(y⁻)/|y⁻|)")
-    negative_weighting_gamma: float = Field(1.0, description="γ of the negative weighting")
-    detach_negative_weight: bool = Field(
-        False, description="treat the negative weighting as a constant (the reference code does not)"
-    )
-
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         chosen, rejected = split_pairs(length_normalised(*sequence_logprobs(inputs)))
         gamma = self.negative_weighting_gamma if self.negative_weighting else None
@@ -172,20 +154,13 @@ class REDI(PairObjective):
         return sum_over_pairs(losses, inputs)
 
 
-@register("dpo")
-class DPO(PairObjective):
-    """DPO: −log σ(β·[(log π(y⁺) − log π_ref(y⁺)) − (log π(y⁻) − log π_ref(y⁻))]) per pair.
-
-    Direct Preference Optimization (Rafailov et al. 2023), with the frozen starting weights as
+@register
+class DPO(DPOOptions, Objective):
+    """Direct Preference Optimization (Rafailov et al. 2023), with the frozen starting weights as
     π_ref; log-probs are summed over the completion (not length-normalised). β = 0.1 is the paper's
     and TRL's default. `label_smoothing` ε > 0 is conservative DPO (cDPO): the preference label is
     assumed flipped with probability ε.
     """
-
-    needs_reference = True
-    reference_defaults_to_init = True
-    beta: float = Field(0.1, gt=0, description="β, inverse strength of the implicit KL to the reference")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε of conservative DPO (0: plain DPO)")
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         if inputs.reference is None:
@@ -196,31 +171,22 @@ class DPO(PairObjective):
         return sum_over_pairs(dpo_loss(chosen, rejected, self.beta, self.label_smoothing), inputs)
 
 
-@register("simpo")
-class SimPO(PairObjective):
-    """SimPO: −log σ(β·log π(y⁺)/|y⁺| − β·log π(y⁻)/|y⁻| − γ) per pair, reference-free.
-
-    Simple Preference Optimization (Meng et al. 2024). Defaults β = 2.0, γ = 1.0 are the official
+@register
+class SimPO(SimPOOptions, Objective):
+    """Simple Preference Optimization (Meng et al. 2024). Defaults β = 2.0, γ = 1.0 are the official
     Llama-3-Base-8B configuration (beta 2.0, gamma_beta_ratio 0.5; the code computes
     −log σ(β·(Δ − γ/β)), the same thing). The code's default ratio 0.25 gives γ = 0.5; the paper
     tunes β ∈ [2, 10] and γ ∈ [0.3, 1.6] per model.
     """
-
-    beta: float = Field(2.0, gt=0, description="β, scale of the length-normalised reward")
-    gamma: float = Field(
-        1.0, description="γ, target reward margin (γ = β · gamma_beta_ratio of the official code)"
-    )
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         chosen, rejected = split_pairs(length_normalised(*sequence_logprobs(inputs)))
         return sum_over_pairs(simpo_loss(chosen, rejected, self.beta, self.gamma), inputs)
 
 
-@register("aft")
-class AFT(PairObjective):
-    """AFT: token-mean NLL(y⁺) + log(1 + exp(s(y⁻) − s(y⁺))) + constraint per pair, s = log π(y)/|y|.
-
-    Alignment Fine-Tuning (arXiv 2309.02144), on a model already fine-tuned on CoT data. The paper
+@register
+class AFT(AFTOptions, Objective):
+    """Alignment Fine-Tuning (arXiv 2309.02144), on a model already fine-tuned on CoT data. The paper
     samples k CoTs per question and ranks every positive above every negative with one group term
     log(1 + Σ_p Σ_n exp(s(n) − s(p))); here a group is fed as all its (p, n) pairs and each pair
     contributes its own term, which is the group term when a question has one positive and one
@@ -234,12 +200,6 @@ class AFT(PairObjective):
     paper. The two terms balance at s(n) = s(p) − γ/2: the negative settles γ/2 nats per token below
     the positive. γ was not recovered from the paper; 1.0 is a guess.
     """
-
-    constraint: Literal["detach", "boundary"] = Field(
-        "detach", description="detach: negatives get no gradient; boundary: keep s(n) above sg[s(p)] − γ"
-    )
-    boundary_margin: float = Field(1.0, ge=0, description="γ of the boundary constraint, in nats per token")
-    sft_weight: float = Field(1.0, ge=0, description="weight of the positive's token-mean NLL")
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         chosen, rejected = split_pairs(length_normalised(*sequence_logprobs(inputs)))

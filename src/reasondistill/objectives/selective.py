@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 
 from ..errors import UserError
-from . import Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import Objective, ObjectiveInputs, register, sum_over_tokens
 from .divergences import TAIL_FLOOR, entropy, generalized_jsd, kl_teacher_student, shared_support
 from .heads import SparseTargets, map_token_chunks
+from .options import AdaSPECOptions, FIRSTOptions, TSDKDOptions
 
 # ---------------------------------------------------------------------------------------------
 # TSD-KD
@@ -106,9 +106,9 @@ def high_entropy_mean(entropies: torch.Tensor, quantile: float) -> torch.Tensor:
     return (entropies * selected).sum() / selected.sum()
 
 
-@register("tsd_kd")
-class TSDKD(Objective):
-    """TSD-KD: Σ w_t·JSD_β(teacher‖student)/N + mean high-entropy H(student) + α·ListMLE(teacher order of student top-K).
+@register
+class TSDKD(TSDKDOptions, Objective):
+    """The three terms, at `temperature`:
 
     * Direct: D_t = JSD_β with M = β·p_T + (1−β)·p_S (β weights the teacher, TRL convention; the
       ends β ∈ {0, 1} are the exact forward/reverse KL, where the paper code would give 0 and
@@ -133,24 +133,6 @@ class TSDKD(Objective):
     (both entropies over those bins); the ranking uses the stored log-prob of a candidate in the
     teacher's top-k and ranks candidates outside it below all known ones, in the student's order.
     """
-
-    needs_teacher = True
-    beta: float = Field(
-        0.9, ge=0, le=1, description="β: the teacher's weight in the JSD mixture M = βp_T + (1−β)p_S"
-    )
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of both models in all three terms")
-    entropy_quantile: float = Field(
-        0.1, ge=0, le=1, description="q: student entropies at or above their q-quantile enter the regulariser"
-    )
-    entropy_weight: float = Field(1.0, ge=0, description="weight of the entropy regulariser")
-    top_k: int = Field(10, ge=2, description="K: student candidates the teacher re-ranks at each position")
-    alpha: float = Field(0.1, ge=0, description="α: weight of the ranking (indirect distillation) term")
-    ranking_entropy_share: float = Field(
-        0.1,
-        gt=0,
-        le=1,
-        description="the ranking term covers each sequence's first positions holding this share of its entropy",
-    )
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         if inputs.teacher is None:
@@ -280,11 +262,9 @@ def fit_calibration_temperature(
     return 1 / ((lo + hi) / 2)
 
 
-@register("first")
-class FIRST(Objective):
-    """FIRST: KL(teacher top-k target‖student) over the teacher's top-k ids (renormalised, or + one tail bin).
-
-    Target bins from the teacher's top-k (dense top-k, or the first k of the stored targets by
+@register
+class FIRST(FIRSTOptions, Objective):
+    """Target bins from the teacher's top-k (dense top-k, or the first k of the stored targets by
     log-prob): `tail: false` (FIRST's `use_norm=linear`) renormalises teacher and student
     probabilities at those ids as (p + ε)/Σ(p + ε); `tail: true` (`use_other_token=yes`) adds the rest
     of each distribution as a (k+1)-th bin, in log space (the released code passes probabilities as
@@ -294,16 +274,6 @@ class FIRST(Objective):
     (token mean; the original sums over each sequence's positions and averages over sequences).
     The optional label smoothing of the original is not implemented.
     """
-
-    needs_teacher = True
-    k: int = Field(5, ge=1, description="teacher tokens per position that make up the target")
-    tail: bool = Field(False, description="add the rest of each distribution as one extra bin (k + 1 bins)")
-    epsilon: float = Field(1e-6, gt=0, description="ε of the (p + ε)/Σ(p + ε) renormalisation (tail: false)")
-    teacher_temperature: float = Field(
-        1.0,
-        gt=0,
-        description="calibration temperature T of the target bins (see fit_calibration_temperature)",
-    )
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         if inputs.teacher is None:
@@ -334,11 +304,9 @@ def keep_largest_fraction(delta: torch.Tensor, keep_fraction: float) -> torch.Te
     return delta >= torch.quantile(delta, 1 - keep_fraction)
 
 
-@register("adaspec")
-class AdaSPEC(Objective):
-    """AdaSPEC: forward KL(teacher‖student) on the tokens where it exceeds the reference draft's KL(teacher‖reference) most.
-
-    ℓ_draft = KL(p_T ‖ p_S), ℓ_ref = KL(p_T ‖ p_ref) per completion token, Δ = sg[ℓ_draft − ℓ_ref];
+@register
+class AdaSPEC(AdaSPECOptions, Objective):
+    """ℓ_draft = KL(p_T ‖ p_S), ℓ_ref = KL(p_T ‖ p_ref) per completion token, Δ = sg[ℓ_draft − ℓ_ref];
     keep S = {t : Δ_t ≥ the (1 − k)-quantile of the micro-batch's Δ}, k = `keep_fraction`;
     L = Σ_{t∈S} ℓ_draft / normaliser. Dividing by all completion tokens (as the code does with
     `num_items_in_batch`), not |S|, scales the loss by about k. Tokens where the reference also
@@ -346,12 +314,6 @@ class AdaSPEC(Objective):
     with plain forward-KL KD (`inputs.reference`). Sparse teacher targets: both KLs over the
     k + 1 bins of `shared_support`.
     """
-
-    needs_teacher = True
-    needs_reference = True
-    keep_fraction: float = Field(
-        0.4, gt=0, le=1, description="k: the share of tokens (largest Δ) that is trained"
-    )
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         if inputs.teacher is None:

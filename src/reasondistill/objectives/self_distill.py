@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
 
-from . import Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import Objective, ObjectiveInputs, register, sum_over_tokens
 from .divergences import entropy
 from .heads import map_token_chunks
+from .options import CurioSFTOptions
 
 
 def top_n_entropy(logits: torch.Tensor, tau: torch.Tensor | float, top_n: int) -> torch.Tensor:
@@ -78,47 +78,15 @@ def curio_sft_token_loss(
     return -logprob + alpha * 0.5 * (logprob - heated) ** 2
 
 
-@register("curio_sft")
-class CurioSFT(Objective):
-    """CurioSFT: NLL + α·½·(log π_θ(y_t) − log softmax(sg[z_t]/τ_t)(y_t))², τ_t heated per token by entropy.
-
-    The self-teacher π̃ = softmax(z_ref/τ_t) uses the student's own logits, detached. In the paper
+@register
+class CurioSFT(CurioSFTOptions, Objective):
+    """The self-teacher π̃ = softmax(z_ref/τ_t) uses the student's own logits, detached. In the paper
     the reference is a copy re-synced every 5 optimizer steps with mix 0.99 (π_ref ← 0.99·π_θ +
     0.01·π_ref), so it lags the student by at most a few steps; here it is the current weights.
     τ_t comes from `adaptive_temperature` on those logits (the paper computes it from the
     reference's logits). The student's log-prob is at temperature 1. Summed over completion tokens
     and divided by `normaliser` (token mean). No teacher is needed.
     """
-
-    alpha: float = Field(
-        1.0, ge=0, description="weight of the self-distillation term (hard-coded 1 in the paper)"
-    )
-    tau_min: float = Field(1.1, gt=0, description="lowest per-token temperature of the self-teacher")
-    tau_max: float = Field(
-        1.5, gt=0, validate_default=True, description="highest per-token temperature of the self-teacher"
-    )
-    top_n: int = Field(
-        512, ge=2, description="the entropies that set τ are over each position's top-n logits"
-    )
-    entropy_midpoint: float = Field(
-        1.2,
-        description="H_now at which the entropy increase δ is half its maximum (δ = max·σ(slope·(H_now − mid)))",
-    )
-    entropy_slope: float = Field(2.0, description="slope of the sigmoid that sets the entropy increase δ")
-    max_entropy_increase: float = Field(
-        0.5, ge=0, description="the largest entropy increase δ the heating aims for"
-    )
-    bisection_steps: int = Field(20, ge=0, description="bisection steps that solve for τ")
-    deterministic_entropy: float = Field(
-        0.03, ge=0, description="positions whose full-vocabulary entropy is at most this get tau_min"
-    )
-
-    @field_validator("tau_max")
-    @classmethod
-    def _at_least_tau_min(cls, tau_max: float, info: ValidationInfo) -> float:
-        if tau_max < info.data.get("tau_min", 0.0):
-            raise ValueError("must be at least tau_min")
-        return tau_max
 
     def temperature(self, logits: torch.Tensor) -> torch.Tensor:
         """The self-teacher's τ_t [n] for student logits [n, V] (`adaptive_temperature` with these options)."""

@@ -6,16 +6,15 @@ the original tokens; `cwt` trains on one chunk of each completion per step.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
-from . import IGNORE_INDEX, Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import IGNORE_INDEX, Objective, ObjectiveInputs, register, sum_over_tokens
 from .heads import map_token_chunks
+from .options import ChunkWiseTrainingOptions, MaskedThoughtOptions, SFTOptions
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,11 +28,9 @@ def completion_nll(inputs: ObjectiveInputs) -> torch.Tensor:
     return sum_over_tokens(per_token, inputs)
 
 
-@register("sft")
-class SFT(Objective):
-    """SFT: negative log-likelihood of the completion tokens under the student.
-
-    loss = −Σ_t m_t · log p_S(y_t | x, y_<t) / N, with m_t = 1 on completion tokens and N the number
+@register
+class SFT(SFTOptions, Objective):
+    """loss = −Σ_t m_t · log p_S(y_t | x, y_<t) / N, with m_t = 1 on completion tokens and N the number
     of completion tokens in the global batch.
     """
 
@@ -68,11 +65,9 @@ def corruptible_positions(labels: torch.Tensor) -> torch.Tensor:
     return completion & (later > 0)
 
 
-@register("masked_thought")
-class MaskedThought(Objective):
-    """Masked Thought (MFT): completion NLL with each completion input token masked with probability p(progress).
-
-    The student reads ỹ, the completion with each token independently replaced (probability p) by
+@register
+class MaskedThought(MaskedThoughtOptions, Objective):
+    """The student reads ỹ, the completion with each token independently replaced (probability p) by
     the mask token, and predicts the original tokens: loss = −Σ_t log p_S(y_t | x, ỹ_<t) / N, N the
     completion tokens of the global batch; labels are never changed, prompt tokens never corrupted.
     p(progress) = min(p_max, p_max · progress / warmup_fraction) (progress = fraction of training done).
@@ -85,14 +80,6 @@ class MaskedThought(Objective):
     effect). Random replacement draws uniformly from all tokenizer ids, special tokens included. The
     draws use torch's global RNG (seeded by the trainer).
     """
-
-    max_rate: float = Field(0.2, ge=0, le=1, description="p_max, the mask probability after the warm-up")
-    warmup_fraction: float = Field(
-        2 / 3, ge=0, le=1, description="fraction of training over which p rises linearly from 0 to p_max"
-    )
-    replacement: Literal["pad", "random"] = Field(
-        "pad", description="what a masked token becomes: the pad token, or a uniformly random token id"
-    )
 
     _pad_id: int | None = PrivateAttr(None)
     _vocab_size: int | None = PrivateAttr(None)
@@ -159,11 +146,9 @@ def average_chunks(length: int, chunks: int) -> list[tuple[int, int]]:
     return spans
 
 
-@register("cwt")
-class ChunkWiseTraining(Objective):
-    """Skip-Thinking CWT: completion NLL on one randomly chosen chunk of each completion, earlier chunks as context.
-
-    Per example and step, the completion y is split into chunks k_1..k_n and one index j is drawn
+@register
+class ChunkWiseTraining(ChunkWiseTrainingOptions, Objective):
+    """Per example and step, the completion y is split into chunks k_1..k_n and one index j is drawn
     uniformly; labels outside k_j are ignored, so loss = −Σ_{t∈k_j} log p_S(y_t | x, k_<j, y_<t) / N,
     N = the selected tokens of the global batch (a token mean over the batch; the card writes a
     per-chunk mean /|k_j|). Earlier chunks stay in the input as context; later tokens are invisible
@@ -176,13 +161,6 @@ class ChunkWiseTraining(Objective):
     epoch of CWT supervises ~1/n of the tokens an SFT epoch does; multiply the epochs by n (the card's
     "match the token budget to baselines") when comparing with SFT.
     """
-
-    chunking: Literal["lines", "average"] = Field(
-        "lines",
-        description="lines: whole lines grouped to ≥ min_chunk_tokens; average: `chunks` equal pieces",
-    )
-    min_chunk_tokens: int = Field(16, ge=1, description="lines chunking: fewest tokens in a chunk")
-    chunks: int = Field(4, ge=1, description="average chunking: pieces per completion")
 
     _newline_ids: torch.Tensor | None = PrivateAttr(None)
 

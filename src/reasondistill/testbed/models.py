@@ -25,13 +25,13 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from ..errors import UserError
 from ..records import TrainingExample
 from ..tasks import TASKS
-from ..train.trainer import Hyperparameters, train_model
+from ..train.hyperparameters import Hyperparameters
+from ..train.trainer import train_model
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
 TESTBED_VERSION = "1"
-TESTBED_PREFIX = "testbed:"
 
 
 @dataclass(frozen=True)
@@ -219,18 +219,3 @@ def _build(root: Path) -> Path:
     (staging / "DONE").write_text(json.dumps({"seconds": time.time() - started, "teacher": stats}, indent=2))
     staging.rename(root)
     return root
-
-
-def resolve_testbed_model(reference: str) -> Path:
-    """`testbed:teacher`, `testbed:student` or a zoo teacher → the cached model folder, built on first use."""
-    from .zoo import ZOO, build_zoo_model  # the zoo imports this module
-
-    name = reference.removeprefix(TESTBED_PREFIX)
-    if name in MODEL_NAMES:
-        return build_testbed() / name
-    if name in ZOO:
-        return build_zoo_model(name)
-    names = [*MODEL_NAMES, *ZOO]
-    raise UserError(
-        f"unknown testbed model {reference!r}; use one of: {', '.join(TESTBED_PREFIX + n for n in names)}"
-    )

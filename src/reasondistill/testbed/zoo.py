@@ -40,7 +40,8 @@ from ..records import Problem, TrainingExample
 from ..tasks import TASKS
 from ..tasks.arithmetic import PLACES
 from ..tasks.base import final_answer_text
-from ..train.trainer import Hyperparameters, train_model
+from ..train.hyperparameters import Hyperparameters
+from ..train.trainer import train_model
 from ..verify.reasoning import format_completion
 from .models import build_fingerprint, build_testbed, cache_root, exclusive
 

@@ -1,1 +1,1 @@
-"""The `train` stage."""
+"""Training a student: its options (hyperparameters.py), data, teachers, on-policy sampling and the trainer."""

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
 from ..generate.logprobs import TokenLogprobs
-from ..objectives import IGNORE_INDEX, Objective
+from ..objectives import Objective
+from ..objectives.base import IGNORE_INDEX
 from ..records import PairExample, TrainingExample
 
 

@@ -13,7 +13,8 @@ The teacher is an online model run on the sampled tokens inside the loss, the st
 (`self`: OPSD's current-weights teacher), or a served teacher (hf, vLLM or an OpenAI-compatible
 server) whose top-k over the sampled tokens comes back through the backends' scoring API. With
 `teacher_context` the teacher reads a prompt that holds the problem's verified gold solution (OPSD).
-Samples are seeded by (seed, step, process), so a resumed run draws the same ones.
+Samples are seeded by (seed, step, process), so a resumed run draws the same ones. The options and
+their check against an objective are in on_policy_options.py (light: the train stage's config holds them).
 """
 
 from __future__ import annotations
@@ -22,113 +23,26 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..chat import completion_ids, prompt_ids
 from ..errors import UserError
-from ..generate.base import Failure, Generator, SamplingParams
+from ..generate.base import Failure, Generator
 from ..generate.hf import HFGenerator
 from ..generate.logprobs import TokenLogprobs
-
-if TYPE_CHECKING:
-    from ..generate.vllm import VLLMGenerator
-from ..objectives import IGNORE_INDEX, Objective
+from ..objectives.base import IGNORE_INDEX
 from ..records import Message, Problem, TrainingExample
 from ..verify.graders import Grader
 from .data import SparseTeacherRows, sparse_teacher_batch
+from .on_policy_options import OnPolicyOptions
 from .teachers import causal_lm
 
-TEACHER_SELF = "self"  # the teacher is the student's current weights (OPSD)
-
-# OPSD's teacher prompt (siyan-zhao/OPSD): the problem, the verified solution, then the problem again.
-OPSD_TEMPLATE = (
-    "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n\nAfter understanding the "
-    "reference solution and the rationale behind each step, now articulate your own step-by-step "
-    "reasoning that derives the same final answer to the problem below:\n\n{problem}"
-)
-
-
-class OnPolicyOptions(BaseModel):
-    """`train.on_policy`: train on the student's own samples."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    fraction: float = Field(
-        1.0,
-        ge=0,
-        le=1,
-        description="λ: share of optimizer steps on the student's samples (GKD); the rest use the data",
-    )
-    samples_per_prompt: int = Field(1, ge=1, description="samples per prompt (the group size of grpo / kdrl)")
-    temperature: float = Field(
-        1.0, ge=0, description="sampling temperature (1: the student's own distribution)"
-    )
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, description="top-k filtering (0: off)")
-    max_new_tokens: int = Field(
-        256, ge=1, description="sample length limit; cut samples train without an end token"
-    )
-    sampler: Literal["hf", "vllm"] = Field(
-        "hf",
-        description="hf: transformers generate on the training model; vllm: a vLLM engine in the same "
-        "process (CUDA GPU) that receives the current weights before every sampling step",
-    )
-    vllm_gpu_memory_utilization: float = Field(
-        0.3, gt=0, lt=1, description="vllm sampler: share of GPU memory for its engine (the rest trains)"
-    )
-    gate: Literal["none", "correct"] = Field(
-        "none",
-        description="correct: learn only from samples the verifier accepts (quality-gated distillation)",
-    )
-    teacher_context: str | None = Field(
-        None,
-        description="the teacher's user message, with {problem} and {solution} (the verified gold solution): "
-        "OPSD's privileged context; `opsd` is the paper's wording",
-    )
-
-    def sampling(self, seed: int) -> SamplingParams:
-        return SamplingParams(
-            n=self.samples_per_prompt,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            seed=seed,
-        )
-
-    def context_template(self) -> str | None:
-        return OPSD_TEMPLATE if self.teacher_context == "opsd" else self.teacher_context
-
-
-def on_policy_problem(
-    objective: Objective, options: OnPolicyOptions | None, teacher_is_student: bool
-) -> str | None:
-    """What is wrong with training `objective` with these on-policy options, or None."""
-    if options is None:
-        if objective.on_policy_only:
-            return f"objective {objective.name!r} learns from the student's own samples: set on_policy"
-        if teacher_is_student:
-            return "teacher `self` (the student's current weights) needs on_policy"
-        return None
-    if objective.data == "pairs":
-        return f"objective {objective.name!r} trains on pairs of given completions, not on-policy"
-    if objective.on_policy_only and options.fraction < 1:
-        return f"objective {objective.name!r} learns from the student's own samples only: set on_policy.fraction 1"
-    if objective.needs_rewards and options.samples_per_prompt < 2:
-        return (
-            f"objective {objective.name!r} compares samples of a prompt: set on_policy.samples_per_prompt ≥ 2"
-        )
-    if options.teacher_context and not objective.needs_teacher:
-        return f"on_policy.teacher_context is the teacher's prompt, and objective {objective.name!r} has no teacher"
-    template = options.context_template()
-    if template and ("{problem}" not in template or "{solution}" not in template):
-        return "on_policy.teacher_context must contain {problem} and {solution}"
-    return None
+if TYPE_CHECKING:
+    from ..generate.vllm import VLLMGenerator
 
 
 @dataclass

@@ -17,8 +17,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..errors import UserError
-from ..models import load_causal_lm, load_config, load_tokenizer
+from ..generate.scoring import check_plain_logits
+from ..models import load_causal_lm, load_config, load_tokenizer, shared_vocabulary
 from ..objectives.heads import Head
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,11 @@ def head_rows(model: torch.nn.Module) -> int:
 
 def check_head(model: torch.nn.Module, name: str) -> None:
     """Refuse models whose logits are not a plain projection of the final hidden states."""
-    config = causal_lm(model).config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        raise UserError(
-            f"{name}: models that rescale their logits (final_logit_softcapping, logit_scale) are not "
-            "supported: the loss projects hidden states with the output embeddings chunk by chunk"
-        )
+    check_plain_logits(
+        causal_lm(model).config,
+        name,
+        "the loss projects hidden states with the output embeddings chunk by chunk",
+    )
 
 
 def output_head(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int | None) -> Head:
@@ -79,15 +78,6 @@ def load_frozen(path: str | Path, device: torch.device, dtype: torch.dtype) -> P
     return model
 
 
-def _first_difference(student: dict[str, int], teacher: dict[str, int]) -> str:
-    for token, index in sorted(student.items(), key=lambda item: item[1]):
-        if teacher.get(token) != index:
-            where = f"id {teacher[token]}" if token in teacher else "absent"
-            return f"token {token!r} is id {index} for the student, {where} for the teacher"
-    extra = sorted(set(teacher) - set(student), key=teacher.get)[0]
-    return f"token {extra!r} (teacher id {teacher[extra]}) is absent from the student's vocabulary"
-
-
 def preflight(
     student: PreTrainedTokenizerBase,
     teacher: PreTrainedTokenizerBase,
@@ -95,31 +85,9 @@ def preflight(
     teacher_rows: int,
     teacher_name: str,
 ) -> int:
-    """Check that teacher and student share tokenizer, EOS and chat template; return the vocabulary size.
-
-    Both heads are cut to the tokenizer's size: padded rows beyond it (Qwen2.5 pads 151,665 tokens
-    to 151,936 rows, and to 152,064 in its larger sizes) are never a real token.
-    """
-    prefix = f"teacher {teacher_name} is not compatible with the student"
-    if student.get_vocab() != teacher.get_vocab():
-        raise UserError(
-            f"{prefix}: different tokenizers: {_first_difference(student.get_vocab(), teacher.get_vocab())}"
-        )
-    if student.eos_token_id != teacher.eos_token_id:
-        raise UserError(
-            f"{prefix}: EOS differs: student {student.eos_token!r} (id {student.eos_token_id}), "
-            f"teacher {teacher.eos_token!r} (id {teacher.eos_token_id})"
-        )
-    if student.chat_template != teacher.chat_template:
-        raise UserError(
-            f"{prefix}: chat templates differ, so the same conversation becomes different token ids "
-            "(save the student's template with the teacher's tokenizer, or the reverse)"
-        )
-    tokens = len(student)
-    if min(student_rows, teacher_rows) < tokens:
-        raise UserError(
-            f"{prefix}: a head has {min(student_rows, teacher_rows)} rows for a tokenizer of {tokens} tokens"
-        )
+    """`shared_vocabulary` of a teacher beside the student: refuse a pair that numbers tokens
+    differently, and say when padded head rows are cut to the tokenizer's size, which it returns."""
+    tokens = shared_vocabulary(student, teacher, student_rows, teacher_rows, teacher_name)
     if max(student_rows, teacher_rows) > tokens:
         log.info(
             "vocabulary rows beyond the tokenizer's %d tokens (student %d, teacher %d) are padding: "

@@ -13,11 +13,9 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -25,7 +23,8 @@ from ..errors import UserError
 from ..generate.base import Generator
 from ..generate.logprobs import TokenLogprobs
 from ..models import load_causal_lm, load_config, load_tokenizer
-from ..objectives import IGNORE_INDEX, Objective, ObjectiveInputs, make_objective
+from ..objectives import Objective, build_objective
+from ..objectives.base import IGNORE_INDEX, ObjectiveInputs
 from ..objectives.heads import Head, SparseTargets
 from ..records import PairExample, Problem, TrainingExample
 from ..tasks import default_grader
@@ -37,15 +36,9 @@ from .data import (
     tokenize_examples,
     tokenize_pairs,
 )
-from .on_policy import (
-    TEACHER_SELF,
-    OnPolicyOptions,
-    StepBatches,
-    collate_indices,
-    on_policy_problem,
-    on_policy_stats,
-    prompt_rows,
-)
+from .hyperparameters import Hyperparameters, missing_inputs
+from .on_policy import StepBatches, collate_indices, on_policy_stats, prompt_rows
+from .on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from .teachers import (
     causal_lm,
     check_head,
@@ -57,51 +50,6 @@ from .teachers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    objective: str = Field("sft", description="training objective, by registered name")
-    objective_args: dict[str, Any] = Field(
-        default_factory=dict, description="options of the objective (e.g. beta, temperature)"
-    )
-    logit_chunk_size: int = Field(
-        512,
-        ge=1,
-        description="completion positions projected to the vocabulary at a time in the loss "
-        "(at Qwen's 151,936 tokens: 512 → 15% of a naive forward KL's memory, 1024 → 25% and 20% faster)",
-    )
-    epochs: float = Field(3.0, gt=0, description="passes over the training data")
-    learning_rate: float = Field(1e-5, gt=0, description="peak learning rate")
-    lr_scheduler: str = Field(
-        "cosine", description="transformers scheduler name (linear, cosine, constant, ...)"
-    )
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps spent warming up")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    batch_size: int = Field(8, ge=1, description="examples per device per micro-batch")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_length: int = Field(
-        2048, ge=8, description="tokens per example (prompt + completion); see truncation for longer ones"
-    )
-    truncation: Literal["cut", "drop"] = Field(
-        "cut",
-        description="an example longer than max_length: cut (trained on its first max_length tokens: the "
-        "completion loses its end, final answer and end-of-turn token) or drop (left out); counted either way",
-    )
-    sort_within_step: bool = Field(
-        True,
-        description="sort each optimizer step's examples by length into its micro-batches: less padding, same update",
-    )
-    precision: str = Field(
-        "auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp32"
-    )
-    save_steps: int = Field(500, ge=1, description="optimizer steps between resumable checkpoints")
-    logging_steps: int = Field(10, ge=1, description="optimizer steps between loss log lines")
-    seed: int = Field(0, description="seed of the data order")
-    trainer_args: dict[str, Any] = Field(
-        default_factory=dict, description="extra transformers.TrainingArguments (e.g. deepspeed, fsdp)"
-    )
 
 
 class DistillationTrainer(Trainer):
@@ -392,20 +340,16 @@ def warn_truncation(truncation: dict, examples: int, description: str) -> None:
     )  # fmt: skip
 
 
-def missing_inputs(objective: Objective, has_teacher: bool, has_reference: bool) -> str | None:
-    """What is wrong with the teacher / reference given for `objective`, or None."""
-    if objective.needs_teacher and not has_teacher:
-        return (
-            f"objective {objective.name!r} needs a teacher: set teacher (a model) or teacher_logprobs "
-            "(stored top-k distributions)"
-        )
-    if has_teacher and not objective.needs_teacher:
-        return f"objective {objective.name!r} does not use a teacher; remove it"
-    if objective.needs_reference and not (has_reference or objective.reference_defaults_to_init):
-        return f"objective {objective.name!r} needs a reference model: set reference"
-    if has_reference and not objective.needs_reference:
-        return f"objective {objective.name!r} does not use a reference model; remove it"
-    return None
+@dataclass
+class _TrainingData:
+    """What the Trainer iterates over, and what the statistics report about it."""
+
+    dataset: Dataset
+    collator: Callable
+    stored_rows: list | None = None  # stored teacher top-k, row by row of `dataset`
+    truncation: dict | None = None  # on-policy: samples are cut to fit as they are drawn
+    completion_tokens: int | None = None
+    step_batches: StepBatches | None = None  # on-policy: the student's samples, step by step
 
 
 def train_model(
@@ -431,7 +375,54 @@ def train_model(
     the off-policy steps, if any); `problems` (by id) grade those answers with `grader_for(task)`.
     """
     teachers = teachers or Teachers()
-    objective = make_objective(hp.objective, hp.objective_args)
+    objective = build_objective(hp.objective_spec)
+    _check_inputs(objective, examples, teachers, on_policy, description)
+    tokenizer = load_tokenizer(init)
+    warn_beyond_positions(init, hp.max_length, description)
+    objective.setup(tokenizer)
+    if on_policy is None:
+        data = _example_data(objective, tokenizer, examples, hp, teachers, description)
+    else:
+        data = _on_policy_data(
+            objective, tokenizer, examples, hp, teachers, on_policy, problems, grader_for, description
+        )
+    work_dir = output_dir.with_name(f".{output_dir.name}.work")
+    args = _training_arguments(hp, work_dir, description)
+    model = load_causal_lm(init, dtype=torch.float32)
+    frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp.precision)
+    vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
+    _check_stored_ids(data.stored_rows, vocab_size, teachers.stored_source)
+    # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
+    _open_work_dir(work_dir, resume_key, description)
+    trainer = DistillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.dataset,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        objective=objective,
+        teacher=frozen.get("teacher"),
+        reference=frozen.get("reference"),
+        vocab_size=vocab_size,
+        logit_chunk_size=hp.logit_chunk_size,
+        sort_within_step=hp.sort_within_step and on_policy is None,
+        teacher_is_student=teachers.model == TEACHER_SELF,
+        step_batches=data.step_batches,
+    )
+    result = _train(trainer, work_dir, data.step_batches, description)
+    stats = _training_stats(init, model, hp, objective, data, trainer, result)
+    _save_atomically(trainer, tokenizer, stats, output_dir, work_dir)
+    return stats
+
+
+def _check_inputs(
+    objective: Objective,
+    examples: Sequence,
+    teachers: Teachers,
+    on_policy: OnPolicyOptions | None,
+    description: str,
+) -> None:
+    """Refuse a run whose teacher, reference or on-policy options do not fit its objective, or without data."""
     problem = missing_inputs(objective, teachers.given, teachers.reference is not None) or on_policy_problem(
         objective, on_policy, teachers.model == TEACHER_SELF
     )
@@ -439,31 +430,52 @@ def train_model(
         raise UserError(f"{description}: {problem}")
     if not examples:
         raise UserError(f"{description}: no training examples")
-    tokenizer = load_tokenizer(init)
-    warn_beyond_positions(init, hp.max_length, description)
-    objective.setup(tokenizer)
-    step_batches = None
-    if on_policy is None:
-        dataset, stored_rows, truncation, completion_tokens = _build_dataset(
-            objective, tokenizer, examples, hp, teachers, description
-        )
-        warn_truncation(truncation, len(examples), description)
-        collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows)
-    else:
-        if teachers.stored is not None:
-            raise UserError(
-                f"{description}: stored teacher log-probabilities describe the data's completions, not the "
-                "student's samples: use an online or served teacher on-policy"
-            )
-        rows = prompt_rows(tokenizer, examples, problems, on_policy, objective.needs_rewards, description)
-        step_batches = StepBatches(
-            rows, on_policy, tokenizer, hp.max_length, hp.seed, grader_for,
-            teachers.scorer, teachers.scorer_top_k,
-        )  # fmt: skip
-        dataset = Dataset.from_list([{"index": i} for i in range(len(rows))])
-        stored_rows, truncation, completion_tokens, collator = None, None, None, collate_indices
 
-    work_dir = output_dir.with_name(f".{output_dir.name}.work")
+
+def _example_data(
+    objective: Objective,
+    tokenizer,
+    examples: Sequence[TrainingExample] | Sequence[PairExample],
+    hp: Hyperparameters,
+    teachers: Teachers,
+    description: str,
+) -> _TrainingData:
+    """Off-policy: the examples' own completions, tokenized, with their stored teacher rows if any."""
+    dataset, stored_rows, truncation, completion_tokens = _build_dataset(
+        objective, tokenizer, examples, hp, teachers, description
+    )
+    warn_truncation(truncation, len(examples), description)
+    collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows)
+    return _TrainingData(dataset, collator, stored_rows, truncation, completion_tokens)
+
+
+def _on_policy_data(
+    objective: Objective,
+    tokenizer,
+    examples: Sequence[TrainingExample],
+    hp: Hyperparameters,
+    teachers: Teachers,
+    on_policy: OnPolicyOptions,
+    problems: Mapping[str, Problem] | None,
+    grader_for: Callable[[str], Grader],
+    description: str,
+) -> _TrainingData:
+    """On-policy: prompt indices; each step's batches are rebuilt from the student's samples."""
+    if teachers.stored is not None:
+        raise UserError(
+            f"{description}: stored teacher log-probabilities describe the data's completions, not the "
+            "student's samples: use an online or served teacher on-policy"
+        )
+    rows = prompt_rows(tokenizer, examples, problems, on_policy, objective.needs_rewards, description)
+    step_batches = StepBatches(
+        rows, on_policy, tokenizer, hp.max_length, hp.seed, grader_for, teachers.scorer, teachers.scorer_top_k
+    )
+    dataset = Dataset.from_list([{"index": i} for i in range(len(rows))])
+    return _TrainingData(dataset, collate_indices, step_batches=step_batches)
+
+
+def _training_arguments(hp: Hyperparameters, work_dir: Path, description: str) -> TrainingArguments:
+    """The Trainer's arguments: ours from the hyperparameters, plus `trainer_args` that do not override them."""
     ours = dict(
         output_dir=str(work_dir),
         num_train_epochs=hp.epochs,
@@ -489,80 +501,111 @@ def train_model(
             f"{description}: trainer_args.{duplicated[0]} is set by reasondistill; use its own option instead"
         )
     try:
-        args = TrainingArguments(**ours, **hp.trainer_args)
+        return TrainingArguments(**ours, **hp.trainer_args)
     except (TypeError, ValueError) as err:
         raise UserError(f"{description}: invalid training arguments: {err}") from None
 
-    model = load_causal_lm(init, dtype=torch.float32)
-    flags = _precision_flags(hp.precision)
+
+def _load_frozen(
+    init: Path,
+    model: torch.nn.Module,
+    tokenizer,
+    objective: Objective,
+    teachers: Teachers,
+    device: torch.device,
+    precision: str,
+) -> tuple[dict[str, torch.nn.Module], int]:
+    """The frozen teacher and reference (by role) beside the student, and the vocabulary rows they all share.
+
+    Each is checked against the student's tokenizer before its weights load (see teachers.py); the
+    reference defaults to the init weights for objectives that need one.
+    """
     vocab_size, frozen = head_rows(model), {}
     reference = teachers.reference or (init if objective.needs_reference else None)
+    dtype = _model_dtype(_precision_flags(precision))
     for role, path in (("teacher", teachers.model), ("reference", reference)):
         if path is not None and path != TEACHER_SELF:
-            frozen[role], shared = load_beside_student(
-                path, tokenizer, head_rows(model), args.device, _model_dtype(flags)
-            )
+            frozen[role], shared = load_beside_student(path, tokenizer, head_rows(model), device, dtype)
             vocab_size = min(vocab_size, shared)
-    if teachers.scorer is not None:
-        served_tokenizer = getattr(teachers.scorer, "tokenizer", None)
-        if served_tokenizer is None:
-            raise UserError(
-                f"{description}: the served teacher needs `tokenizer` (its tokenizer folder or Hub id) to "
-                "check that it numbers tokens as the student does"
-            )
-        vocab_size = min(
-            vocab_size,
-            preflight(tokenizer, served_tokenizer, head_rows(model), len(served_tokenizer), "server"),
-        )
-    if stored_rows is not None and max(int(r.topk_ids.max(initial=0)) for r in stored_rows) >= vocab_size:
+    return frozen, vocab_size
+
+
+def _served_vocabulary(
+    tokenizer, scorer: Generator | None, student_rows: int, vocab_size: int, description: str
+) -> int:
+    """`vocab_size`, narrowed to the rows a served teacher shares with the student after its pre-flight check."""
+    if scorer is None:
+        return vocab_size
+    served_tokenizer = getattr(scorer, "tokenizer", None)
+    if served_tokenizer is None:
         raise UserError(
-            f"{teachers.stored_source}: stored token ids exceed the student's {vocab_size} vocabulary rows"
+            f"{description}: the served teacher needs `tokenizer` (its tokenizer folder or Hub id) to "
+            "check that it numbers tokens as the student does"
         )
-    # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
+    return min(
+        vocab_size, preflight(tokenizer, served_tokenizer, student_rows, len(served_tokenizer), "server")
+    )
+
+
+def _check_stored_ids(stored_rows: list | None, vocab_size: int, source: str) -> None:
+    """Refuse stored teacher distributions naming tokens beyond the vocabulary shared with the student."""
+    if stored_rows is not None and max(int(r.topk_ids.max(initial=0)) for r in stored_rows) >= vocab_size:
+        raise UserError(f"{source}: stored token ids exceed the student's {vocab_size} vocabulary rows")
+
+
+def _open_work_dir(work_dir: Path, resume_key: str, description: str) -> None:
+    """The checkpoint folder, keeping the checkpoints of an interrupted run only if it had the same key."""
     key_file = work_dir / "resume_key"
     if work_dir.is_dir() and (not key_file.exists() or key_file.read_text() != resume_key):
         log.info("%s: discarding checkpoints of an unfinished run with other settings", description)
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     key_file.write_text(resume_key)
-    trainer = DistillationTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=tokenizer,
-        objective=objective,
-        teacher=frozen.get("teacher"),
-        reference=frozen.get("reference"),
-        vocab_size=vocab_size,
-        logit_chunk_size=hp.logit_chunk_size,
-        sort_within_step=hp.sort_within_step and on_policy is None,
-        teacher_is_student=teachers.model == TEACHER_SELF,
-        step_batches=step_batches,
-    )
+
+
+def _train(trainer: DistillationTrainer, work_dir: Path, step_batches: StepBatches | None, description: str):
+    """Train from the newest checkpoint in `work_dir`, if any; the on-policy sampler is closed either way."""
     resume_from = get_last_checkpoint(str(work_dir))
     if resume_from:
         log.info("%s: resuming from %s", description, resume_from)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        return trainer.train(resume_from_checkpoint=resume_from)
     finally:
         if step_batches is not None:
             step_batches.close()
 
+
+def _training_stats(
+    init: Path,
+    model: torch.nn.Module,
+    hp: Hyperparameters,
+    objective: Objective,
+    data: _TrainingData,
+    trainer: DistillationTrainer,
+    result,
+) -> dict:
+    """What the run did, saved beside the model as training_stats.json and recorded with the step."""
     stats = {
         "init": str(init),
         "objective": {"name": hp.objective, **objective.model_dump()},
-        "examples": len(dataset),
-        "truncation": truncation,  # on-policy: samples are cut to fit as they are drawn
-        "completion_tokens": completion_tokens,
+        "examples": len(data.dataset),
+        "truncation": data.truncation,
+        "completion_tokens": data.completion_tokens,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),  # the student as loaded, not as wrapped
         "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
-    if step_batches is not None:
-        stats["on_policy"] = on_policy_stats(step_batches.history)
+    if data.step_batches is not None:
+        stats["on_policy"] = on_policy_stats(data.step_batches.history)
+    return stats
+
+
+def _save_atomically(
+    trainer: DistillationTrainer, tokenizer, stats: dict, output_dir: Path, work_dir: Path
+) -> None:
+    """Write model, tokenizer and stats beside `output_dir`, then rename into place and drop the checkpoints."""
     staging = output_dir.with_name(f".{output_dir.name}.final")
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))
@@ -571,4 +614,3 @@ def train_model(
     shutil.rmtree(output_dir, ignore_errors=True)
     staging.rename(output_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
-    return stats

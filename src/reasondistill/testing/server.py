@@ -1,5 +1,7 @@
 """A small OpenAI-compatible server: the test double of the `openai` backend client.
 
+Also a fake server to try a pipeline's openai backend on locally (a testbed model, no GPU or API key).
+
 It answers /v1/chat/completions and /v1/completions in the shapes vLLM's OpenAI-compatible server
 uses (including its extensions: `top_k`, `return_tokens_as_token_ids`, `prompt_logprobs`), from a
 local transformers model run through `HFGenerator`, so tests can check what the client reads
@@ -20,8 +22,8 @@ Model calls run one at a time on a worker thread (identical requests with a seed
 completions, as torch's random state is global), so the server keeps answering other connections
 while a request hangs or the model works.
 
-    python -m reasondistill.generate.server --model testbed:teacher --served-name teacher --port 0
-    python -m reasondistill.generate.server --instant --faults-rate 0.3 --faults-kinds 500,429,drop
+    python -m reasondistill.testing.server --model testbed:teacher --served-name teacher --port 0
+    python -m reasondistill.testing.server --instant --faults-rate 0.3 --faults-kinds 500,429,drop
 
 print one line, `listening on http://127.0.0.1:PORT/v1`, once the server is ready.
 """
@@ -49,14 +51,15 @@ from typing import Literal
 
 import numpy as np
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import prompt_ids
 from ..errors import dotted
+from ..generate.base import Completion, MaxNewTokens, Samples, SamplingParams, Temperature, TopLogprobs, TopP
+from ..generate.hf import HFGenerator
+from ..generate.logprobs import TokenLogprobs
 from ..records import Message
-from .base import Completion, SamplingParams
-from .hf import HFGenerator
-from .logprobs import TokenLogprobs
+from ..testbed.refs import TESTBED_PREFIX, resolve_testbed_model
 
 FAULT_KINDS = ("500", "429", "hang", "malformed", "drop")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names; its raw_logits modes are not played
@@ -131,17 +134,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # vLLM: 0 or -1 turns it off
-    max_tokens: int | None = None
+    n: Samples = 1
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: int = Field(0, ge=-1)  # vLLM: 0 or -1 turns it off
+    max_tokens: MaxNewTokens | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     return_tokens_as_token_ids: bool = False
     stream: Literal[False] = False  # answers are never streamed
 
     def sampling(self, max_tokens: int, top_logprobs: int | None) -> SamplingParams:
+        """The request as generator parameters; settings no request can combine (greedy n > 1) are a 400."""
         try:
             return SamplingParams(
                 n=self.n,
@@ -155,15 +159,15 @@ class _Request(BaseModel):
                 logprobs=top_logprobs is not None,
                 top_logprobs=top_logprobs or 0,
             )
-        except ValueError as err:
-            raise RequestError(400, str(err)) from None
+        except ValidationError as err:
+            raise RequestError(400, _problems(err)) from None
 
 
 class ChatRequest(_Request):
     messages: list[Message]
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens, preferred when both come
+    max_completion_tokens: MaxNewTokens | None = None  # OpenAI's newer name for max_tokens, preferred if both
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
 
     def params(self) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
@@ -178,15 +182,13 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[int]
-    logprobs: int | None = None  # how many of the most likely tokens to list at each position
-    prompt_logprobs: int | None = None  # vLLM: the same for every prompt token, given the ones before
+    logprobs: TopLogprobs | None = None  # how many of the most likely tokens to list at each position
+    prompt_logprobs: TopLogprobs | None = None  # vLLM: the same for every prompt token, given the ones before
     echo: Literal[False] = False
 
     def params(self) -> SamplingParams:
         if not self.prompt:
             raise RequestError(400, "prompt must not be empty")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise RequestError(400, "prompt_logprobs must be >= 0")
         return self.sampling(
             DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens, self.logprobs
         )
@@ -199,9 +201,13 @@ def parse_request(schema: type[_Request], raw: bytes) -> tuple[_Request, Samplin
     try:
         request = schema.model_validate_json(raw)
     except ValidationError as err:
-        problems = [f"{dotted(e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors()]
-        raise RequestError(400, "; ".join(problems)) from None
+        raise RequestError(400, _problems(err)) from None
     return request, request.params()
+
+
+def _problems(err: ValidationError) -> str:
+    """Every problem of a request, `field: what is wrong`, on one line."""
+    return "; ".join(f"{dotted(e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors())
 
 
 # ---- answers --------------------------------------------------------------------------------------
@@ -598,7 +604,7 @@ def serve_in_thread(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m reasondistill.generate.server", description=__doc__.split("\n")[0]
+        prog="python -m reasondistill.testing.server", description=__doc__.split("\n")[0]
     )
     served = parser.add_mutually_exclusive_group(required=True)
     served.add_argument(
@@ -642,11 +648,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     model = args.model
-    if model is not None and model.startswith("testbed:"):
-        # Imported here: the testbed builder pulls in the trainer, seconds of imports a folder does not need.
-        from ..testbed.models import resolve_testbed_model
-
-        model = resolve_testbed_model(model)
+    if model is not None and model.startswith(TESTBED_PREFIX):
+        model = resolve_testbed_model(model)  # built on first use
     server = OpenAIServer(
         model,
         served_name=args.served_name,

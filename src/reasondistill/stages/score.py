@@ -14,16 +14,15 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..errors import UserError
-from ..modelref import reference_name
+from ..generate.backends import BackendOptions, open_generator
+from ..generate.logprobs import TokenLogprobs, logprobs_file, read_logprobs, stored_tokens, write_logprobs
+from ..generate.shards import ShardedJob, finish_sharded_step, usage_stats, usage_totals
+from ..modelref import backend_model, backend_requirements, reference_name
 from ..records import Trace
 from ..rundir import RunDir
-from ..stages import Stage
-from ..tasks.stage import problems_by_id
+from ..store import problems_by_id, read_traces
 from ..ui import note
-from .backends import BackendOptions, backend_model, backend_requirements, open_generator
-from .logprobs import TokenLogprobs, logprobs_file, read_logprobs, stored_tokens, write_logprobs
-from .shards import ShardedJob, usage_totals
-from .stage import finish_sharded_step, read_traces, usage_stats
+from .base import Stage
 
 
 class ScoreConfig(BackendOptions):
@@ -40,7 +39,7 @@ class ScoreConfig(BackendOptions):
     @model_validator(mode="after")
     def _openai_needs_tokenizer(self) -> ScoreConfig:
         if self.backend == "openai" and not self.tokenizer:
-            from .openai import SCORING_NEEDS_TOKENIZER  # here: aiohttp is imported only when needed
+            from ..generate.openai import SCORING_NEEDS_TOKENIZER  # aiohttp: imported only when needed
 
             raise ValueError(SCORING_NEEDS_TOKENIZER)
         return self
@@ -88,7 +87,7 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
             process=process,
             save=save,
             saved_keys=saved_keys,
-            open_generator=lambda: open_generator(cfg, model, cfg.batch_size, cfg.top_k),
+            open_generator=lambda: open_generator(cfg, model.path, cfg.batch_size, cfg.top_k),
         )
         index = job.run(f"score {name}", overwrite)
         finish_sharded_step(f"score:{name}", index, cfg.allow_failures)

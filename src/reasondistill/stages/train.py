@@ -6,21 +6,25 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from ..curate.sets import training_data, training_data_name, training_data_step
 from ..errors import UserError
-from ..generate.backends import BackendOptions, backend_model, backend_requirements, open_generator
-from ..generate.logprobs import read_logprobs
-from ..generate.stage import logprob_shards
-from ..modelref import required_steps, resolve_model
-from ..objectives import make_objective
+from ..generate.backends import BackendOptions, open_generator
+from ..modelref import backend_model, backend_requirements, required_steps, resolve_model
 from ..records import PairExample, TrainingExample, read_records
 from ..rundir import RunDir
-from ..stages import Stage
-from ..tasks.stage import ProblemSelection, load_problems, problems_by_id, run_tasks
+from ..store import (
+    load_problems,
+    logprob_shards,
+    problems_by_id,
+    run_tasks,
+    training_data,
+    training_data_name,
+    training_data_step,
+)
+from ..tasks.selection import GraderChoice, ProblemSelection
+from ..train.hyperparameters import Hyperparameters, missing_inputs
+from ..train.on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from ..ui import note
-from ..verify.stage import GraderChoice
-from .on_policy import TEACHER_SELF, OnPolicyOptions, on_policy_problem
-from .trainer import Hyperparameters, Teachers, missing_inputs, train_model
+from .base import Stage
 
 PROBLEMS_DATA = "problems"  # `data: problems`: the run's train problems as on-policy prompts
 
@@ -74,10 +78,7 @@ class TrainConfig(GraderChoice, Hyperparameters):
             raise ValueError("teacher_server scores the student's samples: it needs on_policy")
         if self.data == PROBLEMS_DATA and (not self.on_policy or self.on_policy.fraction < 1):
             raise ValueError("data `problems` gives prompts only: set on_policy with fraction 1")
-        try:
-            objective = make_objective(self.objective, self.objective_args)
-        except UserError as err:
-            raise ValueError(str(err)) from None
+        objective = self.objective_spec
         has_teacher = bool(self.teacher or self.teacher_logprobs or self.teacher_server)
         problem = missing_inputs(objective, has_teacher, bool(self.reference)) or on_policy_problem(
             objective, self.on_policy, self.teacher == TEACHER_SELF
@@ -102,8 +103,8 @@ def stored_logprobs_dir(name: str, run: RunDir) -> tuple[Path, str]:
 def read_examples(cfg: TrainConfig, run: RunDir, data_path: Path | None) -> list:
     """The training examples: a curated set or file, or the run's train problems with their gold solutions."""
     if data_path is not None:
-        objective = make_objective(cfg.objective, cfg.objective_args)
-        return read_records(data_path, PairExample if objective.data == "pairs" else TrainingExample)
+        pairs = cfg.objective_spec.data == "pairs"
+        return read_records(data_path, PairExample if pairs else TrainingExample)
     return [
         TrainingExample(
             problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution or "", sample_idx=0
@@ -138,6 +139,9 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
         inputs["teacher_logprobs"] = run.finished_step(writer)["fingerprint"]
 
     def body(step_fingerprint: str) -> dict:
+        from ..generate.logprobs import read_logprobs  # imports torch
+        from ..train.trainer import Teachers, train_model  # imports torch and transformers
+
         examples = read_examples(cfg, run, data_path)
         if not examples:  # (the train problems are checked by load_problems)
             raise UserError(
@@ -161,7 +165,7 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
         )
         if served:
             teachers.scorer = open_generator(
-                cfg.teacher_server, served, cfg.teacher_server.batch_size, cfg.teacher_server.top_k
+                cfg.teacher_server, served.path, cfg.teacher_server.batch_size, cfg.teacher_server.top_k
             )
             teachers.scorer_top_k = cfg.teacher_server.top_k
         try:

@@ -1,11 +1,11 @@
-"""`curate`: turn graded traces into a training set, recording what was kept and dropped.
+"""Curation of a pool of graded traces into training examples or pairs, with a decision on every trace.
 
 In order: rejection sampling by label (`keep`), the operators of `ops` (operators.py: difficulty,
 length budgets, long/short mixing, dedup, diversity, decontamination, stratified selection), a cap
 of traces per problem, then either single examples (optionally without their reasoning: an
 answer-only baseline from the very same traces) or pairs of a correct and an incorrect trace of the
-same problem (the data of DPO, REDI and AFT). Every input trace gets one row in
-curation/<name>.parquet saying whether it was kept and, if not, which operator dropped it and why.
+same problem (the data of DPO, REDI and AFT). Every input trace gets a `CurationDecision` saying
+whether it was kept and, if not, which step dropped it and why.
 """
 
 from __future__ import annotations
@@ -15,22 +15,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import UserError
-from ..records import GradedTrace, Label, PairExample, Record, TrainingExample, read_records, write_records
+from ..config import StageConfig
+from ..records import Label, PairExample, Record, TrainingExample
 from ..rundir import RunDir
-from ..stages import Stage, StageConfig
-from ..tasks.stage import problems_by_id
-from ..ui import note
 from .operators import OPERATORS, Candidate, Context, Drop, Operator
-from .sets import graded_fingerprint, graded_requirement
 
 
-class CurateConfig(StageConfig):
-    name: str = Field(description="output name: curated/<name>")
-    traces: list[str] = Field(
-        min_length=1,
-        description="graded traces to select from (graded/<name>), or several such sets (e.g. two teachers to mix)",
-    )
+class CurationOptions(StageConfig):
+    """How a pool of graded traces is curated (the `curate` stage's options besides its inputs and output)."""
+
     keep: list[Label] | None = Field(
         None,
         min_length=1,
@@ -52,11 +45,6 @@ class CurateConfig(StageConfig):
     )
     seed: int = Field(0, description="seed of the operators that choose at random (mix, select)")
 
-    @field_validator("traces", mode="before")
-    @classmethod
-    def _one_set(cls, traces):
-        return [traces] if isinstance(traces, str) else traces
-
     @field_validator("ops", mode="before")
     @classmethod
     def _named_operators(cls, ops):
@@ -74,7 +62,7 @@ class CurateConfig(StageConfig):
         return named
 
     @model_validator(mode="after")
-    def _labels_to_keep(self) -> CurateConfig:
+    def _labels_to_keep(self) -> CurationOptions:
         # Resolved here, so that the default and the same labels written out are one setting.
         if self.keep is None:
             self.keep = ["correct", "incorrect"] if self.pairs else ["correct"]
@@ -101,15 +89,15 @@ class CurationDecision(Record):
 
 
 def run_operators(
-    cfg: CurateConfig, candidates: list[Candidate], run: RunDir
+    options: CurationOptions, candidates: list[Candidate], run: RunDir
 ) -> tuple[list[Candidate], list[dict], dict[int, tuple[str, Drop]], dict[str, dict]]:
     """Apply keep, the operators and the cap in order. Returns the surviving pool, one summary per
     step, (step, Drop) by id of each dropped candidate, and what the operators noted per problem."""
-    ctx = Context(run=run, everything=candidates, seed=cfg.seed)
-    steps = [("keep", lambda pool, _ctx: _keep_labels(pool, cfg.keep))]
-    steps += [(op.op, op.apply) for op in cfg.ops]
-    if cfg.max_per_problem and not cfg.pairs:
-        steps.append(("max_per_problem", lambda pool, _ctx: _cap(pool, cfg.max_per_problem)))
+    ctx = Context(run=run, everything=candidates, seed=options.seed)
+    steps = [("keep", lambda pool, _ctx: _keep_labels(pool, options.keep))]
+    steps += [(op.op, op.apply) for op in options.ops]
+    if options.max_per_problem and not options.pairs:
+        steps.append(("max_per_problem", lambda pool, _ctx: _cap(pool, options.max_per_problem)))
     pool, summaries, dropped = candidates, [], {}
     for name, apply in steps:
         kept, drops = apply(pool, ctx)
@@ -144,23 +132,23 @@ def _cap(pool: list[Candidate], cap: int) -> tuple[list[Candidate], list[Drop]]:
     return kept, dropped
 
 
-def examples(pool: list[Candidate], cfg: CurateConfig) -> list[TrainingExample]:
-    # With several graded sets a sample index no longer names one trace: leave it out, so that stored
-    # teacher log-probabilities are never joined with the wrong trace.
-    one_source = len(cfg.traces) == 1
+def examples(pool: list[Candidate], options: CurationOptions, one_source: bool) -> list[TrainingExample]:
+    """The pool as single training examples. With several graded sets (`one_source` false) a sample
+    index no longer names one trace: it is left out, so that stored teacher log-probabilities are
+    never joined with the wrong trace."""
     return [
         TrainingExample(
             problem_id=c.trace.problem_id,
             task=c.trace.task,
             messages=c.problem.messages,
-            completion=c.trace.final if cfg.reasoning == "drop" else c.trace.completion,
+            completion=c.trace.final if options.reasoning == "drop" else c.trace.completion,
             sample_idx=c.trace.sample_idx if one_source else None,
         )
         for c in pool
     ]
 
 
-def pair(pool: list[Candidate], cfg: CurateConfig) -> tuple[list[PairExample], list[Drop]]:
+def pair(pool: list[Candidate], options: CurationOptions) -> tuple[list[PairExample], list[Drop]]:
     """The i-th correct with the i-th incorrect trace of each problem (in sample order), as REDI pairs
     its first positive with its first negative; traces left without a partner are dropped."""
     by_problem: dict[str, dict[str, list[Candidate]]] = defaultdict(lambda: defaultdict(list))
@@ -169,10 +157,10 @@ def pair(pool: list[Candidate], cfg: CurateConfig) -> tuple[list[PairExample], l
     pairs, used = [], set()
     for labels in by_problem.values():
         for chosen, rejected in list(zip(labels["correct"], labels["incorrect"], strict=False))[
-            : cfg.max_per_problem
+            : options.max_per_problem
         ]:
             used.update((id(chosen), id(rejected)))
-            reasoning = cfg.reasoning == "keep"
+            reasoning = options.reasoning == "keep"
             pairs.append(
                 PairExample(
                     problem_id=chosen.trace.problem_id,
@@ -185,33 +173,22 @@ def pair(pool: list[Candidate], cfg: CurateConfig) -> tuple[list[PairExample], l
     return pairs, [Drop(c, "no partner of the other label") for c in pool if id(c) not in used]
 
 
-def load_candidates(cfg: CurateConfig, run: RunDir) -> list[Candidate]:
-    problems = problems_by_id(run)
-    candidates = []
-    for origin in cfg.traces:
-        path = run.graded(origin)
-        for row, trace in enumerate(read_records(path, GradedTrace)):
-            if trace.problem_id not in problems:
-                raise UserError(
-                    f"{path} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
-                )
-            candidates.append(Candidate(trace, origin, problems[trace.problem_id]))
-    return candidates
-
-
-def curate(
-    cfg: CurateConfig, run: RunDir
+def curate_candidates(
+    options: CurationOptions, candidates: list[Candidate], run: RunDir, one_source: bool
 ) -> tuple[list[TrainingExample] | list[PairExample], list[CurationDecision], dict]:
-    """The curated records, the decision on every input trace, and the statistics for the manifest."""
-    candidates = load_candidates(cfg, run)
-    pool, summaries, dropped, notes = run_operators(cfg, candidates, run)
-    if cfg.pairs:
-        records, unpaired = pair(pool, cfg)
+    """The curated records, the decision on every candidate, and the statistics for the manifest.
+
+    `run` is what the operators read besides the pool (a `difficulty` operator's `pass_rate_from`
+    set, a `length` operator's tokenizer trained in the run); `one_source`: the candidates come from
+    one graded set, so a sample index names one trace (see `examples`)."""
+    pool, summaries, dropped, notes = run_operators(options, candidates, run)
+    if options.pairs:
+        records, unpaired = pair(pool, options)
         summaries.append({"op": "pairs", "input": len(pool), "kept": len(pool) - len(unpaired), "pairs": len(records),
                           "dropped": dict(Counter(d.reason for d in unpaired))})  # fmt: skip
         dropped.update({id(d.candidate): ("pairs", d) for d in unpaired})
     else:
-        records = examples(pool, cfg)
+        records = examples(pool, options, one_source)
     decisions = []
     for c in candidates:
         op, drop = dropped.get(id(c), (None, None))
@@ -238,58 +215,3 @@ def curate(
         "operators": summaries,
     }
     return records, decisions, stats
-
-
-def run_curate(cfg: CurateConfig, run: RunDir, overwrite: bool) -> None:
-    inputs = {f"graded:{name}": graded_fingerprint(run, name) for name in cfg.traces}
-    for op in cfg.ops:
-        inputs.update(op.inputs(run))
-
-    def body(_fingerprint: str) -> dict:
-        records, decisions, stats = curate(cfg, run)
-        write_records(run.curated(cfg.name), records, PairExample if cfg.pairs else TrainingExample)
-        write_records(run.curation(cfg.name), decisions, CurationDecision)
-        return stats
-
-    outputs = [run.curated(cfg.name), run.curation(cfg.name)]
-    stats = run.step(f"curate:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)["stats"]
-    steps = ", ".join(f"{s['op']} {s['input']}→{s['kept']}" for s in stats["operators"])
-    what = "pairs" if cfg.pairs else "examples"
-    note(
-        f"curate:{cfg.name}: kept {sum(stats['kept'].values())} {what} from "
-        f"{stats['input']} traces ({steps}); dropped {stats['dropped']}"
-    )
-    if not stats["kept"]:
-        note(
-            f"[yellow]warning:[/] curate:{cfg.name}: curated/{cfg.name} holds no {what}: {emptied_by(cfg, stats)}"
-        )
-
-
-def emptied_by(cfg: CurateConfig, stats: dict) -> str:
-    """What left a curated set empty: its input, or the first step of curation that kept nothing."""
-    if not stats["input"]:
-        sets = ", ".join(f"graded/{name}" for name in cfg.traces)
-        return f"{sets} {'holds' if len(cfg.traces) == 1 else 'hold'} no traces"
-    step = next(s for s in stats["operators"] if s["input"] and not s["kept"])
-    reasons = ", ".join(f"{reason} {count}" for reason, count in step["dropped"].items())
-    return f"{step['op']} dropped the last {step['input']} traces ({reasons})"
-
-
-def _requirements(cfg: CurateConfig) -> dict[str, str | tuple[str, ...]]:
-    needs = {
-        f"traces[{i}]" if len(cfg.traces) > 1 else "traces": graded_requirement(name)
-        for i, name in enumerate(cfg.traces)
-    }
-    for op in cfg.ops:
-        needs.update(op.requires())
-    return needs
-
-
-STAGE = Stage(
-    "curate",
-    CurateConfig,
-    run_curate,
-    "select graded traces into a training set",
-    produces=lambda cfg: [f"curate:{cfg.name}"],
-    requires=_requirements,
-)

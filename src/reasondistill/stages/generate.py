@@ -22,44 +22,18 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..errors import UserError
-from ..modelref import reference_name, required_steps, resolve_model
+from ..generate.backends import BackendOptions, open_generator
+from ..generate.base import Completion, Generator, SamplingParams, make_trace, row_seed
+from ..generate.logprobs import logprobs_file, read_logprobs, write_logprobs
+from ..generate.sampling import SamplingOptions
+from ..generate.shards import ShardedJob, finish_sharded_step, shard_seed, usage_stats, usage_totals
+from ..modelref import backend_model, backend_requirements, reference_name, required_steps, resolve_model
 from ..records import Problem, Trace, atomic_write_json, read_records, write_records
-from ..rundir import RunDir, fingerprint
-from ..stages import Stage, StageConfig
-from ..tasks.stage import ProblemSelection, load_problems
+from ..rundir import RunDir
+from ..store import load_problems, trace_shards
+from ..tasks.selection import ProblemSelection
 from ..ui import note
-from ..verify.reasoning import split_reasoning
-from .backends import BackendOptions, backend_model, backend_requirements, open_generator
-from .base import Completion, Generator, SamplingParams, row_seed
-from .logprobs import logprobs_file, read_logprobs, write_logprobs
-from .shards import Pricing, ShardedJob, ShardIndex, usage_totals
-
-
-class SamplingOptions(StageConfig):
-    """Decoding options shared by every stage that generates (generate, eval)."""
-
-    n: int = Field(4, ge=1, description="completions per problem")
-    temperature: float = Field(0.8, ge=0, description="sampling temperature (0: greedy)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, description="top-k filtering (0: off)")
-    max_new_tokens: int = Field(
-        512, ge=1, description="completion token limit; longer ones are cut and unparseable"
-    )
-    stop: list[str] = Field([], description="strings that end a completion (left out of its text)")
-    batch_size: int = Field(64, ge=1, description="sequences decoded together (hf)")
-    seed: int = Field(0, description="sampling seed")
-
-    def sampling(self, n: int, temperature: float, seed: int) -> SamplingParams:
-        return SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            seed=seed,
-            stop=tuple(self.stop),
-        )
+from .base import Stage
 
 
 class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions):
@@ -109,7 +83,7 @@ class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions):
         if "" in self.stop:
             raise ValueError("stop: an empty string would end every completion at once")
         if self.backend == "openai" and self.endpoint == "completions" and not self.tokenizer:
-            from .openai import COMPLETIONS_NEED_TOKENIZER  # here: aiohttp is imported only when needed
+            from ..generate.openai import COMPLETIONS_NEED_TOKENIZER  # aiohttp: imported only when needed
 
             raise ValueError(COMPLETIONS_NEED_TOKENIZER)
         return self
@@ -118,89 +92,6 @@ class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions):
 def default_trace_name(teacher: str, gate: str | None) -> str:
     """traces/<teacher>, or traces/<teacher>-rsd-<student> for student-gated traces."""
     return f"{teacher}-rsd-{gate}" if gate else teacher
-
-
-def make_traces(problem: Problem, completions: list[Completion], source: str) -> list[Trace]:
-    return [make_trace(problem, sample_idx, c, source) for sample_idx, c in enumerate(completions)]
-
-
-def make_trace(problem: Problem, sample_idx: int, completion: Completion, source: str) -> Trace:
-    split = split_reasoning(completion.text)
-    return Trace(
-        problem_id=problem.id,
-        task=problem.task,
-        sample_idx=sample_idx,
-        source=source,
-        completion=completion.text,
-        reasoning=split.reasoning,
-        final=split.final,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        finish_reason=completion.finish_reason,
-    )
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    return int(fingerprint([seed, shard]), 16) % 2**31
-
-
-def trace_shards(directory: Path) -> list[Path]:
-    """The shard files of a finished `generate` output, in order."""
-    index = json.loads((directory / "index.json").read_text())
-    return [directory / f"shard-{i:05d}.parquet" for i in sorted(index["finished"])]
-
-
-def read_traces(directory: Path, problems: dict[str, Problem]) -> list[Trace]:
-    """Every trace of a finished `generate` output; a trace of a problem not in `problems` (the run's
-    problems by id) is a UserError naming its shard and row."""
-    traces = []
-    for shard in trace_shards(directory):
-        for row, trace in enumerate(read_records(shard, Trace)):
-            if trace.problem_id not in problems:
-                raise UserError(
-                    f"{shard} row {row}: problem_id {trace.problem_id!r} is not a problem of this run"
-                )
-            traces.append(trace)
-    return traces
-
-
-def logprob_shards(directory: Path) -> list[Path]:
-    """The teacher-distribution files beside the traces (generate with logprobs) or of `score`."""
-    index = json.loads((directory / "index.json").read_text())
-    return [logprobs_file(directory, i) for i in sorted(index["finished"])]
-
-
-def usage_stats(index: ShardIndex, pricing: Pricing, generator: str) -> dict:
-    """Tokens, time and money of a sharded step, for the manifest and the report.
-
-    `failures` counts the rows still failed when the step ended (listed in `failed`), not every
-    request that ever failed: a row a rerun recovered is counted in `recovered_by_rerun` instead;
-    `retries` counts the attempts repeated within the runs."""
-    failed = index.all_failures()
-    return {
-        "backend": generator,
-        **asdict(index.usage),
-        "failures": len(failed),
-        "recovered_by_rerun": index.recovered,
-        "seconds": round(index.seconds, 2),
-        "cost": pricing.cost(index.usage),
-        "failed": failed,
-    }
-
-
-def finish_sharded_step(key: str, index: ShardIndex, allow_failures: bool) -> None:
-    """Failed rows stop the step (a rerun retries them) unless the user accepts them."""
-    failures = index.all_failures()
-    if not failures:
-        return
-    first = failures[0]
-    message = (
-        f"{key}: {len(failures)} request(s) failed after their retries, e.g. {first['problem_id']} "
-        f"sample {first['sample_idx']}: {first['error']} (all listed in {index.path})"
-    )
-    if not allow_failures:
-        raise UserError(f"{message}; rerun the same command to retry them, or set allow_failures")
-    note(f"[yellow]warning:[/] {message}; kept out of the output (allow_failures)")
 
 
 Sample = tuple[Problem, int]  # a problem and a sample index: one row of the output
@@ -261,7 +152,11 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
             save=save,
             saved_keys=saved_keys,
             open_generator=lambda: open_generator(
-                cfg, model, cfg.batch_size, cfg.top_logprobs, (gate, cfg.gate_threshold) if gate else None
+                cfg,
+                model.path,
+                cfg.batch_size,
+                cfg.top_logprobs,
+                (gate.path, cfg.gate_threshold) if gate else None,
             ),
         )
         index = job.run(f"generate {name}", overwrite)

@@ -4,45 +4,16 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field
 
 from ..errors import UserError
-from ..generate.stage import read_traces
 from ..records import GradedTrace, write_records
 from ..rundir import RunDir
-from ..stages import Stage, StageConfig
-from ..tasks import BENCHMARKS, TASKS, default_grader
-from ..tasks.stage import problems_by_id, run_tasks
+from ..store import problems_by_id, read_traces, run_tasks
+from ..tasks.selection import GraderChoice
 from ..ui import note, progress_bar
-from .graders import GRADER_SPECS, Grader, grader_from_spec
-from .grading import grade_traces
-
-
-class GraderChoice(StageConfig):
-    """The grader of each task: its own unless overridden. Give `verify` and `eval` the same
-    overrides, so that filtered data and reported scores are graded alike."""
-
-    graders: dict[str, str] = Field(
-        default_factory=dict,
-        description='grader per task or benchmark instead of its own, e.g. {"gsm8k": "math-verify:number"}; '
-        f"graders: {', '.join(GRADER_SPECS)}",
-    )
-    _built: dict[str, Grader] = PrivateAttr(default_factory=dict)
-
-    @field_validator("graders")
-    @classmethod
-    def _known_tasks_and_graders(cls, graders: dict[str, str]) -> dict[str, str]:
-        for task, spec in graders.items():
-            if task not in TASKS and task not in BENCHMARKS:
-                raise ValueError(f"unknown task {task!r}; known: {', '.join([*TASKS, *BENCHMARKS])}")
-            grader_from_spec(spec)
-        return graders
-
-    def grader_for(self, task: str) -> Grader:
-        if task not in self._built:
-            spec = self.graders.get(task)
-            self._built[task] = grader_from_spec(spec) if spec else default_grader(task)
-        return self._built[task]
+from ..verify.grading import grade_traces
+from .base import Stage
 
 
 class VerifyConfig(GraderChoice):

@@ -1,38 +1,26 @@
-"""`report`: report.md and a self-contained report.html from the run's manifest and eval results."""
+"""The run report: tables of a run's results, pipeline, curation and teacher usage, the accuracy
+plot, and the markdown and self-contained html documents that hold them with the sections other
+stages declare.
+
+Library: everything comes in as data (the run's manifest, its evaluation results, the declared
+sections, the package versions); the `report` stage reads the run directory and writes what
+`render_report` returns.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt
-from pydantic import Field
-
 from ..generate.shards import usage_totals
-from ..records import atomic_write_bytes
-from ..rundir import RunDir, environment
-from ..stages import Stage, StageConfig
-from ..ui import note
+from .tables import Section, Table, html_table, markdown_table, percent
 
-Table = tuple[list[str], list[list[str]]]
 MODES = ("greedy", "sampled")
-
-
-class ReportConfig(StageConfig):
-    title: str = Field("reasondistill report", description="report heading")
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def load_results(run: RunDir) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run.root / "eval").glob("*/*.json"))]
+FIGURE = "figures/accuracy_vs_tokens.png"  # where the plot goes, relative to the run directory
 
 
 def results_table(results: list[dict]) -> Table:
@@ -50,9 +38,9 @@ def results_table(results: list[dict]) -> Table:
         greedy, sampled = r.get("greedy", {}), r.get("sampled", {})
         rows.append([
             r["task"], r["model"], f"{r['parameters'] / 1e6:.2f}M",
-            _percent(greedy.get("accuracy")), f"{greedy['mean_completion_tokens']:.0f}" if greedy else "–",
-            _percent(sampled.get("accuracy")), *[_percent(sampled.get(k)) for k in ks[1:]],
-            *([_percent(sampled.get(majority))] if majority else []),
+            percent(greedy.get("accuracy")), f"{greedy['mean_completion_tokens']:.0f}" if greedy else "–",
+            percent(sampled.get("accuracy")), *[percent(sampled.get(k)) for k in ks[1:]],
+            *([percent(sampled.get(majority))] if majority else []),
             f"{sampled['mean_completion_tokens']:.0f} / {sampled['median_completion_tokens']:.0f}" if sampled else "–",
             f"{(sampled or greedy)['correct_per_1k_tokens']:.1f}",
         ])  # fmt: skip
@@ -78,7 +66,7 @@ def difficulty_table(results: list[dict]) -> Table:
             for model in models:
                 r = by_task_model.get((task, model), {})
                 accuracies = [r[mode]["by_difficulty"].get(level) for mode in MODES if mode in r]
-                cells.append(" / ".join(_percent(a["accuracy"]) if a else "–" for a in accuracies) or "–")
+                cells.append(" / ".join(percent(a["accuracy"]) if a else "–" for a in accuracies) or "–")
             rows.append(
                 [task, task_results[0].get("difficulty") or "difficulty", level, str(levels[level]), *cells]
             )
@@ -131,19 +119,6 @@ def curation_table(manifest: dict) -> Table:
             dropped = ", ".join(f"{reason} {n}" for reason, n in op["dropped"].items()) or "–"
             rows.append([key, op["op"], str(op["input"]), str(op["kept"]), dropped])
     return ["step", "operator", "in", "kept", "dropped"], rows
-
-
-def analysis_sections(run: RunDir) -> list[tuple[str, Table]]:
-    """Teacher-selection tables and the analyses (trace statistics, provenance, memorization) of the run."""
-    # Imported here: they bring torch along, which the rest of the report does not need.
-    from ..analyze import memorization, provenance, trace_stats
-    from ..curate import teacher_selection
-
-    return [
-        section
-        for module in (teacher_selection, trace_stats, provenance, memorization)
-        for section in module.report_sections(run)
-    ]
 
 
 def usage_table(manifest: dict) -> Table:
@@ -205,8 +180,14 @@ def grader_mismatches(manifest: dict, results: list[dict]) -> list[str]:
     ]
 
 
-def plot_accuracy_vs_tokens(results: list[dict], path: Path) -> None:
-    """One panel per task: each model's accuracy against its mean completion tokens."""
+def plot_accuracy_vs_tokens(results: list[dict]) -> bytes:
+    """One panel per task: each model's accuracy against its mean completion tokens, as a PNG."""
+    # Imported here: matplotlib is slow to import, and only a report with results draws a plot.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers and CI
+    import matplotlib.pyplot as plt
+
     tasks = sorted({r["task"] for r in results})
     models = sorted({r["model"] for r in results})
     markers = {model: "osD^v<>pP*"[i % 10] for i, model in enumerate(models)}
@@ -228,22 +209,10 @@ def plot_accuracy_vs_tokens(results: list[dict], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), frameon=False)
     fig.tight_layout(rect=(0, 0.08 + 0.05 * (len(labels) // 3), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
-
-
-def markdown_table(table: Table) -> str:
-    headers, rows = table
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def html_table(table: Table) -> str:
-    headers, rows = table
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return png.getvalue()
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -251,55 +220,56 @@ table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px soli
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
 
 
-def render(run: RunDir, cfg: ReportConfig) -> dict:
-    manifest, results = run.manifest(), load_results(run)
-    figure = run.root / "figures" / "accuracy_vs_tokens.png"
+@dataclass(frozen=True)
+class Report:
+    markdown: str  # report.md
+    html: str  # report.html, the plot embedded
+    figure: bytes | None  # the PNG of FIGURE; None without evaluation results
+
+
+def render_report(
+    title: str,
+    run_root: Path,
+    manifest: dict,
+    results: list[dict],
+    declared: Sequence[Section],
+    env: dict,
+) -> Report:
+    """The report of a run from its manifest, its evaluation results (eval/<model>/<task>.json) and
+    the sections its stages declare (rendered after the curation table, in their order); `env` is
+    `rundir.environment()`, for the footer. Empty tables are left out."""
     sections = [
         ("Results", results_table(results)),
         ("Accuracy by difficulty (greedy / sampled pass@1)", difficulty_table(results)),
         ("Pipeline", pipeline_table(manifest)),
         ("Curation", curation_table(manifest)),
-        *analysis_sections(run),
+        *declared,
         ("Teacher usage and cost", usage_table(manifest)),
     ]
     sections = [(heading, table) for heading, table in sections if table[1]]
     graders = sorted({(r["task"], r["grader"]) for r in results})
-    env = environment()
     intro = (
-        f"Run directory `{run.root}`. Accuracy is graded by each task's grader "
+        f"Run directory `{run_root}`. Accuracy is graded by each task's grader "
         f"({', '.join(f'{t}: `{g}`' for t, g in graders)}); sampled accuracy is pass@1 averaged over all samples, "
         f"pass@k uses the unbiased estimator, maj@k grades the most frequent answer of k samples."
     )
     footer = f"reasondistill {env['packages']['reasondistill']}, torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, Python {env['python']}"
-    if results:
-        plot_accuracy_vs_tokens(results, figure)
+    figure = plot_accuracy_vs_tokens(results) if results else None
 
     warnings = grader_mismatches(manifest, results)
-    md = [f"# {cfg.title}", "", intro, "", *[f"> **Warning:** {w}\n" for w in warnings]]
-    page = [f"<h1>{html.escape(cfg.title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    md = [f"# {title}", "", intro, "", *[f"> **Warning:** {w}\n" for w in warnings]]
+    page = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     page += [f"<p><strong>Warning:</strong> {html.escape(w)}</p>" for w in warnings]
     for heading, table in sections:
         md += [f"## {heading}", "", markdown_table(table), ""]
         page += [f"<h2>{heading}</h2>", html_table(table)]
-        if heading == "Results" and results:
-            md += ["![accuracy against mean completion tokens](figures/accuracy_vs_tokens.png)", ""]
-            encoded = base64.b64encode(figure.read_bytes()).decode()
+        if heading == "Results" and figure is not None:
+            md += [f"![accuracy against mean completion tokens]({FIGURE})", ""]
+            encoded = base64.b64encode(figure).decode()
             page.append(
                 f'<img alt="accuracy against mean completion tokens" src="data:image/png;base64,{encoded}">'
             )
     md.append(f"_{footer}_")
     page.append(f"<p><small>{html.escape(footer)}</small></p>")
-    atomic_write_bytes(run.root / "report.md", ("\n".join(md) + "\n").encode())
-    document = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.title)}</title><style>{_CSS}</style></head><body>{''.join(page)}</body></html>"
-    atomic_write_bytes(run.root / "report.html", document.encode())
-    return {"results": len(results), "models": sorted({r["model"] for r in results})}
-
-
-def run_report(cfg: ReportConfig, run: RunDir, overwrite: bool) -> None:
-    # The report reads everything the run has produced, so it is redrawn on every call: cheap, and
-    # never stale.
-    stats = render(run, cfg)
-    note(f"report: {run.root / 'report.md'} and {run.root / 'report.html'} ({stats['results']} results)")
-
-
-STAGE = Stage("report", ReportConfig, run_report, "write report.md and a self-contained report.html")
+    document = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{''.join(page)}</body></html>"
+    return Report("\n".join(md) + "\n", document, figure)

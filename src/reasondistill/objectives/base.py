@@ -1,0 +1,79 @@
+"""What every objective computes on: the micro-batch it sees (`ObjectiveInputs`) and the interface the
+trainer calls (`Objective`).
+
+One convention for all: per-token terms are summed over completion tokens and divided by
+`normaliser`, the number of completion tokens in the *global* batch (all gradient-accumulation steps
+and processes), so the gradient does not depend on how a batch is split into micro-batches. Pair
+objectives (DPO, REDI, ...) sum per-pair terms and divide by the number of pairs in the global batch.
+
+No torch at import time (the types below are annotations only): data code reads IGNORE_INDEX, and
+the objectives' options (options.py) stay importable without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .options import ObjectiveOptions
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from .heads import Head, SparseTargets
+
+IGNORE_INDEX = -100  # label value of prompt and padding positions
+
+
+@dataclass
+class ObjectiveInputs:
+    """One micro-batch, reduced to its completion positions (N of them, across all sequences)."""
+
+    student: Head  # final hidden states + output projection of the student at the N positions
+    labels: torch.Tensor  # [N] the token each position predicts
+    normaliser: torch.Tensor | int  # completion tokens (pairs for pair objectives) in the global batch
+    sequence: torch.Tensor  # [N] index of the sequence (batch row) each position belongs to
+    num_sequences: int
+    teacher: Head | SparseTargets | None = None
+    reference: Head | None = None  # a frozen model: AdaSPEC's reference, DPO's reference policy
+    rewards: torch.Tensor | None = None  # [num_sequences] verifier reward of each on-policy sample
+    groups: torch.Tensor | None = None  # [num_sequences] which prompt each sample answers (GRPO groups)
+    progress: float = 0.0  # fraction of training done, for schedules
+    step: int = 0  # optimizer step
+    chunk_size: int = 512  # positions per chunk of [chunk, vocab] logits
+
+
+class Objective(ObjectiveOptions):
+    """An objective that computes its loss: a subclass of its options model (so `self.beta` is an
+    option) with the hooks the trainer calls. Made from a spec by `build_objective`."""
+
+    def setup(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Called once with the student's tokenizer before training (special token ids, separators)."""
+
+    def select_labels(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Labels [B, S] the loss is computed on, chosen per batch by the collator (before tokens are
+        counted for the normaliser); identity except for objectives that train on parts of a completion."""
+        return labels
+
+    def corrupt_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, progress: float) -> torch.Tensor:
+        """Input ids [B, S] the student reads (labels unchanged); identity except for input-noising objectives."""
+        return input_ids
+
+    def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# name → the Objective subclass that computes it; filled by @register as the loss modules load
+IMPLEMENTATIONS: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: `cls` computes the objective its options model names."""
+    IMPLEMENTATIONS[cls.registered_name()] = cls
+    return cls
+
+
+def sum_over_tokens(per_token: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor:
+    """Σ over the micro-batch's completion tokens / completion tokens in the global batch."""
+    return per_token.sum() / inputs.normaliser
