@@ -15,6 +15,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 # Before landing a change to a training-sensitive test, the testbed or the pins: those tests on 3 other
 # testbed builds, with the margin of every check (about 35 min on 2 idle CPU cores the first time, 15 after).
