@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasondistill.chat import completion_ids, encode_texts, prompt_ids
 from reasondistill.curate.student_measures import completion_nll
-from reasondistill.curate.teacher_selection import NO_CORRECT, selection_table
+from reasondistill.curate.teacher_selection import NO_CORRECT
 from reasondistill.errors import UserError
 from reasondistill.records import (
     GradedTrace,
@@ -32,7 +32,7 @@ from reasondistill.stages.problems import ProblemsConfig, run_problems
 from reasondistill.stages.provenance import ProvenanceConfig, run_provenance
 from reasondistill.stages.rewrite import RewriteConfig, run_rewrite
 from reasondistill.stages.score import ScoreConfig, run_score
-from reasondistill.stages.select_teacher import SelectTeacherConfig, run_select_teacher
+from reasondistill.stages.select_teacher import SelectTeacherConfig, run_select_teacher, selection_table
 from reasondistill.stages.trace_stats import TraceStatsConfig, run_trace_stats
 from reasondistill.stages.train import TrainConfig, run_train
 from reasondistill.stages.verify import VerifyConfig, run_verify

@@ -38,3 +38,8 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> li
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def user_text(messages: Sequence[Message]) -> str:
+    """What the user's turns of a prompt say (the question, without the system prompt)."""
+    return "\n\n".join(m.content for m in messages if m.role == "user")

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..chat import user_text
 from ..records import GradedTrace, Message, Problem, Trace
 from ..tasks import TASKS
 from ..verify.graders import Grader
@@ -109,10 +110,6 @@ def answer_format(task: str) -> str:
     )
 
 
-def question_text(problem: Problem) -> str:
-    return "\n\n".join(m.content for m in problem.messages if m.role == "user")
-
-
 def original_reasoning(trace: Trace) -> str:
     return trace.reasoning if trace.reasoning is not None else trace.completion
 
@@ -127,7 +124,7 @@ def dap_messages(
 ) -> list[Message]:
     """The chat prompt asking for a DAP rewrite of `trace` (an empty system prompt sends none)."""
     fields = {
-        "question": question_text(problem),
+        "question": user_text(problem.messages),
         "answer": problem.answer,
         "answer_format": answer_format(problem.task),
         "trace": original_reasoning(trace),

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..chat import user_text
 from ..curate.chunking import ChunkLabel, average_chunks, boundary_chunks, count_words, skip_thinking
 from ..curate.label_prompt import label_messages, parse_labels
 from ..curate.labelling import RuleLabeller
@@ -160,10 +161,6 @@ def _nothing_to_chunk(cfg: ChunkConfig, source: TraceSet) -> str:
     return f"{source.description} holds no examples to chunk"
 
 
-def question_of(messages: Sequence[Message]) -> str:
-    return "\n\n".join(m.content for m in messages if m.role == "user")
-
-
 def chunk_text(text: str, cfg: ChunkConfig) -> list[str]:
     if cfg.chunking == "average":
         return average_chunks(text, cfg.chunks)
@@ -189,7 +186,7 @@ def chunk_and_label(
     teacher_labels = label_with_teacher([(i, c) for i, c in chunked if c]) if label_with_teacher else {}
     records, unparseable = [], []
     for position, (item, chunks) in enumerate(chunked):
-        labels, reasons = rules.label(chunks, question_of(item.messages))
+        labels, reasons = rules.label(chunks, user_text(item.messages))
         labeller = "rules"
         if label_with_teacher and chunks:
             taught = teacher_labels.get(position)
@@ -283,7 +280,7 @@ def run_chunk(cfg: ChunkConfig, run: RunDir, overwrite: bool) -> None:
                 position = {id(item): i for i, item in enumerate(items)}
                 rows = [
                     PromptRow(item.problem, position[id(item)],
-                              label_messages(question_of(item.messages), chunks, cfg.label_prompt))
+                              label_messages(user_text(item.messages), chunks, cfg.label_prompt))
                     for item, chunks in to_label
                 ]  # fmt: skip
                 if not rows:

@@ -36,20 +36,20 @@ from collections import Counter, defaultdict
 from pydantic import Field, model_validator
 
 from ..curate.teacher_selection import (
+    NO_CORRECT,
     RANK_LABELS,
     ProxyOptions,
     RankBy,
     check_same_prompts,
-    nll_cell,
-    proxy_cell,
+    no_correct,
     rank,
-    selection_table,
     trace_statistics,
     training_examples,
 )
 from ..errors import UserError
 from ..modelref import ResolvedModel, required_steps, resolve_model
 from ..records import GradedTrace, Problem, atomic_write_json, read_records
+from ..report.tables import number, percent
 from ..rundir import RunDir
 from ..store import graded_fingerprint, graded_requirement, load_problems, problems_by_id
 from ..tasks.selection import GraderChoice, ProblemSelection
@@ -205,8 +205,8 @@ def run_select_teacher(cfg: SelectTeacherConfig, run: RunDir, overwrite: bool) -
     stats = result["stats"]
     lines = [
         f"{row['rank']}. {teacher}: accuracy {100 * row['accuracy']:.1f}%, length {row['length_mean']:.1f}, "
-        f"student NLL {nll_cell(row)}"
-        + (f", proxy {proxy_cell(row, row['proxy_accuracy'])}" if "proxy_accuracy" in row else "")
+        f"student NLL {_nll_cell(row)}"
+        + (f", proxy {_proxy_cell(row, row['proxy_accuracy'])}" if "proxy_accuracy" in row else "")
         for teacher, row in sorted(stats["teachers"].items(), key=lambda item: item[1]["rank"])
     ]
     note(f"select_teacher:{cfg.name}: ranked by {stats['rank_by']}: " + "; ".join(lines))
@@ -214,6 +214,42 @@ def run_select_teacher(cfg: SelectTeacherConfig, run: RunDir, overwrite: bool) -
         run_curate(
             CurateConfig(name=cfg.curate_winner, traces=stats["ranking"][0], keep=["correct"]), run, overwrite
         )
+
+
+# ---- the ranked table --------------------------------------------------------------------------
+
+
+def _nll_cell(row: dict) -> str:
+    return NO_CORRECT if no_correct(row) else number(row["student_nll"], 3)
+
+
+def _proxy_cell(row: dict, accuracy: float | None) -> str:
+    return NO_CORRECT if no_correct(row) else percent(accuracy)
+
+
+def _spread(mean: float | None, std: float | None) -> str:
+    return "–" if mean is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def selection_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The ranked table of one teacher-selection result (headers, rows of strings)."""
+    with_proxy = any(row["proxy"] for row in result["teachers"])
+    headers = [
+        "rank", "teacher", "traces", "verified acc.", "pass rate", "length (student tokens)",
+        "length (teacher tokens)", "student NLL/token", *(["proxy acc. (greedy)"] if with_proxy else []),
+    ]  # fmt: skip
+    by_name = {row["teacher"]: row for row in result["teachers"]}
+    rows = []
+    for teacher in result["ranking"]:
+        row = by_name[teacher]
+        rows.append([
+            str(row["rank"]), teacher, str(row["traces"]), percent(row["accuracy"]), percent(row["pass_rate"]),
+            _spread(row["length_mean"], row["length_std"]),
+            _spread(row["teacher_tokens_mean"], row["teacher_tokens_std"]),
+            _nll_cell(row),
+            *([_proxy_cell(row, (row["proxy"] or {}).get("accuracy"))] if with_proxy else []),
+        ])  # fmt: skip
+    return headers, rows
 
 
 def report_sections(run: RunDir) -> list[Section]:
