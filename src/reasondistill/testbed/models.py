@@ -3,6 +3,11 @@
 `testbed:teacher` is trained with the project's own SFT trainer on gold step-by-step solutions of
 the testbed tasks; `testbed:student` is a smaller, randomly initialised model. Both are ordinary
 Hub-style folders (config.json, model.safetensors, tokenizer.json), loaded with `from_pretrained`.
+
+The default build's trained teacher also ships with the package (`weights/teacher`, written by
+`scripts/ship_testbed_teacher.py`): a build whose fingerprint is the one it was trained under installs
+those weights instead of training for minutes, so every machine gets the same teacher. Another build
+(REASONDISTILL_TESTBED_SEED), changed testbed code, or `train=True` trains it here.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..records import TrainingExample
 from ..tasks import TASKS
 from ..train.hyperparameters import Hyperparameters
 from ..train.trainer import train_model
+from .shipped import install_shipped_teacher, shipped_teacher
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,11 +52,13 @@ TEACHER_SHAPE = ModelShape(hidden_size=128, num_hidden_layers=3, intermediate_si
 STUDENT_SHAPE = ModelShape(hidden_size=96, num_hidden_layers=3, intermediate_size=288)
 
 # Gold solutions the teacher learns from: problems per task and the difficulties they cover. Sized so
-# that a cold `reasondistill demo` fits in 10 minutes on 2 cores: 3-digit accuracy depends on the
-# number of arithmetic examples, the other two tasks trade a few points of accuracy for a minute of
-# training. With 14,000 arithmetic examples the teacher sat at the edge: float-level changes in the
-# loss computation (same formula, other summation order) moved its 3-digit accuracy between 78% and
-# 97.5%; 20,000 keep it clear of that edge.
+# that training the teacher (another build, or after a testbed change) takes about 4 minutes on 2
+# cores: 3-digit accuracy depends on the number of arithmetic examples (half as many gave 5%, or 62%
+# in batches of 16 for as many steps), the other two tasks trade a few points of accuracy for a
+# minute of training.
+# With 14,000 arithmetic examples the teacher sat at the edge: float-level changes in the loss
+# computation (same formula, other summation order) moved its 3-digit accuracy between 78% and 97.5%;
+# 20,000 keep it clear of that edge.
 TEACHER_DATA = {"arithmetic": (20000, (1, 2, 3)), "word_problems": (5000, (2, 3)), "logic": (5000, (1, 2))}
 TEACHER_HYPERPARAMETERS = Hyperparameters(
     epochs=1,
@@ -180,20 +188,22 @@ def exclusive(lock: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_testbed(force: bool = False) -> Path:
-    """Build (or reuse) the tokenizer, the student initialisation and the trained teacher."""
+def build_testbed(force: bool = False, train: bool = False) -> Path:
+    """Build (or reuse) the tokenizer, the student initialisation and the trained teacher.
+
+    The teacher comes from the shipped weights where they fit this build, unless `train` is set.
+    """
     root = testbed_dir()
     if (root / "DONE").exists() and not force:
         return root
     with exclusive(root.with_name(f".{root.name}.lock")):
         if (root / "DONE").exists() and not force:
             return root  # another process built it while this one waited
-        return _build(root)
+        return _build(root, train)
 
 
-def _build(root: Path) -> Path:
+def _build(root: Path, train: bool) -> Path:
     started = time.time()
-    log.info("building the testbed models in %s (a few minutes on 2 CPU cores, once)", root)
     shutil.rmtree(root, ignore_errors=True)
     # An interrupted build continues in its staging folder: every piece is deterministic, and the
     # teacher's training resumes from its last checkpoint.
@@ -203,6 +213,24 @@ def _build(root: Path) -> Path:
     seeds = build_seeds()
     if not (staging / "student").exists():
         save_initial_model(STUDENT_SHAPE, staging / "tokenizer", staging / "student", seed=seeds["student"])
+    shipped = None if train else shipped_teacher(build_fingerprint(), build_variant())
+    if shipped is not None:
+        log.info("testbed in %s: the shipped teacher weights (trained by this testbed code)", root)
+        stats = install_shipped_teacher(shipped, staging / "teacher")
+    else:
+        log.info("building the testbed models in %s (a few minutes on 2 CPU cores, once)", root)
+        stats = _train_teacher(staging, seeds)
+    (staging / "DONE").write_text(
+        json.dumps(
+            {"seconds": time.time() - started, "shipped": shipped is not None, "teacher": stats}, indent=2
+        )
+    )
+    staging.rename(root)
+    return root
+
+
+def _train_teacher(staging: Path, seeds: dict[str, int]) -> dict:
+    """Train the teacher from its seeded initialisation into staging/teacher; its training stats."""
     if not (staging / "teacher-init").exists():
         save_initial_model(
             TEACHER_SHAPE, staging / "tokenizer", staging / "teacher-init", seed=seeds["teacher"]
@@ -216,6 +244,4 @@ def _build(root: Path) -> Path:
         resume_key=build_fingerprint(),
     )
     shutil.rmtree(staging / "teacher-init")
-    (staging / "DONE").write_text(json.dumps({"seconds": time.time() - started, "teacher": stats}, indent=2))
-    staging.rename(root)
-    return root
+    return stats
