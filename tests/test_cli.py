@@ -91,7 +91,9 @@ def test_grader_and_benchmark_options_are_checked_before_anything_runs(tmp_path,
     assert "unknown grader 'math-verify:html'; graders are: numeric, math-verify:latex" in error(
         "--graders", '{"gsm8k": "math-verify:html"}'
     )
-    assert "--graders: Value error, unknown task 'gsm9k'" in error("--graders", '{"gsm9k": "numeric"}')
+    # a name may be one of the run's problem sets: checked against the run, still before anything runs
+    assert "graders: unknown task 'gsm9k'; known: arithmetic" in error("--graders", '{"gsm9k": "numeric"}')
+    assert not (tmp_path / "eval").exists()
 
 
 def test_the_benchmarks_command_lists_each_benchmark_with_its_grader():

@@ -151,3 +151,49 @@ def test_the_score_stage_stores_the_teachers_top_k_for_every_trace(testbed, tmp_
     assert stats["usage"]["requests"] == 8 and stats["usage"]["prompt_tokens"] > stats["tokens"]
     main(["report", *run])
     assert "score:t.teacher" in (tmp_path / "report.md").read_text()
+
+
+def test_a_models_own_generation_config_is_not_applied(testbed, teacher, prompts, tmp_path, caplog):
+    """transformers would fill every option a call leaves unset from generation_config.json: a
+    repetition penalty and a no-repeat n-gram size there would change every arithmetic answer."""
+    import shutil
+
+    from reasondistill.models import model_sampling_defaults
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(testbed / "teacher", folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    extra = {"repetition_penalty": 5.0, "no_repeat_ngram_size": 2, "min_new_tokens": 150, "top_k": 3}
+    (folder / "generation_config.json").write_text(json.dumps({**config, **extra}))
+    assert model_sampling_defaults(folder) == extra
+    with caplog.at_level("WARNING", logger="reasondistill.generate.hf"):
+        own = HFGenerator(folder, batch_size=8)
+    assert "repetition_penalty=5.0" in caplog.text and "not applied" in caplog.text
+    assert own.describe()["generation_config_not_applied"] == extra
+    greedy = SamplingParams(temperature=0, max_new_tokens=120)
+    assert [c[0].text for c in own.generate(prompts, greedy)] == [
+        c[0].text for c in teacher.generate(prompts, greedy)
+    ]
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=40, n=2, seed=4)
+    assert [[c.text for c in cs] for cs in own.generate(prompts, sampled)] == [
+        [c.text for c in cs] for cs in teacher.generate(prompts, sampled)
+    ]
+    assert own.model.generation_config.repetition_penalty == 5.0  # the model itself is left as it was
+
+    run_dir = tmp_path / "run"
+    main(["problems", "--run-dir", str(run_dir), "--tasks", "arithmetic", "--train", "2", "--test", "0"])
+    main(
+        [
+            "generate",
+            "--run-dir",
+            str(run_dir),
+            "--model",
+            str(folder),
+            "--name",
+            "own",
+            "--max-new-tokens",
+            "20",
+        ]
+    )
+    stats = RunDir(run_dir).finished_step("generate:own")["stats"]
+    assert stats["generation_config_not_applied"] == extra  # recorded in the manifest

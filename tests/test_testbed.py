@@ -7,12 +7,12 @@ import pytest
 from safetensors.torch import load_file
 
 from reasondistill.errors import UserError
+from reasondistill.records import file_sha256
 from reasondistill.testbed import models
 from reasondistill.testbed.shipped import (
     SHIPPED_DIR,
     SHIPPED_FILES,
     WEIGHTS,
-    file_sha256,
     install_shipped_teacher,
     shipped_record,
     shipped_teacher,

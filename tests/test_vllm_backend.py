@@ -235,6 +235,7 @@ def test_engine_gets_raw_logprobs_and_the_logprob_cap(fake_vllm):
     generator, llm = make(tensor_parallel_size=2, max_model_len=2048, max_logprobs=32, seed=5)
     assert llm.kwargs["model"] == "/models/teacher"
     assert llm.kwargs["logprobs_mode"] == "raw_logprobs"
+    assert llm.kwargs["generation_config"] == "vllm"  # the model's generation_config.json is not applied
     assert llm.kwargs["max_logprobs"] == 32
     assert (llm.kwargs["tensor_parallel_size"], llm.kwargs["max_model_len"], llm.kwargs["seed"]) == (
         2,

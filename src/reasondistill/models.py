@@ -197,6 +197,32 @@ def load_causal_lm(path: str | Path, **kwargs):
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
 
 
+# What a generation_config.json holds besides special token ids and output plumbing: sampling
+# defaults (a repetition penalty, top-k, min-p …) that transformers would apply to every generate()
+# call leaving them unset.
+NOT_SAMPLING = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+    "use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+    "return_dict_in_generate",
+}  # fmt: skip
+
+
+def sampling_defaults(generation_config) -> dict:
+    """The sampling settings of a `GenerationConfig` (None: none): what differs from transformers' defaults."""
+    own = generation_config.to_diff_dict() if generation_config is not None else {}
+    return {k: v for k, v in sorted(own.items()) if k not in NOT_SAMPLING and not k.startswith("_")}
+
+
+def model_sampling_defaults(path: str | Path) -> dict:
+    """`sampling_defaults` of the generation_config.json in a model folder ({} without one)."""
+    folder = Path(path)
+    if not (folder / "generation_config.json").is_file():
+        return {}
+    from transformers import GenerationConfig
+
+    return sampling_defaults(GenerationConfig.from_pretrained(folder))
+
+
 # ---- a pair of models ---------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ Writes are atomic: the file appears complete under its final name or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import types
@@ -209,3 +210,14 @@ def read_jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
             if not isinstance(row, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks (sets can be large); a missing file is an error."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,7 +18,8 @@ from .errors import UserError
 from .generate.logprobs import logprobs_file
 from .records import GradedTrace, Problem, Trace, TrainingExample, atomic_write_json, read_records
 from .rundir import RunDir
-from .tasks import get_task
+from .tasks import TASKS
+from .tasks.problem_sets import SetInfo
 from .tasks.selection import ProblemSelection
 
 # ---- problems ----------------------------------------------------------------------------------
@@ -37,8 +38,12 @@ def load_problems(run: RunDir, selection: ProblemSelection, split: str, *, step:
     if not tasks:
         raise UserError(f"{run.root}: no problems; run the `problems` stage first")
     problems = []
+    known = run_tasks(run)
     for task in tasks:
-        get_task(task)
+        if task not in known and task not in TASKS:
+            raise UserError(
+                f"{step}: unknown task {task!r}; this run has: {', '.join(known) or 'no problems'}"
+            )
         path = run.problems(task, split)
         if not path.exists():
             raise UserError(f"{path}: no {split} problems for task {task!r}; add it to the `problems` stage")
@@ -57,6 +62,13 @@ def _none_in(step: str, run: RunDir, tasks: list[str], split: str) -> UserError:
         f"{step}: {files} {'holds' if len(tasks) == 1 else 'hold'} no {split} problems; "
         f"give the `problems` stage some (its `{split}` option)"
     )
+
+
+def problem_sets(run: RunDir) -> dict[str, SetInfo]:
+    """The problem sets the run's `problems` step wrote (none before it has run), by name."""
+    record = run.manifest()["steps"].get("problems")
+    sets = (record or {}).get("stats", {}).get("sets", {})
+    return {name: SetInfo(info["grader"], info.get("difficulty_label")) for name, info in sets.items()}
 
 
 def problems_by_id(run: RunDir) -> dict[str, Problem]:

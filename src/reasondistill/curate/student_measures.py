@@ -149,6 +149,7 @@ def proxy_distillation(
         n=0, greedy=True, max_new_tokens=proxy.max_new_tokens, batch_size=proxy.eval_batch_size,
         graders=graders.graders,
     )  # fmt: skip
+    eval_options.bind_sets(graders.bound_sets)
     model = ResolvedModel(teacher, str(workspace.checkpoint(teacher)), step_fingerprint)
     evaluation = evaluate_model(model, test_problems, eval_options, workspace.eval_dir(teacher))
     by_task = {task: acc["greedy"] for task, acc in evaluation["accuracy"].items()}

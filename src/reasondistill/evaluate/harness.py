@@ -20,7 +20,7 @@ from ..generate.base import SamplingParams, make_traces
 from ..generate.sampling import SamplingOptions
 from ..modelref import ResolvedModel
 from ..records import GradedTrace, Problem, atomic_write_json, write_records
-from ..tasks import BENCHMARKS, task_or_benchmark
+from ..tasks import BENCHMARKS, TASKS
 from ..tasks.selection import BenchmarkSelection, GraderChoice
 from ..ui import progress_bar
 from ..verify.grading import grade_traces
@@ -64,7 +64,7 @@ def evaluate_model(
             result = {
                 "model": model.name, "path": model.path, "parameters": parameters, "task": task,
                 "data": _data_description(task, options), "grader": grader.id,
-                "difficulty": task_or_benchmark(task).difficulty_label,
+                "difficulty": options.difficulty_label(task),
             }  # fmt: skip
             for mode, sampling in modes:
                 source = json.dumps({"model": model.name, "backend": "hf", "sampling": asdict(sampling)})
@@ -101,6 +101,6 @@ def _regroup(items: list, sizes: list[int]) -> list[list]:
 
 def _data_description(task: str, options: EvalOptions) -> str:
     benchmark = BENCHMARKS.get(task)
-    if benchmark is None:
-        return f"testbed {options.split} split"
-    return options.data_files().get(task) or f"{benchmark.source} ({benchmark.split})"
+    if benchmark is not None:
+        return options.data_files().get(task) or f"{benchmark.source} ({benchmark.split})"
+    return f"{'testbed' if task in TASKS else 'problem set'} {options.split} split"

@@ -15,18 +15,22 @@ per-row failures, so an unfinished shard is always redone whole.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_causal_lm, load_tokenizer, sampling_defaults
 from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage
 from .logprobs import TokenLogprobs, from_logits
 from .scoring import teacher_forced
+
+log = logging.getLogger(__name__)
 
 
 class HFGenerator(TokenIdGenerator):
@@ -60,13 +64,41 @@ class HFGenerator(TokenIdGenerator):
         self.path, self.model, self.tokenizer, self.batch_size = path, model, tokenizer, batch_size
         self.tokenizer.padding_side = "left"
         self.usage = Usage()
+        # transformers fills every option a generate() call leaves unset from the model's own
+        # generation_config.json (a repetition penalty, top-k, min-p …): a clean config stands in for it
+        # while this backend decodes, so the step's sampling options are all that is used
+        self.not_applied = sampling_defaults(model.generation_config)
+        if self.not_applied:
+            log.warning(
+                "%s: its generation_config.json sets %s; not applied: the step's sampling options are used",
+                path,
+                ", ".join(f"{k}={v}" for k, v in self.not_applied.items()),
+            )
+        self._clean_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    @contextlib.contextmanager
+    def _own_settings_only(self) -> Iterator[None]:
+        own, self.model.generation_config = self.model.generation_config, self._clean_config
+        try:
+            yield
+        finally:
+            self.model.generation_config = own
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "model": self.path, "name_or_path": self.model.config.name_or_path}
+        return {
+            "backend": self.backend,
+            "model": self.path,
+            "name_or_path": self.model.config.name_or_path,
+            "generation_config_not_applied": self.not_applied,
+        }
 
     def close(self) -> None:
         on_gpu = self.device.type == "cuda"
@@ -112,15 +144,16 @@ class HFGenerator(TokenIdGenerator):
         stop_kwargs = (
             {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}
         )
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=sampling.n,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **sampling_kwargs,
-            **stop_kwargs,
-        )
+        with self._own_settings_only():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=sampling.n,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling_kwargs,
+                **stop_kwargs,
+            )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         owners = [prompts[i // sampling.n] for i in range(len(new_tokens))]
         completions = [

@@ -106,7 +106,9 @@ class VLLMGenerator(TokenIdGenerator):
             # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the
             # option exists, vLLM PR #21398; named so a change of default cannot change the teacher).
             logprobs_mode="raw_logprobs",
-            **engine_options,
+            # vLLM's own defaults, not the model's generation_config.json: each request's sampling
+            # parameters are the step's, whatever the model folder suggests (engine_options may override)
+            **{"generation_config": "vllm", **engine_options},
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = _engine_max_model_len(self.llm) or max_model_len

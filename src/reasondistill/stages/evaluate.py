@@ -18,7 +18,7 @@ from ..evaluate.harness import EvalOptions, evaluate_model
 from ..modelref import reference_name, required_steps, resolve_model
 from ..records import Problem
 from ..rundir import RunDir
-from ..store import load_problems
+from ..store import load_problems, problem_sets
 from ..tasks.selection import ProblemSelection, benchmark_inputs, load_benchmarks
 from ..ui import note
 from .base import Stage
@@ -37,6 +37,7 @@ class EvalConfig(EvalOptions, ProblemSelection):
 
 
 def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
+    cfg.bind_sets(problem_sets(run))  # the graders of the run's problem sets
     models = [resolve_model(reference, run) for reference in cfg.models]
     names = [m.name for m in models]
     if len(set(names)) != len(names):

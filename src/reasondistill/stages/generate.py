@@ -28,6 +28,7 @@ from ..generate.logprobs import logprobs_file, read_logprobs, write_logprobs
 from ..generate.sampling import SamplingOptions
 from ..generate.shards import ShardedJob, finish_sharded_step, shard_seed, usage_stats, usage_totals
 from ..modelref import backend_model, backend_requirements, reference_name, required_steps, resolve_model
+from ..models import model_sampling_defaults
 from ..records import Problem, Trace, atomic_write_json, read_records, write_records
 from ..rundir import RunDir
 from ..store import load_problems, trace_shards
@@ -161,8 +162,11 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
         )
         index = job.run(f"generate {name}", overwrite)
         finish_sharded_step(f"generate:{name}", index, cfg.allow_failures)
+        not_applied = model_sampling_defaults(model.path) if cfg.backend in ("hf", "vllm") else {}
         return {
             "model": model.path,
+            # the model's own sampling defaults, which these backends leave out (the config's are used)
+            **({"generation_config_not_applied": not_applied} if not_applied else {}),
             **_trace_stats(out),
             **({"gate": _gate_stats(out, gate.path, cfg.gate_threshold)} if gate else {}),
             "usage": usage_stats(index, cfg.pricing, cfg.backend),

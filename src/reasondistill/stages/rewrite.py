@@ -47,7 +47,7 @@ from ..generate.shards import usage_stats, usage_totals
 from ..modelref import backend_model, backend_requirements
 from ..records import GradedTrace, Label, atomic_write_json, read_records, write_records
 from ..rundir import RunDir, fingerprint
-from ..store import graded_fingerprint, graded_requirement, problems_by_id, run_tasks
+from ..store import graded_fingerprint, graded_requirement, problem_sets, problems_by_id, run_tasks
 from ..tasks.selection import GraderChoice
 from ..ui import note
 from .base import Stage
@@ -118,6 +118,7 @@ def dropped_file(run: RunDir, name: str) -> Path:
 
 
 def run_rewrite(cfg: RewriteConfig, run: RunDir, overwrite: bool) -> None:
+    cfg.bind_sets(problem_sets(run))  # the graders of the run's problem sets
     name = cfg.output_name
     key = f"rewrite:{name}"
     for other in (f"verify:{name}", f"generate:{name}"):

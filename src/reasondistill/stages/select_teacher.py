@@ -51,7 +51,7 @@ from ..modelref import ResolvedModel, required_steps, resolve_model
 from ..records import GradedTrace, Problem, atomic_write_json, read_records
 from ..report.tables import number, percent
 from ..rundir import RunDir
-from ..store import graded_fingerprint, graded_requirement, load_problems, problems_by_id
+from ..store import graded_fingerprint, graded_requirement, load_problems, problem_sets, problems_by_id
 from ..tasks.selection import GraderChoice, ProblemSelection
 from ..ui import note
 from .base import Section, Stage
@@ -181,6 +181,7 @@ def _select_teachers(
 
 
 def run_select_teacher(cfg: SelectTeacherConfig, run: RunDir, overwrite: bool) -> None:
+    cfg.bind_sets(problem_sets(run))  # the graders of the run's problem sets
     student = resolve_model(cfg.student, run)
     inputs: dict = {f"graded:{teacher}": graded_fingerprint(run, teacher) for teacher in cfg.teachers}
     inputs["student"] = student.fingerprint

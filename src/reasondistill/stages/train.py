@@ -14,6 +14,7 @@ from ..rundir import RunDir
 from ..store import (
     load_problems,
     logprob_shards,
+    problem_sets,
     problems_by_id,
     run_tasks,
     training_data,
@@ -114,6 +115,7 @@ def read_examples(cfg: TrainConfig, run: RunDir, data_path: Path | None) -> list
 
 
 def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
+    cfg.bind_sets(problem_sets(run))  # the graders of the run's problem sets
     init = resolve_model(cfg.init, run)
     if cfg.data == PROBLEMS_DATA:
         data_path, data_fingerprint = None, run.finished_step("problems")["fingerprint"]

@@ -9,7 +9,7 @@ from pydantic import Field
 from ..errors import UserError
 from ..records import GradedTrace, write_records
 from ..rundir import RunDir
-from ..store import problems_by_id, read_traces, run_tasks
+from ..store import problem_sets, problems_by_id, read_traces, run_tasks
 from ..tasks.selection import GraderChoice
 from ..ui import note, progress_bar
 from ..verify.grading import grade_traces
@@ -30,6 +30,7 @@ def label_counts(graded: list[GradedTrace]) -> dict[str, dict[str, int]]:
 
 
 def run_verify(cfg: VerifyConfig, run: RunDir, overwrite: bool) -> None:
+    cfg.bind_sets(problem_sets(run))  # the graders of the run's problem sets
     inputs = {
         "traces": run.finished_step(f"generate:{cfg.traces}")["fingerprint"],
         "problems": run.finished_step("problems")["fingerprint"],

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..config import StageConfig
+from ..errors import UserError
 from ..records import Problem
 from ..rundir import fingerprint
 from ..verify.graders import GRADER_SPECS, Grader, grader_from_spec
-from . import BENCHMARKS, TASKS, default_grader, get_benchmark
+from . import BENCHMARKS, TASKS, default_grader, get_benchmark, task_or_benchmark
+from .problem_sets import SetInfo
 
 
 class ProblemSelection(StageConfig):
@@ -69,26 +73,47 @@ def benchmark_inputs(benchmarks: dict[str, list[Problem]]) -> dict[str, str]:
 
 class GraderChoice(StageConfig):
     """The grader of each task: its own unless overridden. Give `verify` and `eval` the same
-    overrides, so that filtered data and reported scores are graded alike."""
+    overrides, so that filtered data and reported scores are graded alike. A run's problem sets
+    (`problems` stage, `sets`) bring their own graders: a stage binds them with `bind_sets`."""
 
     graders: dict[str, str] = Field(
         default_factory=dict,
-        description='grader per task or benchmark instead of its own, e.g. {"gsm8k": "math-verify:number"}; '
-        f"graders: {', '.join(GRADER_SPECS)}",
+        description='grader per task, problem set or benchmark instead of its own, e.g. {"gsm8k": '
+        '"math-verify:number"}; graders: ' + ", ".join(GRADER_SPECS),
     )
     _built: dict[str, Grader] = PrivateAttr(default_factory=dict)
+    _sets: dict[str, SetInfo] = PrivateAttr(default_factory=dict)
 
     @field_validator("graders")
     @classmethod
-    def _known_tasks_and_graders(cls, graders: dict[str, str]) -> dict[str, str]:
-        for task, spec in graders.items():
-            if task not in TASKS and task not in BENCHMARKS:
-                raise ValueError(f"unknown task {task!r}; known: {', '.join([*TASKS, *BENCHMARKS])}")
-            grader_from_spec(spec)
+    def _known_graders(cls, graders: dict[str, str]) -> dict[str, str]:
+        for spec in graders.values():
+            grader_from_spec(spec)  # task names are checked against the run's in bind_sets
         return graders
+
+    def bind_sets(self, sets: Mapping[str, SetInfo]) -> None:
+        """The run's problem sets; an override naming neither a task, a benchmark nor one of them is an error."""
+        self._sets, self._built = dict(sets), {}
+        unknown = [
+            name for name in self.graders if name not in TASKS and name not in BENCHMARKS and name not in sets
+        ]
+        if unknown:
+            known = ", ".join([*TASKS, *sets, *BENCHMARKS])
+            raise UserError(f"graders: unknown task {unknown[0]!r}; known: {known}")
+
+    @property
+    def bound_sets(self) -> dict[str, SetInfo]:
+        """The problem sets bound by `bind_sets` (to pass on to options built from these)."""
+        return dict(self._sets)
 
     def grader_for(self, task: str) -> Grader:
         if task not in self._built:
-            spec = self.graders.get(task)
+            spec = self.graders.get(task) or (self._sets[task].grader if task in self._sets else None)
             self._built[task] = grader_from_spec(spec) if spec else default_grader(task)
         return self._built[task]
+
+    def difficulty_label(self, task: str) -> str | None:
+        """What a task's difficulty levels count, for reports."""
+        if task in self._sets:
+            return self._sets[task].difficulty_label
+        return task_or_benchmark(task).difficulty_label

@@ -12,13 +12,13 @@ Not part of the build fingerprint: how a teacher is installed does not change wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..records import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ SHIPPED_FILES = (
     "tokenizer_config.json",
     "training_stats.json",
 )
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def shipped_record(folder: Path = SHIPPED_DIR) -> dict | None:
