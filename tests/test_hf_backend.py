@@ -197,3 +197,6 @@ def test_a_models_own_generation_config_is_not_applied(testbed, teacher, prompts
     )
     stats = RunDir(run_dir).finished_step("generate:own")["stats"]
     assert stats["generation_config_not_applied"] == extra  # recorded in the manifest
+    # 20 tokens cut every 2-digit addition short: said once for the step
+    assert stats["finish_reasons"] == {"length": 8}  # 2 problems, 4 samples each
+    assert "generate:own: 8 of 8 traces (100%) reached max_new_tokens=20 and were cut" in caplog.text

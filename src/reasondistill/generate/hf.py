@@ -23,7 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..models import load_causal_lm, load_tokenizer, sampling_defaults
 from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage
@@ -31,6 +37,18 @@ from .logprobs import TokenLogprobs, from_logits
 from .scoring import teacher_forced
 
 log = logging.getLogger(__name__)
+
+
+class RealTokensOnly(LogitsProcessor):
+    """Head rows beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936 or 152,064 rows) are
+    never sampled: they are not tokens, and a trained model gives them next to nothing anyway."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.tokens :] = float("-inf")
+        return scores
 
 
 class HFGenerator(TokenIdGenerator):
@@ -144,9 +162,12 @@ class HFGenerator(TokenIdGenerator):
         stop_kwargs = (
             {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}
         )
+        padded = self.model.get_output_embeddings().weight.shape[0] > len(self.tokenizer)
+        processors = LogitsProcessorList([RealTokensOnly(len(self.tokenizer))] if padded else [])
         with self._own_settings_only():
             output = self.model.generate(
                 **inputs,
+                logits_processor=processors,
                 max_new_tokens=sampling.max_new_tokens,
                 num_return_sequences=sampling.n,
                 eos_token_id=self.tokenizer.eos_token_id,

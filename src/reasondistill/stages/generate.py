@@ -15,6 +15,7 @@ rejected tokens goes to `traces/<name>/gate-<shard>.json`, so a resumed job repo
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,6 +36,8 @@ from ..store import load_problems, trace_shards
 from ..tasks.selection import ProblemSelection
 from ..ui import note
 from .base import Stage
+
+log = logging.getLogger(__name__)
 
 
 class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions):
@@ -185,6 +188,19 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
         f"generate:{name}: {stats['traces']} traces, {stats['completion_tokens']} tokens, "
         f"finish {stats['finish_reasons']}{gate_note}{_cost_note(stats['usage'])}"
     )
+    warn_cut(
+        f"generate:{name}", stats["finish_reasons"].get("length", 0), stats["traces"], cfg.max_new_tokens
+    )
+
+
+def warn_cut(step: str, cut: int, traces: int, max_new_tokens: int) -> None:
+    """One warning per step when traces reached the token limit: most have no final answer to grade."""
+    if cut:
+        log.warning(
+            "%s: %d of %d traces (%.0f%%) reached max_new_tokens=%d and were cut before they finished; "
+            "verify grades most of them unparseable (raise max_new_tokens for long reasoning)",
+            step, cut, traces, 100 * cut / traces, max_new_tokens,
+        )  # fmt: skip
 
 
 def _row_sampling(cfg: GenerateConfig, seed: int) -> SamplingParams:
