@@ -7,8 +7,9 @@ embedding alone has 151,936 × 896 = 136M parameters) with 2 layers, and a teach
 Examples: GSM8K train rows as prompts with their worked solutions as completions (about 150 tokens
 each with the prompt). Each objective runs in a fresh subprocess: `train_model` for `--steps`
 optimizer steps of `--batch` examples, float32 on the CPU; reported are seconds per step (the
-Trainer's own timing over all steps, the first included) and the peak resident set size of the
-process (ru_maxrss) above what it held after loading the models' files and before training.
+Trainer's own timing over all steps, the first included), the peak resident set size of the
+process (ru_maxrss), and how much of it came in `train_model` (which loads the models, then trains:
+weights, gradients, optimizer state, activations).
 
 Not a comparison with another tool (kd_loss_memory.py compares the loss itself with a naive
 implementation and TRL): this records what one step of each path costs at this vocabulary.
@@ -99,7 +100,7 @@ def main() -> None:
         save_random_model(
             tokenizer, work / "teacher", rows=QWEN_7B_ROWS, hidden_size=1536, heads=12, kv_heads=2, tie=False
         )
-        print(f"| objective | s/step (batch {args.batch}) | peak RSS MiB | of which the training MiB |")
+        print(f"| objective | s/step (batch {args.batch}) | peak RSS MiB | of it in train_model MiB |")
         print("|---|---|---|---|")
         for name in OBJECTIVES:
             command = [sys.executable, __file__, "--child", name, "--work", str(work),

@@ -191,6 +191,9 @@ def test_the_problems_stage_writes_sets_and_records_their_sources(tmp_path):
         stats["sets"]["mine"]["grader"] == "math-verify:latex"
         and stats["sets"]["mine"]["difficulty_label"] == "level"
     )
+    missing = ProblemsConfig(sets=[math_set(tmp_path / "gone.jsonl").model_dump(exclude_unset=True)])
+    with pytest.raises(UserError, match=r"problem set mine: file .*gone.jsonl not found"):
+        run_problems(missing, RunDir(tmp_path / "run2"), overwrite=False)
     # an edited file is a changed input: the step runs again instead of keeping stale problems
     write(data, ROWS[:2])
     with pytest.raises(UserError, match="other settings"):

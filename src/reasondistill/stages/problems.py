@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from ..config import StageConfig
 from ..errors import UserError
-from ..records import Problem, file_sha256, write_records
+from ..records import Problem, write_records
 from ..rundir import RunDir
 from ..tasks import TASKS, get_task
-from ..tasks.problem_sets import PRESETS, ProblemSetSpec, load_problem_set
+from ..tasks.problem_sets import PRESETS, ProblemSetSpec, load_problem_set, set_file_sha256
 from ..ui import note
 from .base import Stage
 
@@ -85,7 +84,7 @@ def run_problems(cfg: ProblemsConfig, run: RunDir, overwrite: bool) -> None:
     outputs = [run.problems(task.name, split) for task in tasks for split in ("train", "test")]
     outputs += [run.problems(spec.name, split) for spec in cfg.sets for split in ("train", "test")]
     # a local file's content is an input: an edited file makes the step run again
-    inputs = {f"set:{spec.name}": file_sha256(Path(spec.file).expanduser()) for spec in cfg.sets if spec.file}
+    inputs = {f"set:{spec.name}": set_file_sha256(spec) for spec in cfg.sets if spec.file}
     result = run.step("problems", cfg, inputs, body, outputs=outputs, overwrite=overwrite)
     note(f"problems: {', '.join(f'{k} {v}' for k, v in result['stats']['problems'].items())}")
     for name, info in result["stats"].get("sets", {}).items():

@@ -111,7 +111,10 @@ class ProblemSetSpec(BaseModel):
             for key in ("hub", "config", "split", "revision"):
                 if key not in data:
                     merged.pop(key, None)
-        merged["fields"] = {**preset.get("fields", {}), **(data.get("fields") or {})}
+        fields = data.get("fields") or {}
+        if isinstance(fields, BaseModel):
+            fields = fields.model_dump(exclude_unset=True)
+        merged["fields"] = {**preset.get("fields", {}), **fields}
         return merged
 
     @model_validator(mode="after")
@@ -203,6 +206,14 @@ def after_hash_mark(text: str) -> str | None:
 
 
 EXTRACTORS = {"last-boxed": last_boxed, "hash-mark": after_hash_mark}
+
+
+def set_file_sha256(spec: ProblemSetSpec) -> str:
+    """The sha256 of a file set's file (what makes an edited file a changed input)."""
+    path = Path(spec.file).expanduser()
+    if not path.is_file():
+        raise UserError(f"problem set {spec.name}: file {path} not found")
+    return file_sha256(path)
 
 
 def load_problem_set(spec: ProblemSetSpec) -> LoadedSet:
@@ -321,8 +332,7 @@ def _rows(spec: ProblemSetSpec) -> tuple[Iterator[tuple[str, Any]], dict[str, An
 
 def _file_rows(spec: ProblemSetSpec) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
     path = Path(spec.file).expanduser()
-    if not path.is_file():
-        raise UserError(f"problem set {spec.name}: file {path} not found")
+    digest = set_file_sha256(spec)
     suffix = path.suffix.lstrip(".").lower()
     file_format = spec.format or suffix
     if file_format not in ("jsonl", "json", "csv", "parquet"):
@@ -331,7 +341,7 @@ def _file_rows(spec: ProblemSetSpec) -> tuple[Iterator[tuple[str, Any]], dict[st
             "set format: jsonl, json, csv or parquet"
         )
     reader = _parquet_rows if file_format == "parquet" else FILE_READERS[file_format]
-    source = {"file": str(path.resolve()), "format": file_format, "sha256": file_sha256(path)}
+    source = {"file": str(path.resolve()), "format": file_format, "sha256": digest}
     return reader(path), source
 
 

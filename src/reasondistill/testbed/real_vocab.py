@@ -10,7 +10,7 @@ Tokenizers:
 - `qwen2.5`: Qwen2.5-Instruct's tokenizer as published (its tokenizer_config.json, chat template and
   22 added tokens; ../shared/data/tokenizers/Qwen2.5-0.5B-Instruct/SOURCES.md says where it came from).
 - `r1-distill`: the same BPE with DeepSeek-R1-Distill-Qwen's added tokens and chat template
-  (R1_DISTILL below says where those came from): `<think>` / `</think>` are single tokens, the
+  (R1_DISTILL_TOKENS below says where those came from): `<think>` / `</think>` are single tokens, the
   generation prompt opens the reasoning block, and earlier assistant turns lose their reasoning.
 
 Model shapes: Qwen2.5-0.5B/1.5B pad the embedding to 151,936 rows (tied head); Qwen2.5-7B to
