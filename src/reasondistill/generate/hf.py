@@ -92,6 +92,8 @@ class HFGenerator(TokenIdGenerator):
                 path,
                 ", ".join(f"{k}={v}" for k, v in self.not_applied.items()),
             )
+        padded = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
+        self._logits_processors = LogitsProcessorList([RealTokensOnly(len(tokenizer))] if padded else [])
         self._clean_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -162,12 +164,10 @@ class HFGenerator(TokenIdGenerator):
         stop_kwargs = (
             {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}
         )
-        padded = self.model.get_output_embeddings().weight.shape[0] > len(self.tokenizer)
-        processors = LogitsProcessorList([RealTokensOnly(len(self.tokenizer))] if padded else [])
         with self._own_settings_only():
             output = self.model.generate(
                 **inputs,
-                logits_processor=processors,
+                logits_processor=self._logits_processors,
                 max_new_tokens=sampling.max_new_tokens,
                 num_return_sequences=sampling.n,
                 eos_token_id=self.tokenizer.eos_token_id,

@@ -58,9 +58,12 @@ def run_problems(cfg: ProblemsConfig, run: RunDir, overwrite: bool) -> None:
         get_task(name)  # an unknown task name in an override is an error, not ignored
     if not tasks and not cfg.sets:
         raise UserError("problems: no tasks and no sets; name testbed tasks or give problem sets")
+    # a local file's content is an input: an edited file makes the step run again
+    digests = {spec.name: set_file_sha256(spec) for spec in cfg.sets if spec.file}
 
     def body(_fingerprint: str) -> dict:
-        loaded = {spec.name: load_problem_set(spec) for spec in cfg.sets}  # every set reads before any writes
+        # every set reads before any writes
+        loaded = {spec.name: load_problem_set(spec, digests.get(spec.name)) for spec in cfg.sets}
         shutil.rmtree(run.root / "problems", ignore_errors=True)  # drop tasks an earlier setting had
         counts, sets = {}, {}
         for task in tasks:
@@ -83,8 +86,7 @@ def run_problems(cfg: ProblemsConfig, run: RunDir, overwrite: bool) -> None:
 
     outputs = [run.problems(task.name, split) for task in tasks for split in ("train", "test")]
     outputs += [run.problems(spec.name, split) for spec in cfg.sets for split in ("train", "test")]
-    # a local file's content is an input: an edited file makes the step run again
-    inputs = {f"set:{spec.name}": set_file_sha256(spec) for spec in cfg.sets if spec.file}
+    inputs = {f"set:{name}": digest for name, digest in digests.items()}
     result = run.step("problems", cfg, inputs, body, outputs=outputs, overwrite=overwrite)
     note(f"problems: {', '.join(f'{k} {v}' for k, v in result['stats']['problems'].items())}")
     for name, info in result["stats"].get("sets", {}).items():

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import UserError
 from ..records import Message, Problem, file_sha256
 from ..verify.graders import GRADER_SPECS, grader_from_spec
-from .benchmarks import BOXED, FILE_READERS
+from .benchmarks import BOXED, FILE_READERS, Row
 
 SetFormat = Literal["jsonl", "json", "csv", "parquet"]
 AnswerFrom = Literal["field", "last-boxed", "hash-mark"]
@@ -216,9 +216,10 @@ def set_file_sha256(spec: ProblemSetSpec) -> str:
     return file_sha256(path)
 
 
-def load_problem_set(spec: ProblemSetSpec) -> LoadedSet:
-    """Every problem of the set (up to its limit), split into train and test, with its source record."""
-    rows, source = _rows(spec)
+def load_problem_set(spec: ProblemSetSpec, file_digest: str | None = None) -> LoadedSet:
+    """Every problem of the set (up to its limit), split into train and test, with its source record.
+    `file_digest`: the file's sha256 where the caller has it already (large sets are hashed once)."""
+    rows, source = _file_rows(spec, file_digest) if spec.file is not None else _hub_rows(spec)
     problems, where_of, dropped = [], {}, []
     for index, (where, data) in enumerate(rows):
         if spec.limit is not None and len(problems) >= spec.limit:
@@ -250,30 +251,22 @@ def _split(problems: list[Problem], fraction: float, seed: int) -> tuple[list[Pr
     )
 
 
-class _SetRow:
-    """A row's fields by name, with errors that name the set, the row and the fields it has."""
+class _SetRow(Row):
+    """A benchmark `Row` whose errors also name the set, and list the fields a row has when one is missing."""
 
     def __init__(self, set_name: str, data: Any, where: str):
-        if not isinstance(data, dict):
-            raise UserError(f"{where}: problem set {set_name}: expected an object with named fields")
-        self.set_name, self.data, self.where = set_name, data, where
+        super().__init__(data, f"{where}: problem set {set_name}")
 
     def value(self, role: str, named: str | None, *, required: bool) -> str | None:
+        """The field `named` (else the usual names of `role`) as text; a named field must be there."""
         names = (named,) if named else DEFAULT_FIELDS.get(role, ())
-        for name in names:
-            value = self.data.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise UserError(f"{self.where}: field {name!r}: expected text or a number, got {value!r:.60}")
-            return str(value)
-        if required or named:
-            wanted = " / ".join(map(repr, names))
+        value = self.get(*names, kind=(str, int, float), required=False)
+        if value is None and (required or named):
             raise UserError(
-                f"{self.where}: problem set {self.set_name}: no field {wanted} ({role}); "
+                f"{self.where}: no field {' / '.join(map(repr, names))} ({role}); "
                 f"the row has: {', '.join(map(str, self.data)) or 'no fields'}"
             )
-        return None
+        return None if value is None else str(value)
 
 
 def _problem(spec: ProblemSetSpec, row: _SetRow, index: int) -> Problem | None:
@@ -286,17 +279,15 @@ def _problem(spec: ProblemSetSpec, row: _SetRow, index: int) -> Problem | None:
         text = row.value("answer", fields.answer, required=False) or solution
         if text is None:
             raise UserError(
-                f"{row.where}: problem set {spec.name}: answer_from {spec.answer_from} needs an answer "
-                f"or solution field; the row has: {', '.join(map(str, row.data))}"
+                f"{row.where}: answer_from {spec.answer_from} needs an answer or solution field; "
+                f"the row has: {', '.join(map(str, row.data))}"
             )
         answer = EXTRACTORS[spec.answer_from](text)
     if not answer or not answer.strip():
         if spec.bad_answer == "drop":
             return None
         how = "empty" if spec.answer_from == "field" else f"no answer by {spec.answer_from}"
-        raise UserError(
-            f"{row.where}: problem set {spec.name}: {how} (bad_answer: drop leaves such rows out, counted)"
-        )
+        raise UserError(f"{row.where}: {how} (bad_answer: drop leaves such rows out, counted)")
     native = row.value("id", fields.id, required=False)
     ident = native if native is not None else hashlib.sha256(question.encode()).hexdigest()[:12]
     system = spec.system_prompt or row.value("system", fields.system, required=False)
@@ -324,15 +315,9 @@ def _level(value: str | None) -> int | None:
 # ---- sources -----------------------------------------------------------------------------------
 
 
-def _rows(spec: ProblemSetSpec) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
-    if spec.file is not None:
-        return _file_rows(spec)
-    return _hub_rows(spec)
-
-
-def _file_rows(spec: ProblemSetSpec) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
+def _file_rows(spec: ProblemSetSpec, digest: str | None) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
     path = Path(spec.file).expanduser()
-    digest = set_file_sha256(spec)
+    digest = digest or set_file_sha256(spec)
     suffix = path.suffix.lstrip(".").lower()
     file_format = spec.format or suffix
     if file_format not in ("jsonl", "json", "csv", "parquet"):
