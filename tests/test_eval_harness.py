@@ -46,7 +46,21 @@ def test_eval_command_on_benchmarks_writes_every_metric_per_benchmark(testbed, t
         problems = {p.id: p for p in get_benchmark(name).load(SHARED_BENCHMARKS / DATA[name], limit=6)}
         per_problem = [graded[i : i + 4] for i in range(0, 24, 4)]
         expected = summarise(per_problem, [problems[s[0].problem_id].difficulty for s in per_problem])
+        flexible = sampled.pop("flexible", None)
         assert sampled == {"temperature": 0.6, **expected}
+        # Numeric benchmarks are graded a second time with the last number read as well.
+        assert (flexible is not None) == (name == "gsm8k")
+        if flexible:
+            lenient = default_grader(name).flexible()
+            labels = [
+                lenient.grade(g.completion, problems[g.problem_id], g.finish_reason).label for g in graded
+            ]
+            assert flexible == {
+                "grader": lenient.id,
+                "accuracy": pytest.approx(labels.count("correct") / 24),
+                "unparseable_share": pytest.approx(labels.count("unparseable") / 24),
+            }
+            assert flexible["unparseable_share"] <= sampled["unparseable_share"]
         for key in (
             "pass@1",
             "pass@2",
@@ -72,6 +86,14 @@ def test_eval_command_on_benchmarks_writes_every_metric_per_benchmark(testbed, t
     report = (run.root / "report.md").read_text()
     assert "## Accuracy by difficulty" in report and "| math500 | MATH level |" in report
     assert "| clutrr | teacher |" in report and "maj@4" in report
+    assert "## Answer extraction (strict and flexible)" in report
+    assert (
+        f"| gsm8k | teacher | greedy | {100 * result_of(run, 'gsm8k')['greedy']['accuracy']:.1f}% |" in report
+    )
+
+
+def result_of(run: RunDir, task: str) -> dict:
+    return json.loads((run.eval_dir("teacher") / f"{task}.json").read_text())
 
 
 def test_the_harness_scores_gold_solutions_as_perfect_on_every_math_level():
@@ -112,3 +134,29 @@ def test_the_report_warns_when_verify_and_eval_graded_a_task_differently(tmp_pat
         "gsm8k was filtered by `verify:teacher` with grader `numeric@1+aaaa` but evaluated with `math-verify@1+bbbb`"
         in (tmp_path / "report.md").read_text()
     )
+
+
+def test_the_report_shows_strict_and_flexible_accuracy_and_warns_above_ten_percent_unparseable(tmp_path):
+    run = RunDir(tmp_path)
+    results = {
+        # answers "A: 18": the strict grader reads 1 in 5, the last number reads them all
+        "a": {"accuracy": 0.2, "labels": {"correct": 1, "unparseable": 4}, "unparseable_share": 0.8,
+              "flexible": {"grader": "numeric@2+ffff", "accuracy": 0.8, "unparseable_share": 0.0}},
+        "b": {"accuracy": 0.9, "labels": {"correct": 9, "unparseable": 1}, "unparseable_share": 0.1,
+              "flexible": {"grader": "numeric@2+ffff", "accuracy": 0.9, "unparseable_share": 0.1}},
+    }  # fmt: skip
+    for model, greedy in results.items():
+        result = {"task": "gsm8k", "model": model, "parameters": 1, "grader": "numeric@2+aaaa",
+                  "greedy": {**greedy, "mean_completion_tokens": 10, "correct_per_1k_tokens": 50.0}}  # fmt: skip
+        (tmp_path / "eval" / model).mkdir(parents=True)
+        (tmp_path / "eval" / model / "gsm8k.json").write_text(json.dumps(result))
+    render(run, ReportConfig())
+    report = (tmp_path / "report.md").read_text()
+    assert "| gsm8k | a | greedy | 20.0% | 80.0% | 80.0% | 0.0% |" in report
+    assert "| gsm8k | b | greedy | 90.0% | 10.0% | 90.0% | 10.0% |" in report
+    warnings = [line for line in report.splitlines() if line.startswith("> **Warning:**")]
+    # 10% is not above 10%: only model a is warned about
+    assert warnings == [
+        "> **Warning:** a on gsm8k (greedy): 80.0% of completions have no answer `numeric@2+aaaa` reads; "
+        "flexible extraction scores 80.0%"
+    ]

@@ -117,6 +117,25 @@ def test_numeric_grader_last_number_fallback_is_opt_in_and_changes_the_id():
 
 
 @pytest.mark.parametrize(
+    "final, strict, flexible",
+    [
+        ("A: 18", "unparseable", "correct"),  # another answer format: strict reads nothing, flexible 18
+        ("So she pays 18 dollars in total.", "unparseable", "correct"),
+        ("She pays 3 + 4 = 17 dollars.", "unparseable", "incorrect"),  # the last number, and it is wrong
+        ("#### 18", "correct", "correct"),  # where strict reads an answer, flexible reads the same
+        ("The answer is 17, not 18.", "incorrect", "incorrect"),
+        ("Half of 36 is 2^{10}", "unparseable", "unparseable"),  # no number stands alone at the end
+    ],
+)
+def test_the_flexible_twin_of_the_strict_numeric_grader_reads_the_last_number(final, strict, flexible):
+    """eval's strict-match and flexible-extract (as lm-eval-harness reports GSM8K)."""
+    assert NUMERIC.flexible().id == NumericGrader(last_number_fallback=True).id
+    assert NUMERIC.grade(final, problem("18")).label == strict
+    assert NUMERIC.flexible().grade(final, problem("18")).label == flexible
+    assert NUMERIC.flexible().flexible() is None and grader_from_spec("math-verify:number").flexible() is None
+
+
+@pytest.mark.parametrize(
     "final",
     [
         "The answer is 2^{10}.",

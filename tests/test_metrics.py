@@ -61,6 +61,7 @@ def test_summary_metrics_against_hand_computed_values():
     assert summary["median_completion_tokens"] == 5
     assert summary["correct_per_1k_tokens"] == pytest.approx(1000 * 5 / 124)
     assert summary["labels"] == {"correct": 5, "incorrect": 2, "unparseable": 5}
+    assert summary["unparseable_share"] == pytest.approx(5 / 12)
     assert summary["by_difficulty"] == {
         "1": {"problems": 2, "accuracy": pytest.approx(0.625)},
         "2": {"problems": 1, "accuracy": 0.0},

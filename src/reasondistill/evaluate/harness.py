@@ -2,13 +2,18 @@
 
 For each task or benchmark: greedy accuracy, and over n samples at a temperature pass@1 (the mean
 over samples), unbiased pass@k, maj@k, mean and median completion tokens, correct answers per 1k
-generated tokens and accuracy by difficulty (metrics.py). The `eval` stage runs this for each model
-it is given; `select_teacher` runs it for each proxy student.
+generated tokens and accuracy by difficulty (metrics.py). Where the grader is strict (GSM8K's
+`numeric`: `\boxed{}`, `#### N`, "the answer is N"), the completions are graded a second time by its
+flexible twin (the last number as well), as lm-eval-harness reports strict-match beside
+flexible-extract, so that a model answering `A: 18` is not silently scored zero; the share of
+unparseable completions is reported, and warned about above 10%. The `eval` stage runs this for each
+model it is given; `select_teacher` runs it for each proxy student.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -23,8 +28,11 @@ from ..records import GradedTrace, Problem, atomic_write_json, write_records
 from ..tasks import BENCHMARKS, TASKS
 from ..tasks.selection import BenchmarkSelection, GraderChoice
 from ..ui import progress_bar
+from ..verify.graders import Grader
 from ..verify.grading import grade_traces
-from .metrics import summarise
+from .metrics import UNPARSEABLE_WARNING, mean, summarise, unparseable_share
+
+log = logging.getLogger(__name__)
 
 
 class EvalOptions(SamplingOptions, BenchmarkSelection, GraderChoice):
@@ -61,6 +69,7 @@ def evaluate_model(
     with progress_bar(f"eval {model.name}", total=total, unit="completions") as bar:
         for task, task_problems in problems.items():
             grader = options.grader_for(task)
+            flexible = grader.flexible()
             result = {
                 "model": model.name, "path": model.path, "parameters": parameters, "task": task,
                 "data": _data_description(task, options), "grader": grader.id,
@@ -75,22 +84,49 @@ def evaluate_model(
                     make_traces(problem, samples, source)
                     for problem, samples in zip(task_problems, completions, strict=True)
                 ]
-                graded = grade_traces(
-                    [
-                        (t, problem, grader)
-                        for problem, ts in zip(task_problems, traces, strict=True)
-                        for t in ts
-                    ]
-                )
-                per_problem = _regroup(graded, [len(ts) for ts in traces])
+                sizes = [len(ts) for ts in traces]
+                graded = _grade(task_problems, traces, grader)
+                per_problem = _regroup(graded, sizes)
                 write_records(out / f"{task}.{mode}.parquet", graded, GradedTrace)
                 result[mode] = {
                     "temperature": sampling.temperature,
                     **summarise(per_problem, [p.difficulty for p in task_problems]),
                 }
+                if flexible is not None:
+                    result[mode]["flexible"] = _flexible(
+                        _regroup(_grade(task_problems, traces, flexible), sizes), flexible
+                    )
+                _warn_unparseable(model.name, task, mode, result[mode])
             atomic_write_json(out / f"{task}.json", result)
             accuracy[task] = {mode: round(result[mode]["accuracy"], 4) for mode, _ in modes}
     return {"model": model.path, "accuracy": accuracy}
+
+
+def _grade(problems: list[Problem], traces: list[list], grader: Grader) -> list[GradedTrace]:
+    return grade_traces(
+        [(t, problem, grader) for problem, ts in zip(problems, traces, strict=True) for t in ts]
+    )
+
+
+def _flexible(per_problem: list[list[GradedTrace]], grader: Grader) -> dict:
+    """Accuracy and unparseable share under the flexible twin of the task's grader."""
+    return {
+        "grader": grader.id,
+        "accuracy": mean([mean([s.label == "correct" for s in samples]) for samples in per_problem]),
+        "unparseable_share": unparseable_share(per_problem),
+    }
+
+
+def _warn_unparseable(model: str, task: str, mode: str, summary: dict) -> None:
+    share = summary["unparseable_share"]
+    if share > UNPARSEABLE_WARNING:
+        flexible = summary.get("flexible")
+        log.warning(
+            "eval %s on %s (%s): %.0f%% of completions have no answer the grader reads%s; the model may "
+            "answer in another format (see the graded completions in the run's eval folder)",
+            model, task, mode, 100 * share,
+            f" (flexible extraction, the last number: {100 * flexible['accuracy']:.1f}% correct)" if flexible else "",
+        )  # fmt: skip
 
 
 def _regroup(items: list, sizes: list[int]) -> list[list]:

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 
 from ..records import GradedTrace
 
+# Above this share of completions without an answer the grader reads, eval and the report warn: the
+# model likely answers in a form the grader does not read, and its accuracy understates it.
+UNPARSEABLE_WARNING = 0.10
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one problem with c correct out of n samples (Chen et al., 2021).
@@ -44,6 +48,12 @@ def majority_correct(samples: Sequence[GradedTrace]) -> bool:
     return next(s.label == "correct" for s in samples if s.extracted == winner)
 
 
+def unparseable_share(per_problem: Sequence[Sequence[GradedTrace]]) -> float:
+    """The share of all samples whose answer the grader could not read (or that were cut off)."""
+    labels = [s.label for samples in per_problem for s in samples]
+    return mean([label == "unparseable" for label in labels])
+
+
 def summarise(
     per_problem: Sequence[Sequence[GradedTrace]], difficulties: Sequence[int | None] | None = None
 ) -> dict:
@@ -51,8 +61,9 @@ def summarise(
 
     accuracy = pass@1 as the mean over all samples; pass@k by the unbiased estimator; maj@k over
     each problem's first k samples; mean and median completion tokens; correct answers per 1,000
-    generated tokens (= accuracy / mean tokens × 1000); and accuracy by difficulty when problems
-    have one (`difficulties`, one per problem).
+    generated tokens (= accuracy / mean tokens × 1000); the share of samples without an answer the
+    grader reads (`unparseable_share`); and accuracy by difficulty when problems have one
+    (`difficulties`, one per problem).
     """
     n = len(per_problem[0])
     if any(len(samples) != n for samples in per_problem):
@@ -69,6 +80,7 @@ def summarise(
         "median_completion_tokens": statistics.median(tokens),
         "correct_per_1k_tokens": 1000 * sum(map(sum, correct)) / max(1, sum(tokens)),
         "labels": dict(Counter(s.label for samples in per_problem for s in samples)),
+        "unparseable_share": unparseable_share(per_problem),
     }
     by_level: dict[int, list[list[bool]]] = defaultdict(list)
     for level, row in zip(difficulties or [None] * len(correct), correct, strict=True):

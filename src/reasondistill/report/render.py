@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..evaluate.metrics import UNPARSEABLE_WARNING
 from ..generate.shards import usage_totals
 from .tables import Section, Table, html_table, markdown_table, percent
 
@@ -71,6 +72,58 @@ def difficulty_table(results: list[dict]) -> Table:
                 [task, task_results[0].get("difficulty") or "difficulty", level, str(levels[level]), *cells]
             )
     return ["task", "difficulty", "level", "problems", *models], rows
+
+
+def _unparseable(summary: dict) -> float:
+    """A mode's unparseable share (computed from its labels for results from before it was stored)."""
+    if "unparseable_share" in summary:
+        return summary["unparseable_share"]
+    labels = summary.get("labels", {})
+    return labels.get("unparseable", 0) / max(1, sum(labels.values()))
+
+
+def extraction_table(results: list[dict]) -> Table:
+    """Per task, model and mode: accuracy and unparseable share under the task's grader (strict) and,
+    for numeric tasks, under its flexible twin (the last number as well), as lm-eval-harness's
+    strict-match and flexible-extract."""
+    rows = []
+    for r in sorted(results, key=lambda r: (r["task"], r["model"])):
+        for mode in MODES:
+            if mode not in r:
+                continue
+            summary, flexible = r[mode], r[mode].get("flexible")
+            rows.append([
+                r["task"], r["model"], mode,
+                percent(summary["accuracy"]), percent(_unparseable(summary)),
+                percent(flexible["accuracy"]) if flexible else "–",
+                percent(flexible["unparseable_share"]) if flexible else "–",
+            ])  # fmt: skip
+    headers = [
+        "task",
+        "model",
+        "mode",
+        "strict acc.",
+        "strict unparseable",
+        "flexible acc.",
+        "flexible unparseable",
+    ]
+    return headers, rows
+
+
+def unparseable_warnings(results: list[dict]) -> list[str]:
+    """Results where more than 10% of completions have no answer the grader reads."""
+    return [
+        f"{r['model']} on {r['task']} ({mode}): {percent(_unparseable(r[mode]))} of completions have no answer "
+        f"`{r['grader']}` reads"
+        + (
+            f"; flexible extraction scores {percent(r[mode]['flexible']['accuracy'])}"
+            if "flexible" in r[mode]
+            else ""
+        )
+        for r in sorted(results, key=lambda r: (r["task"], r["model"]))
+        for mode in MODES
+        if mode in r and _unparseable(r[mode]) > UNPARSEABLE_WARNING
+    ]
 
 
 def pipeline_table(manifest: dict) -> Table:
@@ -241,6 +294,7 @@ def render_report(
     sections = [
         ("Results", results_table(results)),
         ("Accuracy by difficulty (greedy / sampled pass@1)", difficulty_table(results)),
+        ("Answer extraction (strict and flexible)", extraction_table(results)),
         ("Pipeline", pipeline_table(manifest)),
         ("Curation", curation_table(manifest)),
         *declared,
@@ -256,7 +310,7 @@ def render_report(
     footer = f"reasondistill {env['packages']['reasondistill']}, torch {env['packages']['torch']}, transformers {env['packages']['transformers']}, Python {env['python']}"
     figure = plot_accuracy_vs_tokens(results) if results else None
 
-    warnings = grader_mismatches(manifest, results)
+    warnings = grader_mismatches(manifest, results) + unparseable_warnings(results)
     md = [f"# {title}", "", intro, "", *[f"> **Warning:** {w}\n" for w in warnings]]
     page = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     page += [f"<p><strong>Warning:</strong> {html.escape(w)}</p>" for w in warnings]

@@ -59,6 +59,11 @@ class Grader(ABC):
     def judge(self, final: str, gold: str) -> Verdict:
         """Grade a finished final-answer text against the gold answer."""
 
+    def flexible(self) -> Grader | None:
+        """The lenient twin of a strict grader, which `eval` reports beside it (lm-eval-harness's
+        flexible-extract beside strict-match), or None where the grader has no stricter form."""
+        return None
+
 
 class ExtractingGrader(Grader):
     """A grader that pulls one answer string out of the final text and compares it with the gold."""
@@ -166,6 +171,11 @@ class NumericGrader(ExtractingGrader):
 
     def config(self) -> dict:
         return {"last_number_fallback": self.last_number_fallback}
+
+    def flexible(self) -> Grader | None:
+        """The same extraction, falling back to the last number: a model that answers `A: 18` or
+        `so she pays 18 dollars in total` is read, not scored unparseable."""
+        return None if self.last_number_fallback else NumericGrader(last_number_fallback=True)
 
     def extract(self, final: str) -> str | None:
         boxed = [m["number"] for m in self._BOXED.finditer(final)]
