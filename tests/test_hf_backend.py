@@ -37,6 +37,15 @@ def test_greedy_completions_do_not_depend_on_batching_or_left_padding(testbed, t
     assert all("The answer is" in text for text in batched)
 
 
+def test_the_model_runs_in_the_dtype_and_attention_kernel_asked_for(testbed, teacher, prompts):
+    assert teacher.model.dtype == torch.float32  # auto, on a CPU
+    half = HFGenerator(testbed / "teacher", batch_size=8, dtype="bfloat16", attn_implementation="eager")
+    assert half.model.dtype == torch.bfloat16 and half.model.config._attn_implementation == "eager"
+    greedy = SamplingParams(temperature=0, max_new_tokens=120)
+    texts = [c[0].text for c in half.generate(prompts, greedy)]
+    assert all("The answer is" in text for text in texts)  # the trained teacher still answers in bfloat16
+
+
 def test_a_stop_string_ends_the_completion_before_it(teacher, prompts):
     (completion,) = teacher.generate(
         prompts[:1], SamplingParams(temperature=0, max_new_tokens=60, stop=("carry",))

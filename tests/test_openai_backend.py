@@ -377,3 +377,24 @@ def test_a_generation_killed_at_any_moment_resumes_with_no_lost_or_duplicated_ro
     }
     logprob_rows = [r for p in logprob_shards(index.parent) for r in read_logprobs(p)]
     assert sorted((p, s) for p, s, _ in logprob_rows) == _keys(resumed)
+
+
+@pytest.mark.parametrize(
+    "message, text",
+    [
+        ({"content": "The answer is 4."}, "The answer is 4."),
+        # vLLM's --reasoning-parser (and DeepSeek's API) return the reasoning beside the answer
+        (
+            {"content": "The answer is 4.", "reasoning_content": " 2 + 2 = 4 \n"},
+            "<think>\n2 + 2 = 4\n</think>\nThe answer is 4.",
+        ),
+        ({"content": None, "reasoning": "2 + 2 = 4"}, "<think>\n2 + 2 = 4\n</think>\n"),  # newer vLLM's name
+    ],
+)
+def test_a_chat_answer_keeps_the_reasoning_a_server_parsed_out(message, text):
+    from reasondistill.generate.openai import _reply_text
+    from reasondistill.verify.reasoning import split_reasoning
+
+    assert _reply_text(message) == text
+    if "reasoning" in message or "reasoning_content" in message:
+        assert split_reasoning(text).reasoning == "2 + 2 = 4"

@@ -12,7 +12,7 @@ import pytest
 from helpers import SHARED_BENCHMARKS
 from transformers import AutoTokenizer
 
-from reasondistill.chat import prompt_ids
+from reasondistill.chat import completion_ids, prompt_ids, reasoning_preflight, with_opener, without_opener
 from reasondistill.records import GradedTrace, Message, read_records
 from reasondistill.rundir import RunDir
 from reasondistill.testbed.real_vocab import (
@@ -169,3 +169,87 @@ def test_every_stage_runs_at_the_real_vocabulary(real):
     assert "gsm" in (run.root / "report.md").read_text()
     graded = read_records(run.graded("teacher"), GradedTrace)
     assert {g.task for g in graded} == {"gsm"} and len(graded) == 5
+
+
+def test_the_reasoning_preflight_of_both_templates(real, capsys):
+    """`<think>` tokenization compared between teacher and student, the R1 opener not trained twice,
+    and the reasoning block of the trained completion kept although R1's template strips it from
+    earlier turns."""
+    from reasondistill.cli import main
+
+    qwen, r1 = AutoTokenizer.from_pretrained(real["qwen"]), AutoTokenizer.from_pretrained(real["r1"])
+    plain = reasoning_preflight(qwen)
+    assert plain.opener == "" and plain.history_keeps_reasoning and plain.trained_keeps_reasoning
+    assert len(plain.think_tokens["student"]["<think>"]) > 1  # Qwen2.5 has no <think> token
+    opened = reasoning_preflight(r1)
+    assert opened.opener == "<think>\n" and opened.trained_keeps_reasoning
+    assert not opened.history_keeps_reasoning  # R1's template drops earlier turns' reasoning
+    assert opened.think_tokens["student"] == {"<think>": ["<think>"], "</think>": ["</think>"]}
+    assert opened.differences == []
+
+    # a completion holding the opener is trained as what the model writes after the prompt's opener
+    reply = "<think>\nTwelve and thirty.\n</think>\n\nThe answer is 42."
+    assert (
+        without_opener(with_opener("Twelve.\n</think>\n42", "<think>\n"), "<think>\n")
+        == "Twelve.\n</think>\n42"
+    )
+    assert completion_ids(r1, [reply]) == completion_ids(r1, [reply.removeprefix("<think>\n")])
+    prompt = prompt_ids(r1, [[Message(role="user", content="What is 12 + 30?")]])[0]
+    assert (prompt + completion_ids(r1, [reply])[0]).count(151648) == 1
+    assert completion_ids(qwen, [reply]) != completion_ids(qwen, [reply.removeprefix("<think>\n")])
+
+    mixed = reasoning_preflight(qwen, teacher=r1)
+    assert len(mixed.differences) == 2 and mixed.differences[0].startswith(
+        "<think> is 1 token(s) ['<think>'] for the teacher and"
+    )
+    main(["check-template", "--student", str(real["r1"]), "--teacher", str(real["qwen"])])
+    out = capsys.readouterr().out
+    assert "generation prompt opens the reasoning block: '<think>\\n'" in out
+    assert "strips the reasoning of earlier assistant turns" in out and out.count("warning:") == 2
+    assert "trained with its whole reasoning block: ok" in out
+
+
+R1_PIPELINE = """
+run_dir: {run_dir}
+seed: 3
+steps:
+  - problems: {{sets: [{{name: gsm, preset: gsm8k, file: "{gsm8k}", limit: 6, test_fraction: 0.5}}]}}
+  - generate: {{model: "{model}", name: r1, n: 1, temperature: 1.0, max_new_tokens: 8, batch_size: 8}}
+  - verify: {{traces: r1}}
+  - curate: {{name: all, traces: r1, keep: [correct, incorrect, unparseable]}}
+  - train: {{name: sft, init: "{model}", data: all, epochs: 1, batch_size: 2, max_length: 512}}
+  - eval: {{models: [sft], n: 0, max_new_tokens: 8}}
+"""
+
+
+@pytest.mark.skipif(not GSM8K_TRAIN.exists(), reason=f"{GSM8K_TRAIN} not present")
+def test_a_pipeline_with_the_r1_reasoning_template(real):
+    """Generate → verify → curate → train → eval with an R1-Distill-templated model: the completions
+    are whole replies (the prompt's `<think>` opener first), a reasoning block left open is
+    unparseable (not graded as an answer), and training sees the opener once."""
+    from reasondistill.recipe import run_recipe
+    from reasondistill.records import Trace
+    from reasondistill.store import trace_shards
+    from reasondistill.train.data import tokenize_examples
+
+    model = save_random_model(real["r1"], real["root"] / "r1-model", hidden_size=32, seed=3)
+    recipe, run_dir = real["root"] / "r1.yaml", real["root"] / "r1-run"
+    recipe.write_text(textwrap.dedent(R1_PIPELINE.format(run_dir=run_dir, gsm8k=GSM8K_TRAIN, model=model)))
+    run_recipe(recipe)
+    run = RunDir(run_dir)
+    traces = [t for shard in trace_shards(run.traces("r1")) for t in read_records(shard, Trace)]
+    assert len(traces) == 3 and all(t.completion.startswith("<think>\n") for t in traces)
+    graded = read_records(run.graded("r1"), GradedTrace)
+    assert {g.label for g in graded} == {"unparseable"}  # 8 random tokens never close the block
+    stats = run.manifest()["steps"]["train:sft"]["stats"]
+    assert stats["reasoning_template"]["opener"] == "<think>\n"
+    assert stats["reasoning_template"]["trained_keeps_reasoning"] and stats["examples"] == 3
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    from reasondistill.records import TrainingExample
+
+    examples = [TrainingExample(problem_id=t.problem_id, task=t.task, messages=[Message(role="user", content="q")],
+                                completion=t.completion) for t in traces]  # fmt: skip
+    for tokenized in tokenize_examples(tokenizer, examples, 512):
+        assert tokenized.input_ids.count(151648) == 1  # the prompt's opener, not a second one
+    result = json.loads((run.eval_dir("sft") / "gsm.json").read_text())
+    assert result["greedy"]["problems"] == 3 and result["greedy"]["labels"] == {"unparseable": 3}

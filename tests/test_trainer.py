@@ -230,6 +230,8 @@ def test_truncation_is_counted_named_and_can_drop_the_examples(tmp_path, tiny_in
     assert cut["examples"] == 2
     assert cut["truncation"]["longer_than_max_length"] == 1 and cut["truncation"]["completion_end_cut"] == 1
     assert cut["truncation"]["first"][0].startswith("long sample 3 (")
+    full_length = int(cut["truncation"]["first"][0].split("(")[1].split()[0])
+    assert cut["truncation"]["tokens_beyond_max_length"] == full_length - 48 > 0
     assert "1 of 2 examples are longer than max_length=48" in caplog.text and "lost their end" in caplog.text
 
     dropped = train_model(
@@ -240,7 +242,10 @@ def test_truncation_is_counted_named_and_can_drop_the_examples(tmp_path, tiny_in
 
     manifest = {"steps": {"train:s": {"stats": {**cut, "train_loss": 1.0}, "seconds": 1}}}
     _, rows = pipeline_table(manifest)
-    assert "1 examples cut at max_length=48 (their completions lost their end)" in rows[0][1]
+    assert (
+        f"1 examples cut at max_length=48 (their completions lost their end, {full_length - 48} completion "
+        "tokens lost)" in rows[0][1]
+    )
 
 
 def test_every_example_longer_than_max_length_dropped_is_an_error(tmp_path, tiny_init):
@@ -263,3 +268,48 @@ def test_max_length_beyond_the_model_positions_is_warned(tmp_path, tiny_init, ca
     with caplog.at_level(logging.WARNING):
         train_model(tiny_init, truncation_examples()[:1], tmp_path / "out", hp)
     assert "max_length=2048 exceeds the 1024 positions of" in caplog.text
+
+
+def test_the_student_trains_and_is_saved_in_its_dtype_with_the_attention_kernel_asked_for(
+    tmp_path, tiny_init, monkeypatch
+):
+    """float32 (master weights) by default; bfloat16 weights train and are saved as bfloat16, and
+    config.json says so (vLLM and from_pretrained(dtype="auto") read it); attn_implementation reaches
+    from_pretrained."""
+    import json
+
+    from safetensors import safe_open
+
+    from reasondistill.train import trainer
+    from reasondistill.train.hyperparameters import Hyperparameters
+
+    loads = []
+
+    def spy(path, **kwargs):
+        loads.append(kwargs)
+        return load(path, **kwargs)
+
+    load = trainer.load_causal_lm
+    monkeypatch.setattr(trainer, "load_causal_lm", spy)
+    hp = dict(epochs=1, max_length=48, batch_size=2, trainer_args={"disable_tqdm": True})
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        stats = trainer.train_model(
+            tiny_init,
+            truncation_examples(),
+            out,
+            Hyperparameters(**hp, dtype=dtype, attn_implementation="eager"),
+        )
+        assert stats["dtype"] == dtype and loads[-1]["attn_implementation"] == "eager"
+        with safe_open(out / "model.safetensors", "pt") as weights:
+            assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {f"torch.{dtype}"}  # noqa: SIM118 (safe_open is not iterable)
+        assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+
+
+def test_half_precision_weights_that_cannot_train_are_refused():
+    from reasondistill.train.hyperparameters import Hyperparameters
+
+    with pytest.raises(ValueError, match="dtype bfloat16 with precision fp16"):
+        Hyperparameters(dtype="bfloat16", precision="fp16")
+    with pytest.raises(ValueError, match="dtype"):
+        Hyperparameters(dtype="float16")

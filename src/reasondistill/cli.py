@@ -247,6 +247,39 @@ def list_objectives(names: tuple[str, ...]) -> None:
     click.echo(describe_objectives(names or None))
 
 
+@cli.command("check-template")
+@click.option(
+    "--student", required=True, help="the student's folder or Hub id (its tokenizer and chat template)"
+)
+@click.option(
+    "--teacher", help="the teacher's folder or Hub id, to compare how both tokenize <think> and </think>"
+)
+def check_template(student: str, teacher: str | None) -> None:
+    """Pre-flight of reasoning templates: whether the generation prompt opens the reasoning block,
+    how <think> and </think> tokenize (in teacher and student), whether the template keeps earlier
+    turns' reasoning, and whether a completion is trained with its whole reasoning block (exit status
+    1 if not). `train` runs the same check and records it."""
+    from .chat import reasoning_preflight
+    from .models import load_tokenizer
+
+    check = reasoning_preflight(load_tokenizer(student), load_tokenizer(teacher) if teacher else None)
+    click.echo(f"generation prompt opens the reasoning block: {check.opener!r}" if check.opener else
+               "generation prompt opens no reasoning block (the model writes <think> itself)")  # fmt: skip
+    for role, tags in check.think_tokens.items():
+        click.echo(f"{role}: " + ", ".join(f"{tag} → {tokens}" for tag, tokens in tags.items()))
+    click.echo(
+        "earlier assistant turns keep their reasoning"
+        if check.history_keeps_reasoning
+        else "the template strips the reasoning of earlier assistant turns (a chat-format trainer rendering "
+        "whole conversations would train on answers alone; reasondistill tokenizes prompt and completion apart)"
+    )
+    for difference in check.differences:
+        click.echo(f"warning: {difference}")
+    if not check.trained_keeps_reasoning:
+        raise UserError(f"{student}: a completion tokenized for training loses its reasoning block")
+    click.echo("a completion is trained with its whole reasoning block: ok")
+
+
 @cli.group()
 def testbed() -> None:
     """The embedded testbed: tokenizer, tiny teacher and student models."""

@@ -22,8 +22,11 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from .config import StageConfig
 from .errors import UserError
 
 REMOTE_CODE_OPTION = "--trust-remote-code (recipe: `trust_remote_code: true`)"
@@ -195,6 +198,49 @@ def load_causal_lm(path: str | Path, **kwargs):
 
     check_model_folder(path, chat_template=False)
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
+
+
+# ---- dtype and attention kernel -----------------------------------------------------------------
+
+DTypeName = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class ModelLoading(StageConfig):
+    """How a step loads the models it runs (teachers, students, references): their weights' dtype and
+    the attention kernel."""
+
+    dtype: DTypeName = Field(
+        "auto",
+        description="dtype of the weights of the models this step runs: auto (bfloat16 on a GPU that "
+        "supports it, else float32; vllm: its own auto), bfloat16, float16 or float32",
+    )
+    attn_implementation: str | None = Field(
+        None,
+        description="hf: transformers' attention kernel (sdpa, eager, flash_attention_2, …); "
+        "default: transformers' choice",
+    )
+
+    def loading(self) -> dict[str, Any]:
+        """These options as the keyword arguments of `HFGenerator` (and of `loading_kwargs`)."""
+        return {"dtype": self.dtype, "attn_implementation": self.attn_implementation}
+
+
+def torch_dtype(name: str, device: Any = None):
+    """The torch dtype named `name`; `auto`: bfloat16 on a CUDA `device` that supports it, else float32."""
+    import torch
+
+    if name == "auto":
+        cuda = device is not None and torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def loading_kwargs(dtype: str, attn_implementation: str | None, device: Any = None) -> dict:
+    """`from_pretrained` keyword arguments for a model loaded in `dtype` with `attn_implementation`."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, device)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
 
 
 # What a generation_config.json holds besides special token ids and output plumbing: sampling

@@ -138,11 +138,12 @@ def score_steps(
     unit: Unit,
     scope: str = "reasoning",
     batch_size: int = 16,
+    loading: dict | None = None,
 ) -> tuple[list[Located], dict[str, list[list[float]]]]:
     """Each completion's steps, and each model's score of every step ({role: [[ℓ per step]]}).
 
     `models` maps a role to a model folder or Hub id; they must share one tokenizer. Models are
-    loaded one at a time."""
+    loaded one at a time, with `loading` (`ModelLoading.loading()`: dtype, attention kernel)."""
     # Imported here: they bring torch and transformers along, which the rest of this module does
     # not need.
     from ..chat import prompt_ids
@@ -163,7 +164,7 @@ def score_steps(
         if same is not None:  # one model in two roles (a sanity check) is scored once
             scores[role] = scores[same]
             continue
-        generator = HFGenerator(path, batch_size=batch_size)
+        generator = HFGenerator(path, batch_size=batch_size, **(loading or {}))
         with progress_bar(f"provenance: {role}", total=len(completions), unit="completions") as bar:
             logprobs = completion_logprobs(
                 generator.model, generator.tokenizer, prompt_tokens, [x.token_ids for x in located],

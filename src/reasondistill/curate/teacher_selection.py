@@ -47,7 +47,7 @@ class ProxyOptions(Hyperparameters):
     problems: int = Field(
         100, ge=1, description="held-out test problems per task each proxy student is evaluated on (greedy)"
     )
-    max_new_tokens: int = Field(512, ge=1, description="completion token limit of the evaluation")
+    max_new_tokens: int = Field(4096, ge=1, description="completion token limit of the evaluation")
     eval_batch_size: int = Field(64, ge=1, description="sequences decoded together in the evaluation")
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..generate.base import SamplingParams, make_traces
 from ..generate.sampling import SamplingOptions
 from ..modelref import ResolvedModel
+from ..models import ModelLoading
 from ..records import GradedTrace, Problem, atomic_write_json, write_records
 from ..tasks import BENCHMARKS, TASKS
 from ..tasks.selection import BenchmarkSelection, GraderChoice
@@ -35,7 +36,7 @@ from .metrics import UNPARSEABLE_WARNING, mean, summarise, unparseable_share
 log = logging.getLogger(__name__)
 
 
-class EvalOptions(SamplingOptions, BenchmarkSelection, GraderChoice):
+class EvalOptions(SamplingOptions, BenchmarkSelection, GraderChoice, ModelLoading):
     """How a model is evaluated: its decoding modes, each task's grader, and where the problems came
     from (for the results' description)."""
 
@@ -61,7 +62,7 @@ def evaluate_model(
     returns the model's path and its accuracy by task and mode."""
     from ..generate.hf import HFGenerator  # torch and transformers: imported when a model is evaluated
 
-    generator = HFGenerator(model.path, batch_size=options.batch_size)
+    generator = HFGenerator(model.path, batch_size=options.batch_size, **options.loading())
     parameters = sum(p.numel() for p in generator.model.parameters())
     modes = _modes(options)
     accuracy = {}

@@ -8,13 +8,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import StageConfig
 from ..errors import UserError
+from ..models import ModelLoading
 from .base import Generator
 from .shards import Pricing
 
 
-class BackendOptions(StageConfig):
+class BackendOptions(ModelLoading):
     backend: Literal["hf", "openai", "vllm"] = Field(
         "hf", description="hf: transformers; openai: any OpenAI-compatible server; vllm: in-process vLLM"
     )
@@ -95,6 +95,7 @@ def open_generator(
             student,
             threshold=threshold,
             batch_size=batch_size,
+            **options.loading(),
         )
     if options.backend == "openai":
         from .openai import OpenAIGenerator, RetryPolicy
@@ -117,7 +118,8 @@ def open_generator(
             tensor_parallel_size=options.tensor_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization,
             max_logprobs=max(top_logprobs, 20),  # 20: vLLM's own default
+            dtype=options.dtype,
         )
     from .hf import HFGenerator
 
-    return HFGenerator(model, batch_size=batch_size)
+    return HFGenerator(model, batch_size=batch_size, **options.loading())

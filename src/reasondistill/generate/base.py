@@ -7,13 +7,13 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from ..chat import completion_ids, prompt_ids
+from ..chat import completion_ids, prompt_ids, reasoning_opener, with_opener
 from ..records import FinishReason, Message, Problem, Trace
 from ..verify.reasoning import split_reasoning
 from .logprobs import TokenLogprobs
@@ -202,7 +202,10 @@ class TokenIdGenerator(Generator):
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Completion | Failure]]:
-        return self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress, seeds)
+        """Completions of chat prompts; where the template's prompt opens the reasoning block, each
+        completion's text starts with that opener (the whole reply, see chat.py), its ids do not."""
+        completions = self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress, seeds)
+        return whole_replies(completions, reasoning_opener(self.tokenizer))
 
     @abstractmethod
     def generate_ids(
@@ -213,6 +216,18 @@ class TokenIdGenerator(Generator):
         seeds: Sequence[int] | None = None,
     ) -> list[list[Completion | Failure]]:
         """Completions of prompts given as token ids (the chat template already applied)."""
+
+
+def whole_replies(
+    completions: list[list[Completion | Failure]], opener: str
+) -> list[list[Completion | Failure]]:
+    """Each completion's text with the reasoning `opener` its prompt ended with (none: unchanged)."""
+    if not opener:
+        return completions
+    return [
+        [replace(c, text=with_opener(c.text, opener)) if isinstance(c, Completion) else c for c in row]
+        for row in completions
+    ]
 
 
 def make_traces(problem: Problem, completions: list[Completion], source: str) -> list[Trace]:

@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..models import load_causal_lm, load_tokenizer, sampling_defaults
+from ..models import load_causal_lm, load_tokenizer, loading_kwargs, sampling_defaults
 from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage
 from .logprobs import TokenLogprobs, from_logits
 from .scoring import teacher_forced
@@ -60,12 +60,14 @@ class HFGenerator(TokenIdGenerator):
         *,
         batch_size: int = 64,
         device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
     ):
-        """`batch_size` counts sequences (prompts × n) decoded or scored together."""
+        """`batch_size` counts sequences (prompts × n) decoded or scored together; `dtype` and
+        `attn_implementation` as `models.ModelLoading` describes them."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = load_tokenizer(path)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = load_causal_lm(path, dtype=dtype)
+        model = load_causal_lm(path, **loading_kwargs(dtype, attn_implementation, device))
         self._attach(str(path), model.to(device).eval(), tokenizer, batch_size)
 
     @classmethod

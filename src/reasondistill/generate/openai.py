@@ -41,11 +41,21 @@ from functools import partial
 import aiohttp
 import numpy as np
 
-from ..chat import prompt_ids
+from ..chat import prompt_ids, reasoning_opener
 from ..errors import UserError
 from ..records import Message
 from ..ui import note
-from .base import Completion, Failure, Generator, ProgressCallback, SamplingParams, Usage, prompt_seeds
+from ..verify.reasoning import format_completion
+from .base import (
+    Completion,
+    Failure,
+    Generator,
+    ProgressCallback,
+    SamplingParams,
+    Usage,
+    prompt_seeds,
+    whole_replies,
+)
 from .logprobs import TokenLogprobs, from_candidates
 
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
@@ -183,7 +193,10 @@ class OpenAIGenerator(Generator):
         grouped: list[list[Completion | Failure]] = [[] for _ in prompts]
         for (i, _), result in zip(jobs, results, strict=True):
             grouped[i].append(result)
-        return grouped
+        # completions endpoint: the prompt was rendered here, with the template's reasoning opener
+        return (
+            grouped if self.endpoint == "chat" else whole_replies(grouped, reasoning_opener(self.tokenizer))
+        )
 
     def score(
         self,
@@ -298,7 +311,7 @@ class OpenAIGenerator(Generator):
 
     def _parse_chat(self, answer: dict, sampling: SamplingParams) -> Completion:
         choice = _only_choice(answer)
-        text = choice["message"]["content"] or ""
+        text = _reply_text(choice["message"])
         positions = None
         if sampling.wants_logprobs:
             content = (choice.get("logprobs") or {}).get("content")
@@ -451,6 +464,15 @@ def check_distribution(logprobs: TokenLogprobs) -> TokenLogprobs:
             "with --logprobs-mode raw_logprobs (its default)"
         )
     return logprobs
+
+
+def _reply_text(message: dict) -> str:
+    """A chat answer's whole reply. A server that parses reasoning out (vLLM's `--reasoning-parser`,
+    DeepSeek's API) returns it as `reasoning_content` (`reasoning` in newer vLLM) beside the answer:
+    both are kept, as `<think>reasoning</think>answer`, the text the model wrote."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    return format_completion(reasoning.strip(), content.strip()) if reasoning else content
 
 
 def _completion(answer: dict, choice: dict, text: str, positions, top_k: int) -> Completion:

@@ -56,14 +56,17 @@ class StudentGatedGenerator(HFGenerator):
         threshold: float,
         batch_size: int = 64,
         device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
     ):
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1] (a probability), got {threshold}")
         # Before any weights are loaded: the gate compares the two models' probabilities token id by
         # token id, so they must agree on what every id means.
         _check_shared_tokenizer(teacher, student)
-        super().__init__(teacher, batch_size=batch_size, device=device)
-        self.student = HFGenerator(student, batch_size=batch_size, device=str(self.device))
+        loading = {"dtype": dtype, "attn_implementation": attn_implementation}
+        super().__init__(teacher, batch_size=batch_size, device=device, **loading)
+        self.student = HFGenerator(student, batch_size=batch_size, device=str(self.device), **loading)
         self.threshold = threshold
         self.gate_stats = {"tokens": 0, "rejected": 0}
 

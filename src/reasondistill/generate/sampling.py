@@ -16,7 +16,10 @@ class SamplingOptions(StageConfig):
     temperature: Temperature = 0.8
     top_p: TopP = 1.0
     top_k: TopK = 0
-    max_new_tokens: MaxNewTokens = 512
+    max_new_tokens: MaxNewTokens = Field(
+        4096,
+        description="completion token limit, sized for reasoning models (longer ones are cut and unparseable)",
+    )
     stop: StopStrings = []
     batch_size: int = Field(64, ge=1, description="sequences decoded together (hf)")
     seed: Seed = 0

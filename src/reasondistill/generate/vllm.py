@@ -66,8 +66,10 @@ class VLLMGenerator(TokenIdGenerator):
         max_logprobs: int = 64,
         seed: int = 0,
         colocate: bool = False,
+        dtype: str = "auto",
     ):
-        """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests).
+        """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests);
+        `dtype`: the weights' dtype, `auto` leaving it to vLLM (the checkpoint's, float16 for float32).
 
         `colocate`: the engine runs in this process beside a model being trained, whose weights
         `load_weights` pushes into it (on-policy sampling), as TRL's colocate mode does.
@@ -101,6 +103,7 @@ class VLLMGenerator(TokenIdGenerator):
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             seed=seed,
+            dtype=dtype,
             trust_remote_code=trust_remote_code(),
             max_logprobs=max_logprobs,
             # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the

@@ -159,9 +159,11 @@ def _truncation_detail(truncation: dict | None) -> str:
     if not truncation or not truncation["longer_than_max_length"]:
         return ""
     n, limit = truncation["longer_than_max_length"], truncation["max_length"]
+    beyond = truncation.get("tokens_beyond_max_length")  # absent from runs made before it was counted
     if truncation["mode"] == "drop":
         return f"; {n} examples longer than max_length={limit} dropped"
-    return f"; {n} examples cut at max_length={limit} (their completions lost their end)"
+    lost = f", {beyond} completion tokens lost" if beyond is not None else ""
+    return f"; {n} examples cut at max_length={limit} (their completions lost their end{lost})"
 
 
 def curation_table(manifest: dict) -> Table:

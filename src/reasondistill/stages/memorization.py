@@ -17,8 +17,8 @@ from pydantic import Field
 
 from ..analyze.memorization import extract, summarise_by_task
 from ..analyze.selection import only_tasks
-from ..config import StageConfig
 from ..modelref import required_steps, resolve_model
+from ..models import ModelLoading
 from ..records import TrainingExample, read_records
 from ..report.tables import number, percent
 from ..rundir import RunDir
@@ -29,7 +29,7 @@ from .base import Section, Stage
 KIND = "memorization"
 
 
-class MemorizationConfig(StageConfig):
+class MemorizationConfig(ModelLoading):
     name: str = Field("memorization", description="output name: analysis/<name>.json")
     model: str = Field(
         description="the model to test (testbed:…, a model trained in the run, a folder, a Hub id)"
@@ -75,7 +75,7 @@ def run_memorization(cfg: MemorizationConfig, run: RunDir, overwrite: bool) -> N
 
         examples = _select(cfg.data, path, cfg, run)
         heldout_examples = _select(cfg.heldout, heldout_path, cfg, run) if heldout_path is not None else None
-        generator = HFGenerator(model.path, batch_size=cfg.batch_size)
+        generator = HFGenerator(model.path, batch_size=cfg.batch_size, **cfg.loading())
         records = extract(generator, examples, cfg.prefix_tokens, cfg.suffix_tokens)
         heldout = None
         if heldout_examples is not None:

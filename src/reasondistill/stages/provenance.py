@@ -23,6 +23,7 @@ from ..analyze.selection import Text, TextSelection
 from ..analyze.text import Unit
 from ..errors import UserError
 from ..modelref import ResolvedModel, reference_name, required_steps, resolve_model
+from ..models import ModelLoading
 from ..report.tables import number, percent
 from ..rundir import RunDir
 from ..store import analyses, load_texts, problems_by_id, selection_requirements, write_analysis
@@ -32,7 +33,7 @@ from .base import Section, Stage
 KIND = "provenance"
 
 
-class ProvenanceConfig(TextSelection):
+class ProvenanceConfig(TextSelection, ModelLoading):
     name: str = Field("provenance", description="output name: analysis/<name>.json")
     teacher: str = Field(
         description="the teacher T (testbed:…, a model trained in the run, a folder, a Hub id)"
@@ -119,6 +120,7 @@ def run_provenance(cfg: ProvenanceConfig, run: RunDir, overwrite: bool) -> None:
             cfg.unit,
             cfg.scope,
             cfg.batch_size,
+            cfg.loading(),
         )
         result = {
             "texts": description,

@@ -72,7 +72,7 @@ class SelectTeacherConfig(GraderChoice):
     )
     batch_size: int = Field(16, ge=1, description="sequences per forward pass when scoring the student's NLL")
     max_length: int = Field(
-        2048, ge=8, description="tokens per scored sequence (prompt + completion); longer ones are cut"
+        4096, ge=8, description="tokens per scored sequence (prompt + completion); longer ones are cut"
     )
     proxy: ProxyOptions | None = Field(
         None,

@@ -42,7 +42,10 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(8, ge=1, description="examples per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_length: int = Field(
-        2048, ge=8, description="tokens per example (prompt + completion); see truncation for longer ones"
+        4096,
+        ge=8,
+        description="tokens per example (prompt + completion), sized for reasoning traces; see truncation "
+        "for longer ones",
     )
     truncation: Literal["cut", "drop"] = Field(
         "cut",
@@ -54,7 +57,23 @@ class Hyperparameters(BaseModel):
         description="sort each optimizer step's examples by length into its micro-batches: less padding, same update",
     )
     precision: str = Field(
-        "auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp32"
+        "auto",
+        pattern="^(auto|fp32|bf16|fp16)$",
+        description="compute precision (mixed precision; teachers and references run in it): auto: bf16 on "
+        "a GPU that has it, else fp32",
+    )
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32",
+        description="the student's weights while training and in the saved model: float32 (master weights "
+        "under mixed precision, as transformers' Trainer keeps them), bfloat16 (weights, gradients and "
+        "optimizer state in bfloat16: less memory, and the model saved in bfloat16), auto (bfloat16 on a "
+        "GPU that supports it, else float32). float16 weights do not train with loss scaling: use "
+        "precision fp16 with float32 weights",
+    )
+    attn_implementation: str | None = Field(
+        None,
+        description="transformers' attention kernel of the student, teacher and reference (sdpa, eager, "
+        "flash_attention_2, …); default: transformers' choice",
     )
     save_steps: int = Field(500, ge=1, description="optimizer steps between resumable checkpoints")
     logging_steps: int = Field(10, ge=1, description="optimizer steps between loss log lines")
@@ -72,6 +91,15 @@ class Hyperparameters(BaseModel):
             self._objective = parse_objective(self.objective, self.objective_args)
         except UserError as err:
             raise ValueError(str(err)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _trainable_dtype(self) -> Hyperparameters:
+        if self.dtype == "bfloat16" and self.precision == "fp16":
+            raise ValueError(
+                "dtype bfloat16 with precision fp16: the fp16 loss scaler cannot unscale bfloat16 "
+                "gradients; use precision bf16 (or auto), or dtype float32"
+            )
         return self
 
     @property

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..chat import completion_ids, prompt_ids
+from ..chat import completion_ids, prompt_ids, reasoning_opener
 from ..errors import UserError
-from ..generate.base import Failure, Generator
+from ..generate.base import Failure, Generator, whole_replies
 from ..generate.hf import HFGenerator
 from ..generate.logprobs import TokenLogprobs
 from ..objectives.base import IGNORE_INDEX
@@ -225,6 +225,7 @@ class StepBatches:
                 completions = self.sampler.generate_ids(prompts, sampling)
             finally:
                 model.train(was_training)
+        completions = whole_replies(completions, reasoning_opener(self.tokenizer))  # graded as whole replies
         samples = []
         for group, (row, row_completions) in enumerate(zip(rows, completions, strict=True)):
             for c in row_completions:

@@ -40,7 +40,7 @@ class OnPolicyOptions(StageConfig):
     top_p: TopP = 1.0
     top_k: TopK = 0
     max_new_tokens: MaxNewTokens = Field(
-        256, description="sample length limit; cut samples train without an end token"
+        1024, description="sample length limit; cut samples train without an end token"
     )
     sampler: Literal["hf", "vllm"] = Field(
         "hf",

@@ -70,9 +70,12 @@ def final_hidden_states(
     return captured[-1]
 
 
-def load_frozen(path: str | Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+def load_frozen(
+    path: str | Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """A teacher or reference model in eval mode without gradients."""
-    model = load_causal_lm(path, dtype=dtype).to(device).eval()
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = load_causal_lm(path, dtype=dtype, **kernel).to(device).eval()
     model.requires_grad_(False)
     check_head(model, str(path))
     return model
@@ -101,7 +104,12 @@ def preflight(
 
 
 def load_beside_student(
-    path: str | Path, student_tokenizer: PreTrainedTokenizerBase, student_rows: int, device, dtype
+    path: str | Path,
+    student_tokenizer: PreTrainedTokenizerBase,
+    student_rows: int,
+    device,
+    dtype,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, int]:
     """Run the pre-flight check, then load the frozen teacher/reference; return it with the vocabulary size.
 
@@ -111,4 +119,4 @@ def load_beside_student(
     tokenizer = load_tokenizer(path)
     config = load_config(path).get_text_config()
     shared = preflight(student_tokenizer, tokenizer, student_rows, config.vocab_size, str(path))
-    return load_frozen(path, device, dtype), shared
+    return load_frozen(path, device, dtype, attn_implementation), shared

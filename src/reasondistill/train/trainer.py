@@ -19,10 +19,11 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..chat import reasoning_preflight
 from ..errors import UserError
 from ..generate.base import Generator
 from ..generate.logprobs import TokenLogprobs
-from ..models import load_causal_lm, load_config, load_tokenizer
+from ..models import load_causal_lm, load_config, load_tokenizer, loading_kwargs
 from ..objectives import Objective, build_objective
 from ..objectives.base import IGNORE_INDEX, ObjectiveInputs
 from ..objectives.heads import Head, SparseTargets
@@ -291,7 +292,8 @@ def _without(items: list, positions: list[int]) -> list:
 def truncation_stats(
     examples: Sequence, lengths: list[int], too_long: list[int], hp: Hyperparameters
 ) -> dict:
-    """How many examples exceed max_length and what happened to them, naming the first few."""
+    """How many examples exceed max_length, how many of their tokens lie beyond it (what a cut loses:
+    the completion's end), and what happened to them, naming the first few."""
     named = [
         f"{examples[i].problem_id}"
         + (
@@ -306,6 +308,7 @@ def truncation_stats(
         "max_length": hp.max_length,
         "mode": hp.truncation,
         "longer_than_max_length": len(too_long),
+        "tokens_beyond_max_length": sum(lengths[i] - hp.max_length for i in too_long),
         "completion_end_cut": len(too_long) if hp.truncation == "cut" else 0,
         "dropped": len(too_long) if hp.truncation == "drop" else 0,
         "first": named,
@@ -379,6 +382,7 @@ def train_model(
     _check_inputs(objective, examples, teachers, on_policy, description)
     tokenizer = load_tokenizer(init)
     warn_beyond_positions(init, hp.max_length, description)
+    template = _check_reasoning_template(tokenizer, teachers, description)
     objective.setup(tokenizer)
     if on_policy is None:
         data = _example_data(objective, tokenizer, examples, hp, teachers, description)
@@ -388,8 +392,8 @@ def train_model(
         )
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
     args = _training_arguments(hp, work_dir, description)
-    model = load_causal_lm(init, dtype=torch.float32)
-    frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp.precision)
+    model = load_causal_lm(init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device))
+    frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
     vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
     _check_stored_ids(data.stored_rows, vocab_size, teachers.stored_source)
     # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
@@ -410,9 +414,29 @@ def train_model(
         step_batches=data.step_batches,
     )
     result = _train(trainer, work_dir, data.step_batches, description)
-    stats = _training_stats(init, model, hp, objective, data, trainer, result)
+    stats = {
+        **_training_stats(init, model, hp, objective, data, trainer, result),
+        "reasoning_template": template,
+    }
     _save_atomically(trainer, tokenizer, stats, output_dir, work_dir)
     return stats
+
+
+def _check_reasoning_template(tokenizer, teachers: Teachers, description: str) -> dict:
+    """`chat.reasoning_preflight` of the student (and of the teacher it distils from token by token):
+    differences are warned about, a template that would train completions without their reasoning
+    block is refused; what it found goes into the training statistics."""
+    online = teachers.model if teachers.model not in (None, TEACHER_SELF) else None
+    teacher = load_tokenizer(online) if online is not None else getattr(teachers.scorer, "tokenizer", None)
+    check = reasoning_preflight(tokenizer, teacher)
+    if not check.trained_keeps_reasoning:
+        raise UserError(
+            f"{description}: the student's chat template and tokenizer do not keep a completion's reasoning "
+            f"block when it is tokenized for training (opener {check.opener!r}, tokens {check.think_tokens})"
+        )
+    for difference in check.differences:
+        log.warning("%s: %s", description, difference)
+    return check.as_stats()
 
 
 def _check_inputs(
@@ -513,7 +537,7 @@ def _load_frozen(
     objective: Objective,
     teachers: Teachers,
     device: torch.device,
-    precision: str,
+    hp: Hyperparameters,
 ) -> tuple[dict[str, torch.nn.Module], int]:
     """The frozen teacher and reference (by role) beside the student, and the vocabulary rows they all share.
 
@@ -522,10 +546,12 @@ def _load_frozen(
     """
     vocab_size, frozen = head_rows(model), {}
     reference = teachers.reference or (init if objective.needs_reference else None)
-    dtype = _model_dtype(_precision_flags(precision))
+    dtype = _model_dtype(_precision_flags(hp.precision))
     for role, path in (("teacher", teachers.model), ("reference", reference)):
         if path is not None and path != TEACHER_SELF:
-            frozen[role], shared = load_beside_student(path, tokenizer, head_rows(model), device, dtype)
+            frozen[role], shared = load_beside_student(
+                path, tokenizer, head_rows(model), device, dtype, hp.attn_implementation
+            )
             vocab_size = min(vocab_size, shared)
     return frozen, vocab_size
 
@@ -591,6 +617,7 @@ def _training_stats(
         "examples": len(data.dataset),
         "truncation": data.truncation,
         "completion_tokens": data.completion_tokens,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # of the saved weights
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),

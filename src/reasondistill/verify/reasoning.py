@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from ..chat import THINK_CLOSE, THINK_OPEN
 
 
 @dataclass(frozen=True)
