@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..evaluate.metrics import UNPARSEABLE_WARNING
 from ..generate.shards import usage_totals
+from ..tasks import BENCHMARKS
 from .tables import Section, Table, html_table, markdown_table, percent
 
 MODES = ("greedy", "sampled")
@@ -72,6 +73,31 @@ def difficulty_table(results: list[dict]) -> Table:
                 [task, task_results[0].get("difficulty") or "difficulty", level, str(levels[level]), *cells]
             )
     return ["task", "difficulty", "level", "problems", *models], rows
+
+
+def suite_table(results: list[dict]) -> Table:
+    """Per suite (LogiGLUE) and model: the mean accuracy over the suite's datasets evaluated, by
+    reasoning type and by in-domain / leave-out, each with the number of datasets it averages (greedy
+    accuracy where there is one, else sampled pass@1; per-dataset accuracies are in the results)."""
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in results:
+        tags = BENCHMARKS[r["task"]].tags if r["task"] in BENCHMARKS else {}
+        if "suite" not in tags:
+            continue
+        accuracy = (r.get("greedy") or r["sampled"])["accuracy"]
+        by = groups.setdefault((tags["suite"], r["model"]), {})
+        for key in ("all", tags["reasoning"], tags["domain"]):
+            by.setdefault(key, []).append(accuracy)
+    columns = ["deductive", "abductive", "inductive", "mixed", "in-domain", "leave-out", "all"]
+    rows = [
+        [suite, model, *(_mean_of(by.get(column)) for column in columns)]
+        for (suite, model), by in sorted(groups.items())
+    ]
+    return ["suite", "model", *columns], rows
+
+
+def _mean_of(values: list[float] | None) -> str:
+    return f"{percent(sum(values) / len(values))} ({len(values)})" if values else "–"
 
 
 def _unparseable(summary: dict) -> float:
@@ -296,6 +322,7 @@ def render_report(
     sections = [
         ("Results", results_table(results)),
         ("Accuracy by difficulty (greedy / sampled pass@1)", difficulty_table(results)),
+        ("Suites: mean accuracy over datasets (datasets averaged)", suite_table(results)),
         ("Answer extraction (strict and flexible)", extraction_table(results)),
         ("Pipeline", pipeline_table(manifest)),
         ("Curation", curation_table(manifest)),

@@ -79,7 +79,7 @@ def run_problems(cfg: ProblemsConfig, run: RunDir, overwrite: bool) -> None:
             sets[spec.name] = {
                 "source": problem_set.source,
                 "grader": spec.grader,
-                "difficulty_label": spec.fields.difficulty,
+                "difficulty_label": spec.difficulty_label,
                 "dropped": problem_set.dropped,
             }
         return {"problems": counts, "sets": sets}

@@ -6,13 +6,20 @@ from ..errors import UserError
 from ..verify.graders import Grader
 from .arithmetic import ArithmeticTask
 from .base import GeneratedTask
-from .benchmarks import BENCHMARKS, Benchmark
+from .benchmarks import SINGLE_BENCHMARKS, Benchmark
+from .catalog import BENCHMARKS, SUITES, expand_suites
 from .logic import LogicTask
 from .word_problems import WordProblemTask
 
 TASKS: dict[str, GeneratedTask] = {
     task.name: task for task in (ArithmeticTask(), WordProblemTask(), LogicTask())
 }
+
+
+__all__ = [
+    "BENCHMARKS", "SINGLE_BENCHMARKS", "SUITES", "TASKS", "Benchmark", "GeneratedTask", "default_grader",
+    "expand_suites", "get_benchmark", "get_task", "task_or_benchmark",
+]  # fmt: skip
 
 
 def get_task(name: str) -> GeneratedTask:

@@ -13,8 +13,8 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,18 +79,27 @@ class Benchmark:
     instruction: str = BOXED  # appended to every question: how to reason and where to put the answer
     hub_config: str | None = None
     difficulty_label: str | None = None  # what `Problem.difficulty` means here ("MATH level")
+    train_split: str | None = None  # the Hub split to train on, where the benchmark has one
+    tags: Mapping[str, str] = field(default_factory=dict)  # a suite's groups: {"suite", "reasoning", …}
 
     def load(self, data_file: str | Path | None = None, limit: int | None = None) -> list[Problem]:
         """The benchmark's problems in source order (the first `limit` with a limit)."""
         rows = self._local_rows(Path(data_file).expanduser()) if data_file else self._remote_rows()
+        problems = self.problems(rows, self.name, limit)
+        if not problems:
+            raise UserError(f"benchmark {self.name}: {data_file or self.source} holds no problems")
+        return problems
+
+    def problems(self, rows, task: str, limit: int | None = None) -> list[Problem]:
+        """`rows` ((where, data) pairs in the benchmark's format) as problems of `task`, ids unique."""
         problems: dict[str, Problem] = {}
         for index, (where, data) in enumerate(rows):
             if limit is not None and len(problems) >= limit:
                 break
             item = self.read(Row(data, where), index)
             problem = Problem(
-                id=f"{self.name}-{item.native_id}",
-                task=self.name,
+                id=f"{task}-{item.native_id}",
+                task=task,
                 messages=[Message(role="user", content=f"{item.question}\n\n{self.instruction}")],
                 answer=item.answer,
                 solution=item.solution,
@@ -98,10 +107,8 @@ class Benchmark:
                 meta=json.dumps(item.meta or {}, sort_keys=True),
             )
             if problem.id in problems:
-                raise UserError(f"{where}: problem id {item.native_id!r} appears twice in {self.name}")
+                raise UserError(f"{where}: problem id {item.native_id!r} appears twice in {task}")
             problems[problem.id] = problem
-        if not problems:
-            raise UserError(f"benchmark {self.name}: {data_file or self.source} holds no problems")
         return list(problems.values())
 
     def question(self, problem: Problem) -> str:
@@ -276,9 +283,10 @@ def _logic_lm(labels: tuple[str, ...]) -> Callable[[Row, int], Item]:
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of the correct option within \\boxed{}."
 
 
-def _choice_question(context: str, question: str, options: list) -> str:
-    lines = [f"{letter}. {text}" for letter, text in zip("ABCDEFGH", options, strict=False)]
-    return f"{context}\n\n{question}\n" + "\n".join(lines)
+def choice_question(context: str, question: str, options: list, letters: str = "ABCD") -> str:
+    """Context, question and the options lettered `A. …` (as many letters as options)."""
+    lines = [f"{letter}. {text}" for letter, text in zip(letters, options, strict=False)]
+    return f"{context}\n\n{question}\n".lstrip() + "\n".join(lines)
 
 
 def _logiqa(row: Row, index: int) -> Item:
@@ -287,7 +295,7 @@ def _logiqa(row: Row, index: int) -> Item:
     gold = row.get("correct_option", kind=int)
     if len(options) != 4 or not 0 <= gold < 4:
         raise row.fail("correct_option", "four options and a gold index 0-3")
-    question = _choice_question(row.get("context"), row.get("query"), options)
+    question = choice_question(row.get("context"), row.get("query"), options)
     return Item(f"{index:04d}", question, "ABCD"[gold])
 
 
@@ -296,7 +304,7 @@ def _logiqa2(row: Row, index: int) -> Item:
     gold = row.get("answer", kind=int)
     if not 0 <= gold < len(options) <= 4:
         raise row.fail("answer", f"an option index 0-{len(options) - 1}")
-    question = _choice_question(row.get("text"), row.get("question"), options)
+    question = choice_question(row.get("text"), row.get("question"), options)
     # Upstream ids are not unique (4 ids are shared by two different questions): number by row.
     upstream_id = row.get("id", kind=(str, int), required=False)
     return Item(f"{index:04d}", question, "ABCD"[gold], meta={"upstream_id": upstream_id})
@@ -328,7 +336,9 @@ def _clutrr(row: Row, index: int) -> Item:
 _LOGIC_LM = "https://raw.githubusercontent.com/teacherpeterpan/Logic-LLM/d29f1e5e7203e8826cb9c41ba3003e43dc0b9d34/data"
 _MATH_NUMBER = MathGrader(gold_format="number")
 
-BENCHMARKS: dict[str, Benchmark] = {
+# Benchmarks that are one dataset each; suites of many (LogiGLUE) have their own modules, and
+# tasks/__init__.py holds them all as BENCHMARKS.
+SINGLE_BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
         Benchmark("gsm8k", "grade-school math word problems (test, 1,319)", "openai/gsm8k", "test",

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import UserError
 from ..records import Message, Problem, file_sha256
 from ..verify.graders import GRADER_SPECS, grader_from_spec
-from .benchmarks import BOXED, FILE_READERS, Row
+from .benchmarks import BOXED, FILE_READERS, Benchmark, Row
+from .catalog import BENCHMARKS
 
 SetFormat = Literal["jsonl", "json", "csv", "parquet"]
 AnswerFrom = Literal["field", "last-boxed", "hash-mark"]
@@ -68,6 +69,11 @@ class ProblemSetSpec(BaseModel):
         None,
         description="a known set whose source, fields, answer extraction and grader it takes (see PRESETS)",
     )
+    benchmark: str | None = Field(
+        None,
+        description="a benchmark whose train split this set is, read as the benchmark reads its rows (its "
+        "prompt, answer and grader; e.g. logiglue-folio); file: reads a local copy in its format",
+    )
     file: str | None = Field(
         None, description="a local file: JSONL, JSON (an array of objects), CSV or parquet"
     )
@@ -100,9 +106,14 @@ class ProblemSetSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _preset_defaults(cls, data: Any) -> Any:
-        """A preset fills what the set does not give; a `file` replaces its Hub source (a local copy)."""
-        if not isinstance(data, dict) or data.get("preset") is None:
+        """A preset (or a benchmark) fills what the set does not give; a `file` replaces its Hub
+        source (a local copy)."""
+        if not isinstance(data, dict) or (data.get("preset") is None and data.get("benchmark") is None):
             return data
+        if data.get("benchmark") is not None:
+            if data.get("preset") is not None:
+                raise ValueError("give a preset or a benchmark, not both")
+            return {**_benchmark_source(data), **data}
         preset = PRESETS.get(data["preset"])
         if preset is None:
             raise ValueError(f"unknown preset {data['preset']!r}; known: {', '.join(PRESETS)}")
@@ -121,12 +132,44 @@ class ProblemSetSpec(BaseModel):
     def _one_source(self) -> ProblemSetSpec:
         if (self.file is None) == (self.hub is None):
             raise ValueError(f"problem set {self.name}: give one source, file or hub (or a preset)")
+        if self.benchmark is not None:
+            own = {"fields", "answer_from", "template"} & self.model_fields_set
+            if own:
+                raise ValueError(
+                    f"problem set {self.name}: {sorted(own)[0]} does not apply to a benchmark's split "
+                    f"(its rows are read as {self.benchmark} reads them)"
+                )
         if self.format is not None and self.file is None:
             raise ValueError(f"problem set {self.name}: format applies to a file")
         if "{question}" not in self.template:
             raise ValueError(f"problem set {self.name}: template must hold {{question}}")
         grader_from_spec(self.grader)
         return self
+
+    @property
+    def difficulty_label(self) -> str | None:
+        """What the set's difficulty counts: its level field, or its benchmark's label."""
+        if self.benchmark is not None:
+            return BENCHMARKS[self.benchmark].difficulty_label
+        return self.fields.difficulty
+
+
+def _benchmark_source(data: dict) -> dict[str, Any]:
+    """A benchmark's train split as a set's defaults: its Hub id, configuration, split and grader."""
+    benchmark = BENCHMARKS.get(data["benchmark"])
+    if benchmark is None:
+        raise ValueError(f"unknown benchmark {data['benchmark']!r}; `reasondistill benchmarks` lists them")
+    if benchmark.grader.spec is None:
+        raise ValueError(f"benchmark {benchmark.name}: its grader has no spec to give a problem set")
+    defaults: dict[str, Any] = {"grader": benchmark.grader.spec}
+    if "file" not in data:
+        if benchmark.train_split is None or benchmark.source.startswith("https://"):
+            raise ValueError(
+                f"benchmark {benchmark.name} has no Hub train split; give a local file of training rows in "
+                "its format (file:)"
+            )
+        defaults.update(hub=benchmark.source, config=benchmark.hub_config, split=benchmark.train_split)
+    return defaults
 
 
 # Known sets by their usual Hub ids. `file:` reads a local copy in the same format instead.
@@ -219,6 +262,8 @@ def set_file_sha256(spec: ProblemSetSpec) -> str:
 def load_problem_set(spec: ProblemSetSpec, file_digest: str | None = None) -> LoadedSet:
     """Every problem of the set (up to its limit), split into train and test, with its source record.
     `file_digest`: the file's sha256 where the caller has it already (large sets are hashed once)."""
+    if spec.benchmark is not None:
+        return _benchmark_split(spec, BENCHMARKS[spec.benchmark], file_digest)
     rows, source = _file_rows(spec, file_digest) if spec.file is not None else _hub_rows(spec)
     problems, where_of, dropped = [], {}, []
     for index, (where, data) in enumerate(rows):
@@ -240,6 +285,22 @@ def load_problem_set(spec: ProblemSetSpec, file_digest: str | None = None) -> Lo
     train, test = _split(problems, spec.test_fraction, spec.seed)
     report = {"bad_answer": len(dropped), "first": dropped[:3]} if dropped else {}
     return LoadedSet(train, test, source, report)
+
+
+def _benchmark_split(spec: ProblemSetSpec, benchmark: Benchmark, file_digest: str | None) -> LoadedSet:
+    """A benchmark's training rows, read as the benchmark reads its test rows."""
+    if spec.file is not None:
+        rows, source = _file_rows(spec, file_digest, default_format=benchmark.file_format)
+    else:
+        rows, source = _hub_rows(spec)
+    problems = benchmark.problems(rows, spec.name, spec.limit)
+    if spec.system_prompt:
+        system = Message(role="system", content=spec.system_prompt)
+        problems = [p.model_copy(update={"messages": [system, *p.messages]}) for p in problems]
+    if not problems:
+        raise UserError(f"problem set {spec.name}: {_describe(source)} holds no problems")
+    train, test = _split(problems, spec.test_fraction, spec.seed)
+    return LoadedSet(train, test, {**source, "benchmark": benchmark.name})
 
 
 def _split(problems: list[Problem], fraction: float, seed: int) -> tuple[list[Problem], list[Problem]]:
@@ -315,12 +376,14 @@ def _level(value: str | None) -> int | None:
 # ---- sources -----------------------------------------------------------------------------------
 
 
-def _file_rows(spec: ProblemSetSpec, digest: str | None) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
+def _file_rows(
+    spec: ProblemSetSpec, digest: str | None, default_format: str | None = None
+) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
     path = Path(spec.file).expanduser()
     digest = digest or set_file_sha256(spec)
     suffix = path.suffix.lstrip(".").lower()
-    file_format = spec.format or suffix
-    if file_format not in ("jsonl", "json", "csv", "parquet"):
+    file_format = spec.format or default_format or suffix
+    if file_format not in (*FILE_READERS, "parquet"):
         raise UserError(
             f"problem set {spec.name}: {path}: cannot tell the format from the suffix {path.suffix!r}; "
             "set format: jsonl, json, csv or parquet"

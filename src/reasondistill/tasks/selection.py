@@ -11,7 +11,16 @@ from ..errors import UserError
 from ..records import Problem
 from ..rundir import fingerprint
 from ..verify.graders import GRADER_SPECS, Grader, grader_from_spec
-from . import BENCHMARKS, TASKS, default_grader, get_benchmark, task_or_benchmark
+from . import (
+    BENCHMARKS,
+    SINGLE_BENCHMARKS,
+    SUITES,
+    TASKS,
+    default_grader,
+    expand_suites,
+    get_benchmark,
+    task_or_benchmark,
+)
 from .problem_sets import SetInfo
 
 
@@ -24,7 +33,9 @@ class ProblemSelection(StageConfig):
 
 class BenchmarkSelection(StageConfig):
     benchmarks: list[str] = Field(
-        default_factory=list, description=f"public benchmarks ({', '.join(BENCHMARKS)})"
+        default_factory=list,
+        description=f"public benchmarks ({', '.join(SINGLE_BENCHMARKS)}) and suites of them ({', '.join(SUITES)}); "
+        "`reasondistill benchmarks` lists every one",
     )
     data_file: list[str] = Field(
         default_factory=list,
@@ -35,9 +46,14 @@ class BenchmarkSelection(StageConfig):
     @field_validator("benchmarks")
     @classmethod
     def _known_benchmarks(cls, names: list[str]) -> list[str]:
+        """Suites become their benchmarks; an unknown name is an error."""
+        names = expand_suites(names)
         unknown = [name for name in names if name not in BENCHMARKS]
         if unknown:
-            raise ValueError(f"unknown benchmark {unknown[0]!r}; known: {', '.join(BENCHMARKS)}")
+            raise ValueError(
+                f"unknown benchmark {unknown[0]!r}; known: {', '.join(SINGLE_BENCHMARKS)}, the suites "
+                f"{', '.join(SUITES)} and their members (`reasondistill benchmarks`)"
+            )
         return names
 
     @model_validator(mode="after")

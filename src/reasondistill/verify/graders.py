@@ -59,6 +59,11 @@ class Grader(ABC):
     def judge(self, final: str, gold: str) -> Verdict:
         """Grade a finished final-answer text against the gold answer."""
 
+    @property
+    def spec(self) -> str | None:
+        """The spec `grader_from_spec` builds this grader from (None: a grader no spec names)."""
+        return None
+
     def flexible(self) -> Grader | None:
         """The lenient twin of a strict grader, which `eval` reports beside it (lm-eval-harness's
         flexible-extract beside strict-match), or None where the grader has no stricter form."""
@@ -171,6 +176,10 @@ class NumericGrader(ExtractingGrader):
 
     def config(self) -> dict:
         return {"last_number_fallback": self.last_number_fallback}
+
+    @property
+    def spec(self) -> str | None:
+        return "numeric:last-number" if self.last_number_fallback else "numeric"
 
     def flexible(self) -> Grader | None:
         """The same extraction, falling back to the last number: a model that answers `A: 18` or
@@ -286,6 +295,10 @@ class OptionGrader(ExtractingGrader):
     def config(self) -> dict:
         return {"options": list(self.options)}
 
+    @property
+    def spec(self) -> str | None:
+        return f"{self.name}:{('' if self.name == 'choice' else '/').join(self.options)}"
+
     def extract(self, final: str) -> str | None:
         for pattern in self._stated:
             found = pattern.findall(final)
@@ -337,6 +350,10 @@ class ExactStringGrader(ExtractingGrader):
 
     def config(self) -> dict:
         return {"case_sensitive": self.case_sensitive}
+
+    @property
+    def spec(self) -> str | None:
+        return "exact:case-sensitive" if self.case_sensitive else "exact"
 
     def extract(self, final: str) -> str | None:
         for pattern in (self._BOXED, self._STATED):
@@ -393,6 +410,12 @@ class MathGrader(Grader):
             "timeout_s": self.timeout_s,
             "math_verify": metadata.version("math-verify"),
         }
+
+    @property
+    def spec(self) -> str | None:
+        return (
+            f"math-verify:{self.gold_format}" if (self.timeout_s, self.float_rounding) == (5.0, 6) else None
+        )
 
     def judge(self, final: str, gold: str) -> Verdict:
         try:
