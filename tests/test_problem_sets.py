@@ -10,7 +10,7 @@ from helpers import SHARED_BENCHMARKS
 
 from reasondistill.cli import main
 from reasondistill.errors import UserError
-from reasondistill.records import Problem, file_sha256, read_records
+from reasondistill.records import Problem, TrainingExample, file_sha256, read_records
 from reasondistill.rundir import RunDir
 from reasondistill.stages.problems import ProblemsConfig, run_problems
 from reasondistill.tasks.problem_sets import ProblemSetSpec, after_hash_mark, last_boxed, load_problem_set
@@ -282,7 +282,8 @@ run_dir: {run_dir}
 seed: 1
 steps:
   - problems:
-      sets: [{{name: sums, file: "{file}", template: "{{question}}", grader: numeric, test_fraction: 0.25}}]
+      sets: [{{name: sums, file: "{file}", template: "{{question}}", grader: numeric, test_fraction: 0.25,
+               fields: {{difficulty: level}}}}]
   - generate: {{model: "testbed:teacher", name: teacher, n: 2, temperature: 0.8, max_new_tokens: 120}}
   - verify: {{traces: teacher}}
   - generate: {{model: "testbed:teacher", name: hot, n: 2, temperature: 1.5, max_new_tokens: 120}}
@@ -301,7 +302,7 @@ def sums_run(testbed, tmp_path_factory) -> RunDir:
 
     root = tmp_path_factory.mktemp("sums")
     rows = [
-        {"id": f"s{i}", "question": p.messages[-1].content, "answer": p.answer}
+        {"id": f"s{i}", "question": p.messages[-1].content, "answer": p.answer, "level": f"Level {1 + i % 2}"}
         for i, p in enumerate(TASKS["arithmetic"].sample("train", 16, seed=9, difficulties=[2]))
     ]
     recipe = root / "recipe.yaml"
@@ -325,6 +326,8 @@ def test_the_other_stages_work_on_a_problem_set(sums_run, capsys):
     proxy = {"steps": 2, "batch_size": 4, "problems": 4, "max_new_tokens": 16}
     main(["select_teacher", "--run-dir", root, "--name", "pick", "--teachers", "teacher,hot",
           "--student", "testbed:student", "--proxy", json.dumps(proxy)])  # fmt: skip
+    main(["curate", "--run-dir", root, "--name", "level2", "--traces", "teacher",
+          "--ops", '[{"difficulty": {"source": "level", "keep_levels": [2]}}]'])  # fmt: skip
     main(["trace_stats", "--run-dir", root, "--traces", "teacher"])
     main(["provenance", "--run-dir", root, "--traces", "teacher", "--teacher", "testbed:teacher",
           "--student", "testbed:student", "--distilled", "student"])  # fmt: skip
@@ -347,6 +350,12 @@ def test_the_other_stages_work_on_a_problem_set(sums_run, capsys):
         sampled["on_policy_steps"] == 3 and sampled["samples"] == 24
     )  # 12 prompts of the set, 2 samples each
     assert steps["curate:clean"]["stats"]  # decontaminate writes a curated set
+    # difficulty from the set's level field ("Level 2" → 2): only those problems' traces are kept
+    levels = {p.id: p.difficulty for p in read_records(run.problems("sums", "train"), Problem)}
+    every = read_records(run.curated("all"), TrainingExample)
+    level2 = read_records(run.curated("level2"), TrainingExample)
+    assert {levels[e.problem_id] for e in every} == {1, 2}
+    assert [e.problem_id for e in level2] == [e.problem_id for e in every if levels[e.problem_id] == 2]
     selection = json.loads((run.root / "teacher-selection" / "pick.json").read_text())
     assert sorted(selection["ranking"]) == ["hot", "teacher"]
     assert all(

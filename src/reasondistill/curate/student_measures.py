@@ -21,7 +21,7 @@ from ..chat import completion_ids
 from ..evaluate.harness import EvalOptions, evaluate_model
 from ..generate.scoring import teacher_forced
 from ..modelref import ResolvedModel
-from ..models import load_tokenizer
+from ..models import load_tokenizer, torch_dtype
 from ..objectives.base import IGNORE_INDEX
 from ..records import GradedTrace, Problem, TrainingExample, atomic_write_json
 from ..rundir import RunDir
@@ -86,8 +86,7 @@ def student_statistics(
     scored `batch_size` sequences at a time, each cut to `max_length` tokens."""
     tokenizer = load_tokenizer(student.path)
     device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_frozen(student.path, device, dtype)
+    model = load_frozen(student.path, device, torch_dtype("auto", device))
     total = sum(sum(t.label == "correct" for t in traces) for traces in graded.values())
     stats = {}
     with progress_bar(f"student NLL ({student.name})", total=total, unit="traces") as bar:

@@ -139,5 +139,6 @@ def _regroup(items: list, sizes: list[int]) -> list[list]:
 def _data_description(task: str, options: EvalOptions) -> str:
     benchmark = BENCHMARKS.get(task)
     if benchmark is not None:
-        return options.data_files().get(task) or f"{benchmark.source} ({benchmark.split})"
+        config = f" {benchmark.hub_config}" if benchmark.hub_config else ""
+        return options.data_files().get(task) or f"{benchmark.source}{config} ({benchmark.split})"
     return f"{'testbed' if task in TASKS else 'problem set'} {options.split} split"
