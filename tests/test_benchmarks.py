@@ -7,7 +7,7 @@ import pytest
 from helpers import SHARED_BENCHMARKS
 
 from reasondistill.errors import UserError
-from reasondistill.tasks import BENCHMARKS, default_grader, get_benchmark
+from reasondistill.tasks import BENCHMARKS, SINGLE_BENCHMARKS, default_grader, get_benchmark
 from reasondistill.tasks.benchmarks import BOXED
 
 FILES = {
@@ -40,7 +40,8 @@ def loaded():
 
 
 def test_every_benchmark_has_a_local_file_format_and_a_test():
-    assert set(FILES) == set(BENCHMARKS)
+    # LogiGLUE's members have no local copies here: tests/test_logiglue.py builds rows in their format
+    assert set(FILES) == set(SINGLE_BENCHMARKS) == {n for n in BENCHMARKS if not n.startswith("logiglue-")}
 
 
 @needs_shared

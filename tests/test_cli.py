@@ -96,10 +96,18 @@ def test_grader_and_benchmark_options_are_checked_before_anything_runs(tmp_path,
     assert not (tmp_path / "eval").exists()
 
 
-def test_the_benchmarks_command_lists_each_benchmark_with_its_grader():
+def test_the_benchmarks_command_lists_each_benchmark_with_its_grader(monkeypatch):
+    from reasondistill import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 250)  # rich's console, not click's terminal
     output = CliRunner().invoke(cli, ["benchmarks"], terminal_width=250).output
     assert "openai/gsm8k (test)" in output and "numeric@2+" in output
     assert "clutrr" in output and "exact@1+" in output and "math-verify@2+" in output
+    assert (
+        "suite logiglue: logicreasoning/logi_glue" in output
+        and "parts of logiglue: logiglue-in-domain, logiglue-leave-out" in output
+    )
+    assert "logiglue-babi-task-16" in output and "babi_task_16 (test)" in output
 
 
 def test_nested_options_are_json_objects_on_the_command_line(tmp_path, capsys):

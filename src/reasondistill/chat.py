@@ -93,7 +93,9 @@ class ReasoningCheck:
 
     opener: str  # the reasoning opener the generation prompt ends with ("" if none)
     think_tokens: dict[str, dict[str, list[str]]]  # {"student"|"teacher": {tag: its tokens}}
-    history_keeps_reasoning: bool  # the template keeps earlier assistant turns' reasoning
+    history_keeps_reasoning: (
+        bool | None
+    )  # the template keeps earlier turns' reasoning (None: cannot render them)
     trained_keeps_reasoning: bool  # the completion's tokens, as trained, hold its whole reasoning block
     differences: list[str] = field(default_factory=list)  # what to warn about, each named
 
@@ -145,21 +147,29 @@ def reasoning_preflight(
                 differences.append(
                     f"{tag} is {len(theirs)} token(s) {theirs} for the teacher and {len(ours)} {ours} for the student"
                 )
-    question = [{"role": "user", "content": "What is 12 + 30?"}]
     reply = f"{THINK_OPEN}\n{_PROBE_REASONING}\n{THINK_CLOSE}\n\nThe answer is 42."
-    history = student.apply_chat_template(
-        [*question, {"role": "assistant", "content": reply}, {"role": "user", "content": "And 1 + 1?"}],
-        tokenize=False,
-    )
     trained = student.decode(completion_ids(student, [reply])[0])
     opener = reasoning_opener(student)
-    prompt = student.decode(prompt_ids(student, [[Message(**m) for m in question]])[0])
+    # the block is opened once: by the prompt, or by the completion
+    opened_once = bool(opener) != trained.lstrip().startswith(THINK_OPEN)
     return ReasoningCheck(
         opener=opener,
         think_tokens=think_tokens,
-        history_keeps_reasoning=_PROBE_REASONING in history,
-        trained_keeps_reasoning=_PROBE_REASONING in trained
-        and THINK_CLOSE in trained
-        and (prompt + trained).count(THINK_OPEN) == 1,
+        history_keeps_reasoning=_keeps_earlier_reasoning(student, reply),
+        trained_keeps_reasoning=_PROBE_REASONING in trained and THINK_CLOSE in trained and opened_once,
         differences=differences,
     )
+
+
+def _keeps_earlier_reasoning(tokenizer: PreTrainedTokenizerBase, reply: str) -> bool | None:
+    """Whether the template renders an earlier assistant turn with its reasoning (None: it refuses
+    to render such a conversation at all; some templates check roles)."""
+    conversation = [
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And 1 + 1?"},
+    ]
+    try:
+        return _PROBE_REASONING in tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # jinja2's TemplateError or whatever a template raises
+        return None

@@ -219,17 +219,35 @@ def demo(run_dir: Path, overwrite: bool) -> None:
 
 @cli.command("benchmarks")
 def list_benchmarks() -> None:
-    """List the public benchmarks `eval` and `decontaminate` know: source, grader, contents."""
-    from rich.table import Table
+    """List the public benchmarks `eval` and `decontaminate` know: source, grader, contents; then each
+    suite's members (name one suite, e.g. `--benchmarks logiglue`, to run them all)."""
+    from rich.table import Column, Table
 
-    from .tasks import BENCHMARKS
+    from .tasks import BENCHMARKS, SINGLE_BENCHMARKS, SUITES
 
     table = Table("name", "grader", "what it is")
     table.add_column("default source", overflow="fold")  # URLs wrap instead of being cut
-    for benchmark in BENCHMARKS.values():
+    for benchmark in SINGLE_BENCHMARKS.values():
         source = benchmark.source + (f" ({benchmark.split})" if "://" not in benchmark.source else "")
         table.add_row(benchmark.name, benchmark.grader.id, benchmark.description, source)
     console.print(table)
+    for suite, members in SUITES.items():
+        if any(other != suite and set(members) < set(SUITES[other]) for other in SUITES):
+            continue  # a part of a larger suite (logiglue-in-domain): its members are listed there
+        first = BENCHMARKS[members[0]]
+        name_column = Column("name", no_wrap=True)  # what one types: never cut
+        table = Table(
+            name_column, "grader", "format", "reasoning", "group", title=f"suite {suite}: {first.source}"
+        )
+        table.add_column("configuration (split)", overflow="fold")
+        for name in members:
+            b = BENCHMARKS[name]
+            groups = [b.tags.get(key, "") for key in ("format", "reasoning", "domain")]
+            table.add_row(name, b.grader.id, *groups, f"{b.hub_config} ({b.split})")
+        console.print(table)
+        parts = [other for other in SUITES if other != suite and set(SUITES[other]) < set(members)]
+        if parts:
+            console.print(f"parts of {suite}: {', '.join(parts)}")
 
 
 @cli.command("objectives")
@@ -267,12 +285,12 @@ def check_template(student: str, teacher: str | None) -> None:
                "generation prompt opens no reasoning block (the model writes <think> itself)")  # fmt: skip
     for role, tags in check.think_tokens.items():
         click.echo(f"{role}: " + ", ".join(f"{tag} → {tokens}" for tag, tokens in tags.items()))
-    click.echo(
-        "earlier assistant turns keep their reasoning"
-        if check.history_keeps_reasoning
-        else "the template strips the reasoning of earlier assistant turns (a chat-format trainer rendering "
-        "whole conversations would train on answers alone; reasondistill tokenizes prompt and completion apart)"
-    )
+    click.echo({
+        True: "earlier assistant turns keep their reasoning",
+        False: "the template strips the reasoning of earlier assistant turns (a chat-format trainer rendering "
+        "whole conversations would train on answers alone; reasondistill tokenizes prompt and completion apart)",
+        None: "the template does not render a conversation with an earlier assistant turn",
+    }[check.history_keeps_reasoning])  # fmt: skip
     for difference in check.differences:
         click.echo(f"warning: {difference}")
     if not check.trained_keeps_reasoning:

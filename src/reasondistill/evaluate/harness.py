@@ -31,7 +31,7 @@ from ..tasks.selection import BenchmarkSelection, GraderChoice
 from ..ui import progress_bar
 from ..verify.graders import Grader
 from ..verify.grading import grade_traces
-from .metrics import UNPARSEABLE_WARNING, mean, summarise, unparseable_share
+from .metrics import UNPARSEABLE_WARNING, summarise
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,11 @@ def _grade(problems: list[Problem], traces: list[list], grader: Grader) -> list[
 
 def _flexible(per_problem: list[list[GradedTrace]], grader: Grader) -> dict:
     """Accuracy and unparseable share under the flexible twin of the task's grader."""
+    summary = summarise(per_problem)
     return {
         "grader": grader.id,
-        "accuracy": mean([mean([s.label == "correct" for s in samples]) for samples in per_problem]),
-        "unparseable_share": unparseable_share(per_problem),
+        "accuracy": summary["accuracy"],
+        "unparseable_share": summary["unparseable_share"],
     }
 
 
