@@ -21,7 +21,7 @@ from ..chat import completion_ids
 from ..evaluate.harness import EvalOptions, evaluate_model
 from ..generate.scoring import teacher_forced
 from ..modelref import ResolvedModel
-from ..models import load_tokenizer, torch_dtype
+from ..models import ModelLoading, load_tokenizer, torch_dtype
 from ..objectives.base import IGNORE_INDEX
 from ..records import GradedTrace, Problem, TrainingExample, atomic_write_json
 from ..rundir import RunDir
@@ -81,12 +81,15 @@ def student_statistics(
     problems: dict[str, Problem],
     batch_size: int,
     max_length: int,
+    loading: ModelLoading | None = None,
 ) -> dict[str, dict]:
     """Per teacher: trace length in the student's tokens (all traces) and the student's NLL (correct ones),
-    scored `batch_size` sequences at a time, each cut to `max_length` tokens."""
+    scored `batch_size` sequences at a time, each cut to `max_length` tokens; the student loaded as
+    `loading` says (dtype, attention kernel)."""
+    loading = loading or ModelLoading()
     tokenizer = load_tokenizer(student.path)
     device = _device()
-    model = load_frozen(student.path, device, torch_dtype("auto", device))
+    model = load_frozen(student.path, device, torch_dtype(loading.dtype, device), loading.attn_implementation)
     total = sum(sum(t.label == "correct" for t in traces) for traces in graded.values())
     stats = {}
     with progress_bar(f"student NLL ({student.name})", total=total, unit="traces") as bar:
@@ -118,6 +121,7 @@ def proxy_distillation(
     workspace: RunDir,
     step_fingerprint: str,
     step: str,
+    loading: ModelLoading | None = None,
 ) -> dict:
     """Train the student on one teacher's correct traces and evaluate it greedily on held-out problems.
 
@@ -146,7 +150,7 @@ def proxy_distillation(
     )  # fmt: skip
     eval_options = EvalOptions(
         n=0, greedy=True, max_new_tokens=proxy.max_new_tokens, batch_size=proxy.eval_batch_size,
-        graders=graders.graders,
+        graders=graders.graders, **(loading or ModelLoading()).loading(),
     )  # fmt: skip
     eval_options.bind_sets(graders.bound_sets)
     model = ResolvedModel(teacher, str(workspace.checkpoint(teacher)), step_fingerprint)

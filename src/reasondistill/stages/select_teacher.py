@@ -48,6 +48,7 @@ from ..curate.teacher_selection import (
 )
 from ..errors import UserError
 from ..modelref import ResolvedModel, required_steps, resolve_model
+from ..models import ModelLoading
 from ..records import GradedTrace, Problem, atomic_write_json, read_records
 from ..report.tables import number, percent
 from ..rundir import RunDir
@@ -61,7 +62,7 @@ from .base import Section, Stage
 from .curate import CurateConfig, run_curate
 
 
-class SelectTeacherConfig(GraderChoice):
+class SelectTeacherConfig(GraderChoice, ModelLoading):
     name: str = Field("teachers", description="output name: teacher-selection/<name>.json")
     teachers: list[str] = Field(
         min_length=1,
@@ -154,7 +155,7 @@ def _select_teachers(
     problems = problems_by_id(run)
     rows = {teacher: {"teacher": teacher, **trace_statistics(traces)} for teacher, traces in graded.items()}
     for teacher, stats in student_statistics(
-        student, graded, problems, cfg.batch_size, cfg.max_length
+        student, graded, problems, cfg.batch_size, cfg.max_length, cfg
     ).items():
         rows[teacher].update(stats)
     for row in rows.values():
@@ -164,7 +165,7 @@ def _select_teachers(
             examples = training_examples(graded[teacher], problems)
             rows[teacher]["proxy"] = proxy_distillation(
                 teacher, examples, student, test_problems, cfg.proxy, cfg, _proxy_dir(run, cfg.name),
-                step_fingerprint, step=f"select_teacher:{cfg.name}",
+                step_fingerprint, step=f"select_teacher:{cfg.name}", loading=cfg,
             )  # fmt: skip
     ranking = rank(list(rows.values()), cfg.ranking())
     for position, teacher in enumerate(ranking, start=1):
