@@ -2,7 +2,8 @@
 
 Run as `python distributed_run.py OUT_DIR RUN...` (one process) or under `accelerate launch` (several);
 each RUN is `name:objective:per_device_batch:accumulation`. Every rank writes `OUT_DIR/rank<R>.json`:
-per run, the logged loss and gradient norm of every optimizer step and the final parameters.
+per run, the logged loss and gradient norm of every optimizer step, the final parameters and the
+objective's state.
 """
 
 import json
@@ -74,12 +75,13 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         dataloader_pin_memory=False,
         remove_unused_columns=False,  # the sampler reads `length`
     )
+    loss = make_objective(objective)
     trainer = DistillationTrainer(
         model=student,
         args=args,
         train_dataset=examples(),
         data_collator=CompletionCollator(0),
-        objective=make_objective(objective),
+        objective=loss,
         teacher=teacher,
         sort_within_step=True,  # as train_model does
     )
@@ -92,6 +94,7 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         "loss": [entry["loss"] for entry in logs],
         "grad_norm": [entry["grad_norm"] for entry in logs],
         "parameters": torch.cat([p.detach().flatten() for p in student.parameters()]).tolist(),
+        "objective_state": loss.state_dict(),  # TAID's t: moved by the loss summed over the processes
     }
 
 

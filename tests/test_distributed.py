@@ -15,6 +15,7 @@ SCRIPT = Path(__file__).with_name("distributed_run.py")
 RUNS = {
     "sft": ("sft", (4, 1), (2, 1)),
     "kd": ("forward_kl", (4, 1), (1, 2)),  # an online teacher, and accumulation on the two processes
+    "taid": ("taid", (4, 1), (2, 1)),  # a stateful objective: its t must move alike on every process
 }
 
 
@@ -96,7 +97,8 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_the_same_global_ba
     ranks = [json.loads((two_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for name, reference in one.items():
         assert reference["world_size"] == 1 and reference["steps"] == 8
-        assert reference["loss"][-1] < 0.95 * reference["loss"][0], f"{name}: training hardly moved"
+        if name != "taid":  # TAID's target moves from the student towards the teacher: its loss rises
+            assert reference["loss"][-1] < 0.95 * reference["loss"][0], f"{name}: training hardly moved"
         for rank, runs in enumerate(ranks):
             run, what = runs[name], f"{name}, rank {rank}"
             assert run["world_size"] == 2, f"{what}: not a 2-process group\n{output[-4000:]}"
@@ -105,3 +107,15 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_the_same_global_ba
             assert_close(run["loss"], reference["loss"], f"{what}: logged loss per step")
             assert_close(run["grad_norm"], reference["grad_norm"], f"{what}: gradient norm per step")
             assert_close(run["parameters"], reference["parameters"], f"{what}: final weights")
+            # the objective's state, but for the loss of the step under way: each process holds its share
+            state, expected = run["objective_state"], reference["objective_state"]
+            assert state.keys() == expected.keys(), what
+            shared = [key for key in state if key != "loss"]
+            assert_close(
+                [state[k] or 0.0 for k in shared],
+                [expected[k] or 0.0 for k in shared],
+                f"{what}: objective state",
+            )
+    # the two processes hold one t, not two that drift apart
+    assert ranks[0]["taid"]["objective_state"]["t"] == ranks[1]["taid"]["objective_state"]["t"]
+    assert one["taid"]["objective_state"]["t"] > 0.4  # it moved

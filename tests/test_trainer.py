@@ -93,24 +93,29 @@ def test_sorting_within_a_step_does_not_change_the_update(tmp_path):
     )
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("objective", ["sft", "taid"])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tokenizer_dir, monkeypatch, objective):
+    """...and the same objective state: TAID's t continues its schedule from the checkpoint instead of
+    starting again at t_start (it is saved in every checkpoint)."""
     from safetensors.torch import load_file
 
     from reasondistill.records import TrainingExample
     from reasondistill.tasks import get_task
     from reasondistill.testbed.models import ModelShape, save_initial_model
     from reasondistill.train.hyperparameters import Hyperparameters
-    from reasondistill.train.trainer import train_model
+    from reasondistill.train.trainer import Teachers, train_model
 
-    init = tmp_path / "init"
-    save_initial_model(
-        ModelShape(hidden_size=32, num_hidden_layers=1, intermediate_size=64), tokenizer_dir, init, seed=0
-    )
+    init, teacher = tmp_path / "init", tmp_path / "teacher"
+    shape = ModelShape(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    save_initial_model(shape, tokenizer_dir, init, seed=0)
+    save_initial_model(shape, tokenizer_dir, teacher, seed=1)
+    teachers = Teachers(model=teacher) if objective == "taid" else None
     examples = [
         TrainingExample(problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution)
         for p in get_task("arithmetic").sample("train", 48, seed=0, difficulties=[2])
     ]
     hp = Hyperparameters(
+        objective=objective,
         epochs=1,
         learning_rate=1e-3,
         batch_size=4,
@@ -118,7 +123,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tokenizer_di
         save_steps=2,
         trainer_args={"disable_tqdm": True},
     )
-    train_model(init, examples, tmp_path / "uninterrupted", hp, resume_key="k")
+    whole = train_model(init, examples, tmp_path / "uninterrupted", hp, resume_key="k", teachers=teachers)
 
     original = DistillationTrainer.training_step
 
@@ -129,12 +134,15 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, tokenizer_di
 
     monkeypatch.setattr(DistillationTrainer, "training_step", crash_after_step_3)
     with pytest.raises(KeyboardInterrupt):
-        train_model(init, examples, tmp_path / "resumed", hp, resume_key="k")
+        train_model(init, examples, tmp_path / "resumed", hp, resume_key="k", teachers=teachers)
     assert (tmp_path / ".resumed.work" / "checkpoint-2").is_dir() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(DistillationTrainer, "training_step", original)
 
-    stats = train_model(init, examples, tmp_path / "resumed", hp, resume_key="k")
+    stats = train_model(init, examples, tmp_path / "resumed", hp, resume_key="k", teachers=teachers)
     assert stats["steps"] == 6 and not (tmp_path / ".resumed.work").exists()
+    assert stats["objective_state"] == whole["objective_state"]
+    if objective == "taid":  # t moved off its start, and was resumed from the checkpoint, not restarted
+        assert whole["objective_state"]["t"] > 0.4
     expected, got = (
         load_file(tmp_path / name / "model.safetensors") for name in ("uninterrupted", "resumed")
     )

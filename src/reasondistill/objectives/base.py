@@ -63,6 +63,29 @@ class Objective(ObjectiveOptions):
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What the objective carries from one step to the next (TAID's t), as JSON: saved with every
+        checkpoint and restored on resume. Stateless objectives carry nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        if state:
+            raise ValueError(f"objective {self.name!r} keeps no state, got {sorted(state)}")
+
+
+def summed_over_ranks(value: float, device: torch.device) -> float:
+    """`value` summed over the processes of a distributed run (itself on one process). Every process
+    must call it at the same point: it is a collective."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item())
+
 
 # name → the Objective subclass that computes it; filled by @register as the loss modules load
 IMPLEMENTATIONS: dict[str, type[Objective]] = {}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import PrivateAttr
 
-from .base import Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import Objective, ObjectiveInputs, register, sum_over_tokens, summed_over_ranks
 from .divergences import (
     adaptive_kl,
     generalized_jsd,
@@ -136,13 +136,23 @@ class TAID(TAIDOptions, TokenDistillation):
         state["previous"] = loss
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
-        # t moves once per optimizer step, with the loss summed over that step's micro-batches
-        # (the reference code moves it at every forward call, validation included).
+        # t moves once per optimizer step, with the loss summed over that step's micro-batches and
+        # over the processes (each holds its share of the global batch's loss), so every rank moves t
+        # alike and as one process would (the reference code moves it at every forward call,
+        # validation included).
         state = self._state
         if state["step"] is not None and inputs.step != state["step"]:
-            self.update_t(state["loss"], inputs.progress)
+            device = inputs.labels.device
+            self.update_t(summed_over_ranks(state["loss"], device), inputs.progress)
             state["loss"] = 0.0
         state["step"] = inputs.step
         loss = super().__call__(inputs)
         state["loss"] += loss.item()
         return loss
+
+    def state_dict(self) -> dict:
+        return {"t": self._t, **self._state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._t = state["t"]
+        self._state = {key: state[key] for key in ("step", "loss", "previous", "m")}

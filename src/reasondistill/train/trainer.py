@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..chat import reasoning_preflight
@@ -94,6 +94,13 @@ class DistillationTrainer(Trainer):
         # Objectives divide by the completion tokens of the whole global batch (`num_items_in_batch`),
         # so the Trainer must count them and must not divide by the accumulation steps once more.
         self.model_accepts_loss_kwargs = True
+        self.add_callback(ObjectiveStateCallback(objective))
+
+    def restore_objective_state(self, checkpoint: str | Path) -> None:
+        """Give the objective the state it had when `checkpoint` was saved (TAID's t), if it had one."""
+        saved = Path(checkpoint) / OBJECTIVE_STATE
+        if saved.is_file():
+            self.objective.load_state_dict(json.loads(saved.read_text()))
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.sort_within_step or self.args.train_sampling_strategy != "random":
@@ -193,6 +200,23 @@ class DistillationTrainer(Trainer):
                 teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], teacher_predicts
             )
         return self._frozen_head(teacher, inputs["input_ids"], inputs["attention_mask"], predicts)
+
+
+OBJECTIVE_STATE = "objective_state.json"  # in each checkpoint folder, beside the Trainer's own state
+
+
+class ObjectiveStateCallback(TrainerCallback):
+    """Writes the objective's state into every checkpoint the Trainer saves (process 0; every process
+    holds the same state), so that a resumed run continues the objective's schedule exactly."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def on_save(self, args, state, control, **kwargs):
+        state_dict = self.objective.state_dict()
+        if state_dict and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / OBJECTIVE_STATE).write_text(json.dumps(state_dict))
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:
@@ -594,6 +618,7 @@ def _train(trainer: DistillationTrainer, work_dir: Path, step_batches: StepBatch
     resume_from = get_last_checkpoint(str(work_dir))
     if resume_from:
         log.info("%s: resuming from %s", description, resume_from)
+        trainer.restore_objective_state(resume_from)
     try:
         return trainer.train(resume_from_checkpoint=resume_from)
     finally:
@@ -622,6 +647,7 @@ def _training_stats(
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),
         "parameters": sum(p.numel() for p in model.parameters()),  # the student as loaded, not as wrapped
+        "objective_state": objective.state_dict(),  # at the end (TAID's t)
         "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
     if data.step_batches is not None:
