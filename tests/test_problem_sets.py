@@ -289,7 +289,8 @@ steps:
   - generate: {{model: "testbed:teacher", name: hot, n: 2, temperature: 1.5, max_new_tokens: 120}}
   - verify: {{traces: hot}}
   - curate: {{name: all, traces: teacher}}
-  - train: {{name: student, init: "testbed:student", data: all, epochs: 1, batch_size: 8, learning_rate: 0.003}}
+  - train: {{name: student, init: "testbed:student", data: all, epochs: 1, batch_size: 8, learning_rate: 0.003,
+              report_to: [tensorboard]}}
 """
 
 
@@ -363,5 +364,11 @@ def test_the_other_stages_work_on_a_problem_set(sums_run, capsys):
     )  # the set's test split
     for name in ("trace-stats", "provenance", "memorization"):
         assert run.analysis(name).exists(), name
+    # report_to: the train step's tensorboard events, in the run, outside the fingerprint
+    assert list((run.root / "tensorboard" / "student").glob("events.out.tfevents.*"))
+    from reasondistill.stages.train import TrainConfig
+
+    tracked = TrainConfig(name="s", init="testbed:student", data="all", report_to=["tensorboard"])
+    assert tracked.identity() == TrainConfig(name="s", init="testbed:student", data="all").identity()
     main(["report", "--run-dir", root])
     assert "gsm" in (run.root / "report.md").read_text()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -321,3 +323,50 @@ def test_half_precision_weights_that_cannot_train_are_refused():
         Hyperparameters(dtype="bfloat16", precision="fp16")
     with pytest.raises(ValueError, match="dtype"):
         Hyperparameters(dtype="float16")
+
+
+def test_tensorboard_gets_the_loss_and_the_objectives_own_terms(tmp_path, tiny_init):
+    """report_to: tensorboard writes event files (offline) holding the loss and each objective's terms:
+    TAID's t, TSD-KD's direct, entropy and ranking parts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import Teachers, train_model
+
+    terms = {"taid": ["t"], "tsd_kd": ["direct", "entropy", "ranking"]}
+    for objective, names in terms.items():
+        hp = Hyperparameters(
+            objective=objective, epochs=2, max_length=48, batch_size=1, logging_steps=1,
+            trainer_args={"disable_tqdm": True},
+        )  # fmt: skip
+        logs = tmp_path / "tensorboard" / objective
+        stats = train_model(
+            tiny_init, truncation_examples(), tmp_path / objective, hp, teachers=Teachers(model=tiny_init),
+            report_to=["tensorboard"], logging_dir=logs,
+        )  # fmt: skip
+        events = EventAccumulator(str(logs))
+        events.Reload()
+        scalars = events.Tags()["scalars"]
+        assert len(events.Scalars("train/loss")) == stats["steps"] == 4, objective
+        for name in names:
+            assert len(events.Scalars(f"train/{objective}/{name}")) == 4, (objective, name)
+        if objective == "taid":  # the logged t is the objective's
+            assert events.Scalars("train/taid/t")[-1].value == pytest.approx(stats["objective_state"]["t"])
+        assert "train/learning_rate" in scalars
+
+
+@pytest.mark.parametrize(
+    "tracker, message",
+    [("tensorbored", "report_to: unknown tracker 'tensorbored'; transformers knows"),
+     ("wandb", "report_to: wandb is not installed (pip install wandb)")],
+)  # fmt: skip
+def test_a_tracker_that_cannot_report_is_refused_before_weights_load(tmp_path, tiny_init, tracker, message):
+    from reasondistill.errors import UserError
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import train_model
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        train_model(
+            tiny_init, truncation_examples(), tmp_path / "out", Hyperparameters(), report_to=[tracker]
+        )
+    assert not list(tmp_path.glob(".out*"))  # no work folder: refused before training started

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import PrivateAttr
+
 from .options import ObjectiveOptions
 
 if TYPE_CHECKING:
@@ -48,6 +50,10 @@ class Objective(ObjectiveOptions):
     """An objective that computes its loss: a subclass of its options model (so `self.beta` is an
     option) with the hooks the trainer calls. Made from a spec by `build_objective`."""
 
+    # the terms of the loss noted since the last log line: name → (sum over calls, optimizer steps seen)
+    _terms: dict = PrivateAttr(default_factory=dict)
+    _term_steps: set = PrivateAttr(default_factory=set)
+
     def setup(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Called once with the student's tokenizer before training (special token ids, separators)."""
 
@@ -62,6 +68,22 @@ class Objective(ObjectiveOptions):
 
     def __call__(self, inputs: ObjectiveInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def note_terms(self, step: int, **terms) -> None:
+        """Note parts of this call's loss (floats or 0-d tensors, on the loss's scale) for the training
+        log: each is summed over a step's micro-batches, as the loss is, and averaged over steps."""
+        self._term_steps.add(step)
+        for name, value in terms.items():
+            self._terms[name] = self._terms.get(name, 0.0) + float(value)
+
+    def logged_terms(self) -> dict[str, float]:
+        """The noted terms per optimizer step since the last call (then forgotten), by name; objectives
+        with state add it (TAID's t)."""
+        steps = max(1, len(self._term_steps))
+        terms = {name: total / steps for name, total in self._terms.items()}
+        self._terms.clear()
+        self._term_steps.clear()
+        return terms
 
     def state_dict(self) -> dict:
         """What the objective carries from one step to the next (TAID's t), as JSON: saved with every

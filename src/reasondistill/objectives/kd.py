@@ -150,6 +150,9 @@ class TAID(TAIDOptions, TokenDistillation):
         state["loss"] += loss.item()
         return loss
 
+    def logged_terms(self) -> dict[str, float]:
+        return {**super().logged_terms(), "t": self.t}
+
     def state_dict(self) -> dict:
         return {"t": self._t, **self._state}
 

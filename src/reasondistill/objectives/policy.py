@@ -130,8 +130,8 @@ class KDRL(KDRLOptions, GRPO):
             student = token_logprobs(logits, labels)
             kl = sampled_reverse_kl(student, teacher_token_logprobs(teacher, labels), self.kl_estimator)
             if self.kl_estimator == "k1":
-                return self.policy_loss(student, advantage - beta * kd_mask * kl.detach())
-            return self.policy_loss(student, advantage) + beta * kd_mask * kl
+                return self.policy_loss(student, advantage - beta * kd_mask * kl.detach()), kl.detach()
+            return self.policy_loss(student, advantage) + beta * kd_mask * kl, kl.detach()
 
         rows = {
             "teacher": inputs.teacher,
@@ -139,4 +139,6 @@ class KDRL(KDRLOptions, GRPO):
             "advantage": self.advantages(inputs),
             "kd_mask": kd_mask[inputs.sequence],
         }
-        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+        per_token_loss, kl = map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size)
+        self.note_terms(inputs.step, kl=sum_over_tokens(kl, inputs), kd_coef=beta)
+        return sum_over_tokens(per_token_loss, inputs)

@@ -156,16 +156,18 @@ class TSDKD(TSDKDOptions, Objective):
         loss = sum_over_tokens(direct, inputs)
         if len(direct) == 0:
             return loss
+        terms = {"direct": loss.detach()}
         share = len(direct) / inputs.normaliser  # micro-batch means → share of the global batch
         if self.entropy_weight:
-            loss = loss + self.entropy_weight * share * high_entropy_mean(
-                student_entropy, self.entropy_quantile
-            )
+            terms["entropy"] = share * high_entropy_mean(student_entropy, self.entropy_quantile)
+            loss = loss + self.entropy_weight * terms["entropy"]
         if self.alpha:
             early = early_entropy_positions(
                 student_entropy, inputs.sequence, inputs.num_sequences, self.ranking_entropy_share
             )
-            loss = loss + self.alpha * share * (ranking * early).sum() / early.sum()
+            terms["ranking"] = share * (ranking * early).sum() / early.sum()
+            loss = loss + self.alpha * terms["ranking"]
+        self.note_terms(inputs.step, **{name: term.detach() for name, term in terms.items()})
         return loss
 
 

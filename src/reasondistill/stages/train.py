@@ -41,7 +41,15 @@ class ServedTeacher(BackendOptions):
 
 
 class TrainConfig(GraderChoice, Hyperparameters):
+    operational = frozenset({"report_to"})  # where the logs go, not what is trained
+
     name: str = Field(description="output model name: checkpoints/<name>")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers, as transformers names them (tensorboard, wandb, mlflow, trackio, …): "
+        "the step is the run name; tensorboard writes to the run's tensorboard/<name>, the others where "
+        "their own settings say",
+    )
     init: str = Field(
         description="starting weights: testbed:student, a model trained in this run, a model folder or a Hub id"
     )
@@ -175,6 +183,7 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
                 Path(init.path), examples, run.checkpoint(cfg.name), hyperparameters, teachers=teachers,
                 on_policy=cfg.on_policy, problems=problems_by_id(run) if cfg.on_policy else None,
                 grader_for=cfg.grader_for, description=f"train:{cfg.name}", resume_key=step_fingerprint,
+                report_to=cfg.report_to, logging_dir=run.root / "tensorboard" / cfg.name,
             )  # fmt: skip
         finally:
             if teachers.scorer is not None:

@@ -123,8 +123,13 @@ class DistillationTrainer(Trainer):
         return batches, self._get_num_items_in_batch(batches, device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.step_batches is not None and "loss" in logs:
-            logs.update(self.step_batches.recent_metrics())
+        """The Trainer's log line (and every tracker's), with the objective's own terms since the last
+        line (`<objective>/<term>`: TSD-KD's parts, TAID's t, KDRL's KL) and the on-policy statistics."""
+        if "loss" in logs:
+            terms = self.objective.logged_terms()
+            logs.update({f"{self.objective.name}/{name}": value for name, value in terms.items()})
+            if self.step_batches is not None:
+                logs.update(self.step_batches.recent_metrics())
         super().log(logs, start_time)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -391,12 +396,16 @@ def train_model(
     grader_for: Callable[[str], Grader] = default_grader,
     description: str = "train",
     resume_key: str = "",
+    report_to: Sequence[str] = (),
+    logging_dir: Path | None = None,
 ) -> dict:
     """Train the model at `init` on `examples` and save it (with its tokenizer) to `output_dir`.
 
     An interrupted run resumes from the newest checkpoint in `.<output_dir>.work` if that was made
     with the same `resume_key` (the step fingerprint), and starts afresh otherwise; the finished
-    model appears at `output_dir` atomically. Returns training statistics.
+    model appears at `output_dir` atomically. Returns training statistics. `report_to` names
+    experiment trackers (as transformers does); tensorboard's event files go to `logging_dir`
+    (default: `<output_dir>.tensorboard`).
 
     With `on_policy` the examples are prompts the student answers itself (their completions serve
     the off-policy steps, if any); `problems` (by id) grade those answers with `grader_for(task)`.
@@ -415,7 +424,7 @@ def train_model(
             objective, tokenizer, examples, hp, teachers, on_policy, problems, grader_for, description
         )
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
-    args = _training_arguments(hp, work_dir, description)
+    args = _training_arguments(hp, work_dir, description, list(report_to))
     model = load_causal_lm(init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device))
     frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
     vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
@@ -436,6 +445,9 @@ def train_model(
         sort_within_step=hp.sort_within_step and on_policy is None,
         teacher_is_student=teachers.model == TEACHER_SELF,
         step_batches=data.step_batches,
+        callbacks=tracker_callbacks(
+            report_to, logging_dir or output_dir.with_name(f"{output_dir.name}.tensorboard")
+        ),
     )
     result = _train(trainer, work_dir, data.step_batches, description)
     stats = {
@@ -522,7 +534,9 @@ def _on_policy_data(
     return _TrainingData(dataset, collate_indices, step_batches=step_batches)
 
 
-def _training_arguments(hp: Hyperparameters, work_dir: Path, description: str) -> TrainingArguments:
+def _training_arguments(
+    hp: Hyperparameters, work_dir: Path, description: str, report_to: list[str]
+) -> TrainingArguments:
     """The Trainer's arguments: ours from the hyperparameters, plus `trainer_args` that do not override them."""
     ours = dict(
         output_dir=str(work_dir),
@@ -538,7 +552,11 @@ def _training_arguments(hp: Hyperparameters, work_dir: Path, description: str) -
         save_total_limit=1,
         logging_steps=hp.logging_steps,
         seed=hp.seed,
-        report_to=[],
+        # tensorboard goes through our own callback (tracker_callbacks), to a folder that outlives the run
+        report_to=[
+            tracker for tracker in _checked_trackers(report_to, description) if tracker != "tensorboard"
+        ],
+        run_name=description,
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision_flags(hp.precision),
@@ -552,6 +570,36 @@ def _training_arguments(hp: Hyperparameters, work_dir: Path, description: str) -
         return TrainingArguments(**ours, **hp.trainer_args)
     except (TypeError, ValueError) as err:
         raise UserError(f"{description}: invalid training arguments: {err}") from None
+
+
+def _checked_trackers(report_to: list[str], description: str) -> list[str]:
+    """`report_to`, refused in one line (before any weights load) if it names a tracker transformers
+    does not know or one that is not installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    for tracker in report_to:
+        if tracker not in INTEGRATION_TO_CALLBACK:
+            raise UserError(
+                f"{description}: report_to: unknown tracker {tracker!r}; transformers knows "
+                f"{', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
+        if tracker not in get_available_reporting_integrations():
+            raise UserError(f"{description}: report_to: {tracker} is not installed (pip install {tracker})")
+    return report_to
+
+
+def tracker_callbacks(report_to: list[str], logging_dir: Path) -> list[TrainerCallback]:
+    """Callbacks the Trainer does not make itself: tensorboard's, writing to `logging_dir` (the
+    Trainer's own would write into the work folder, which goes when training ends)."""
+    if "tensorboard" not in report_to:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(SummaryWriter(log_dir=str(logging_dir)))]
 
 
 def _load_frozen(
