@@ -84,11 +84,19 @@ def check_model_folder(
     Always: remote code, a tokenizer, and an architecture transformers knows where there is a
     config.json. With `model`: a config.json (a tokenizer-only folder needs none); with
     `chat_template`: a tokenizer chat template (prompts are rendered with it); with `weights`: weights
-    that a safe load accepts. A path that is not a local folder (a Hub id) is left to the loaders.
+    that a safe load accepts. A LoRA adapter folder is checked as its base model (config, weights) and
+    its own tokenizer. A path that is not a local folder (a Hub id) is left to the loaders.
     """
     folder = Path(path)
     if not folder.is_dir():
         return
+    base = adapter_base(folder)
+    if base is not None:  # a LoRA adapter: the base model's config and weights, its own tokenizer
+        if model:
+            check_model_folder(base, chat_template=False, weights=weights)
+            if weights and not (folder / "adapter_model.safetensors").is_file():
+                raise UserError(f"{folder}: a LoRA adapter without adapter_model.safetensors")
+        model = False  # the folder itself holds no config.json: check its tokenizer below
     config_path, tokenizer_path = folder / "config.json", folder / "tokenizer_config.json"
     if model and not config_path.is_file():
         raise UserError(
@@ -186,18 +194,41 @@ def load_tokenizer(path: str | Path, *, chat_template: bool = True, **kwargs):
 
 
 def load_config(path: str | Path, **kwargs):
+    """The model config at `path` (an adapter's: its base model's)."""
     from transformers import AutoConfig
 
+    base = adapter_base(path)
+    if base is not None:
+        return load_config(base, **kwargs)
     check_model_folder(path, weights=False, chat_template=False)
     return _from_pretrained(AutoConfig.from_pretrained, path, "config", **kwargs)
 
 
 def load_causal_lm(path: str | Path, **kwargs):
-    """A causal language model (`AutoModelForCausalLM.from_pretrained(path, **kwargs)`), pre-flighted."""
+    """A causal language model (`AutoModelForCausalLM.from_pretrained(path, **kwargs)`), pre-flighted.
+    A LoRA adapter folder loads its base model with the adapter merged in."""
     from transformers import AutoModelForCausalLM
 
     check_model_folder(path, chat_template=False)
+    base = adapter_base(path)
+    if base is not None:
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(load_causal_lm(base, **kwargs), str(path)).merge_and_unload()
+        return merged.requires_grad_(True)  # as from_pretrained leaves a model (peft froze the base)
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a LoRA adapter folder (`adapter_config.json`, no `config.json`), else None."""
+    folder = Path(path)
+    adapter = folder / "adapter_config.json"
+    if not adapter.is_file() or (folder / "config.json").is_file():
+        return None
+    base = _read_json(adapter).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter}: no base_model_name_or_path; cannot tell which model it adapts")
+    return base
 
 
 # ---- dtype and attention kernel -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..models import check_model_folder, trust_remote_code
+from ..models import adapter_base, check_model_folder, trust_remote_code
 from .base import Completion, Failure, ProgressCallback, SamplingParams, TokenIdGenerator, Usage, prompt_seeds
 from .logprobs import TokenLogprobs, from_candidates
 
@@ -85,6 +85,11 @@ class VLLMGenerator(TokenIdGenerator):
             ) from err
         if not colocate:  # (colocated: the model being trained, checked when it was loaded)
             check_model_folder(path)  # before vLLM starts its engine: seconds to minutes
+            if adapter_base(path) is not None:
+                raise UserError(
+                    f"{path}: a LoRA adapter; the vllm backend loads full models: train with lora.merge: true, "
+                    "or use the hf backend (it merges the adapter when it loads)"
+                )
         self._vllm = vllm
         self._tokens_prompt = TokensPrompt
         self.path = str(path)

@@ -23,6 +23,7 @@ from ..store import (
 )
 from ..tasks.selection import GraderChoice, ProblemSelection
 from ..train.hyperparameters import Hyperparameters, missing_inputs
+from ..train.lora import LoraOptions
 from ..train.on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from ..ui import note
 from .base import Stage
@@ -44,6 +45,11 @@ class TrainConfig(GraderChoice, Hyperparameters):
     operational = frozenset({"report_to"})  # where the logs go, not what is trained
 
     name: str = Field(description="output model name: checkpoints/<name>")
+    lora: LoraOptions | None = Field(
+        None,
+        description="train LoRA adapters on the student instead of all its weights: r, alpha, dropout, "
+        "target_modules, merge (save merged full weights instead of an adapter folder)",
+    )
     report_to: list[str] = Field(
         default_factory=list,
         description="experiment trackers, as transformers names them (tensorboard, wandb, mlflow, trackio, …): "
@@ -183,7 +189,7 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
                 Path(init.path), examples, run.checkpoint(cfg.name), hyperparameters, teachers=teachers,
                 on_policy=cfg.on_policy, problems=problems_by_id(run) if cfg.on_policy else None,
                 grader_for=cfg.grader_for, description=f"train:{cfg.name}", resume_key=step_fingerprint,
-                report_to=cfg.report_to, logging_dir=run.root / "tensorboard" / cfg.name,
+                report_to=cfg.report_to, logging_dir=run.root / "tensorboard" / cfg.name, lora=cfg.lora,
             )  # fmt: skip
         finally:
             if teachers.scorer is not None:

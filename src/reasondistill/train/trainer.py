@@ -38,6 +38,7 @@ from .data import (
     tokenize_pairs,
 )
 from .hyperparameters import Hyperparameters, missing_inputs
+from .lora import LoraOptions, check_targets, trainable_parameters, with_lora
 from .on_policy import StepBatches, collate_indices, on_policy_stats, prompt_rows
 from .on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from .teachers import (
@@ -398,6 +399,7 @@ def train_model(
     resume_key: str = "",
     report_to: Sequence[str] = (),
     logging_dir: Path | None = None,
+    lora: LoraOptions | None = None,
 ) -> dict:
     """Train the model at `init` on `examples` and save it (with its tokenizer) to `output_dir`.
 
@@ -405,7 +407,8 @@ def train_model(
     with the same `resume_key` (the step fingerprint), and starts afresh otherwise; the finished
     model appears at `output_dir` atomically. Returns training statistics. `report_to` names
     experiment trackers (as transformers does); tensorboard's event files go to `logging_dir`
-    (default: `<output_dir>.tensorboard`).
+    (default: `<output_dir>.tensorboard`). With `lora` the student trains low-rank adapters only and
+    is saved as an adapter folder, or merged (see lora.py).
 
     With `on_policy` the examples are prompts the student answers itself (their completions serve
     the off-policy steps, if any); `problems` (by id) grade those answers with `grader_for(task)`.
@@ -414,6 +417,8 @@ def train_model(
     objective = build_objective(hp.objective_spec)
     _check_inputs(objective, examples, teachers, on_policy, description)
     tokenizer = load_tokenizer(init)
+    if lora is not None:
+        check_targets(lora, init, description)
     warn_beyond_positions(init, hp.max_length, description)
     template = _check_reasoning_template(tokenizer, teachers, description)
     objective.setup(tokenizer)
@@ -427,6 +432,8 @@ def train_model(
     args = _training_arguments(hp, work_dir, description, list(report_to))
     model = load_causal_lm(init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device))
     frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
+    if lora is not None:
+        model = with_lora(model, lora, hp.seed)
     vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
     _check_stored_ids(data.stored_rows, vocab_size, teachers.stored_source)
     # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
@@ -454,7 +461,9 @@ def train_model(
         **_training_stats(init, model, hp, objective, data, trainer, result),
         "reasoning_template": template,
     }
-    _save_atomically(trainer, tokenizer, stats, output_dir, work_dir)
+    if lora is not None:
+        stats["lora"] = {**lora.model_dump(), "trainable_parameters": trainable_parameters(model)}
+    _save_atomically(trainer, tokenizer, stats, output_dir, work_dir, lora, init)
     return stats
 
 
@@ -704,12 +713,26 @@ def _training_stats(
 
 
 def _save_atomically(
-    trainer: DistillationTrainer, tokenizer, stats: dict, output_dir: Path, work_dir: Path
+    trainer: DistillationTrainer,
+    tokenizer,
+    stats: dict,
+    output_dir: Path,
+    work_dir: Path,
+    lora: LoraOptions | None = None,
+    init: Path | str = "",
 ) -> None:
-    """Write model, tokenizer and stats beside `output_dir`, then rename into place and drop the checkpoints."""
+    """Write model, tokenizer and stats beside `output_dir`, then rename into place and drop the checkpoints.
+    LoRA: the adapter (naming its base by absolute path when the base is a folder), or merged weights."""
     staging = output_dir.with_name(f".{output_dir.name}.final")
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
+    if lora is not None and lora.merge:
+        if trainer.args.should_save:
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(str(staging))
+    else:
+        if lora is not None and Path(init).is_dir():
+            config = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
+            config.base_model_name_or_path = str(Path(init).resolve())
+        trainer.save_model(str(staging))
     tokenizer.save_pretrained(str(staging))
     (staging / "training_stats.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(output_dir, ignore_errors=True)
