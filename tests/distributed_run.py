@@ -1,7 +1,8 @@
 """Train tiny students with DistillationTrainer and write what each run did, for test_distributed.py.
 
 Run as `python distributed_run.py OUT_DIR RUN...` (one process) or under `accelerate launch` (several);
-each RUN is `name:objective:per_device_batch:accumulation`. Every rank writes `OUT_DIR/rank<R>.json`:
+each RUN is `name:objective:per_device_batch:accumulation` (a name starting with `lora` trains LoRA
+adapters). Every rank writes `OUT_DIR/rank<R>.json`:
 per run, the logged loss and gradient norm of every optimizer step, the final parameters and the
 objective's state.
 """
@@ -21,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from reasondistill.objectives import make_objective
 from reasondistill.objectives.base import IGNORE_INDEX
 from reasondistill.train.data import CompletionCollator
+from reasondistill.train.lora import LoraOptions, with_lora
 from reasondistill.train.trainer import DistillationTrainer
 
 EXAMPLES = 16  # 4 optimizer steps per epoch at a global batch of 4
@@ -53,6 +55,8 @@ def tiny_model(seed: int) -> Qwen2ForCausalLM:
 
 def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: int) -> dict:
     student = tiny_model(seed=0)
+    if name.startswith("lora"):  # adapters on every linear layer but the head, the rest frozen
+        student = with_lora(student, LoraOptions(r=4, alpha=8, dropout=0.0), seed=0)
     teacher = None
     if objective != "sft":
         teacher = tiny_model(seed=1).eval().requires_grad_(False)
@@ -85,7 +89,9 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         teacher=teacher,
         sort_within_step=True,  # as train_model does
     )
+    before = [p.detach().clone() for p in student.parameters() if p.requires_grad]
     trainer.train()
+    after = [p.detach() for p in student.parameters() if p.requires_grad]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
         "world_size": args.world_size,
@@ -95,6 +101,9 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         "grad_norm": [entry["grad_norm"] for entry in logs],
         "parameters": torch.cat([p.detach().flatten() for p in student.parameters()]).tolist(),
         "objective_state": loss.state_dict(),  # TAID's t: moved by the loss summed over the processes
+        "moved": sum(
+            float((a - b).abs().sum()) for a, b in zip(after, before, strict=True)
+        ),  # trainable weights
     }
 
 
