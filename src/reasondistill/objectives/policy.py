@@ -140,5 +140,5 @@ class KDRL(KDRLOptions, GRPO):
             "kd_mask": kd_mask[inputs.sequence],
         }
         per_token_loss, kl = map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size)
-        self.note_terms(inputs.step, kl=sum_over_tokens(kl, inputs), kd_coef=beta)
+        self.note_terms(inputs.step, kl=sum_over_tokens(kl, inputs))
         return sum_over_tokens(per_token_loss, inputs)

@@ -453,7 +453,7 @@ def train_model(
         teacher_is_student=teachers.model == TEACHER_SELF,
         step_batches=data.step_batches,
         callbacks=tracker_callbacks(
-            report_to, logging_dir or output_dir.with_name(f"{output_dir.name}.tensorboard")
+            report_to, logging_dir or output_dir.with_name(f"{output_dir.name}.tensorboard"), args
         ),
     )
     result = _train(trainer, work_dir, data.step_batches, description)
@@ -600,10 +600,13 @@ def _checked_trackers(report_to: list[str], description: str) -> list[str]:
     return report_to
 
 
-def tracker_callbacks(report_to: list[str], logging_dir: Path) -> list[TrainerCallback]:
+def tracker_callbacks(
+    report_to: Sequence[str], logging_dir: Path, args: TrainingArguments
+) -> list[TrainerCallback]:
     """Callbacks the Trainer does not make itself: tensorboard's, writing to `logging_dir` (the
-    Trainer's own would write into the work folder, which goes when training ends)."""
-    if "tensorboard" not in report_to:
+    Trainer's own would write into the work folder, which goes when training ends), on process 0
+    only (the others log nothing, and would leave empty event files)."""
+    if "tensorboard" not in report_to or args.process_index != 0:
         return []
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
