@@ -2,7 +2,7 @@
 
 Run as `python distributed_run.py OUT_DIR RUN...` (one process) or under `accelerate launch` (several);
 each RUN is `name:objective:per_device_batch:accumulation` (a name starting with `lora` trains LoRA
-adapters). Every rank writes `OUT_DIR/rank<R>.json`:
+adapters; one starting with `fsdp` asks for FSDP2 on several processes). Every rank writes `OUT_DIR/rank<R>.json`:
 per run, the logged loss and gradient norm of every optimizer step, the final parameters and the
 objective's state.
 """
@@ -62,7 +62,11 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         teacher = tiny_model(seed=1).eval().requires_grad_(False)
         with torch.no_grad():  # a peaked teacher, so the divergence is far from zero
             teacher.lm_head.weight.mul_(30)
+    sharded = {}
+    if name.startswith("fsdp") and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # asked for on CPU processes
+        sharded = {"fsdp": True, "fsdp_config": {"version": 2}}
     args = TrainingArguments(
+        **sharded,
         output_dir=str(out_dir / name),
         use_cpu=True,  # gloo under `accelerate launch`
         per_device_train_batch_size=batch,

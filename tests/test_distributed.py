@@ -17,6 +17,9 @@ RUNS = {
     "kd": ("forward_kl", (4, 1), (1, 2)),  # an online teacher, and accumulation on the two processes
     "taid": ("taid", (4, 1), (2, 1)),  # a stateful objective: its t must move alike on every process
     "lora": ("sft", (4, 1), (2, 1)),  # LoRA adapters (peft) under DDP
+    # FSDP2 asked for on CPU processes: accelerate enables it on accelerators only, so this trains as
+    # DDP (the same weights as one process), and the trainer says so rather than pretend to shard
+    "fsdp-on-cpu": ("sft", (4, 1), (2, 1)),
 }
 
 
@@ -120,6 +123,9 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_the_same_global_ba
                 [expected[k] or 0.0 for k in shared],
                 f"{what}: objective state",
             )
+    assert output.count("fsdp was asked for but accelerate did not enable it") == 2, output[
+        -4000:
+    ]  # each rank
     # the two processes hold one t, not two that drift apart
     assert ranks[0]["taid"]["objective_state"]["t"] == ranks[1]["taid"]["objective_state"]["t"]
     assert one["taid"]["objective_state"]["t"] > 0.4  # it moved

@@ -96,6 +96,13 @@ class DistillationTrainer(Trainer):
         # so the Trainer must count them and must not divide by the accumulation steps once more.
         self.model_accepts_loss_kwargs = True
         self.add_callback(ObjectiveStateCallback(objective))
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate 1.x switches to FSDP on accelerators only (MULTI_GPU, …; accelerate/state.py),
+            # not for a gloo group of CPU processes: the run would be plain data parallel, unsharded
+            log.warning(
+                "fsdp was asked for but accelerate did not enable it (it shards on GPUs and other "
+                "accelerators only, not on CPU processes): training runs unsharded, as data parallel"
+            )
 
     def restore_objective_state(self, checkpoint: str | Path) -> None:
         """Give the objective the state it had when `checkpoint` was saved (TAID's t), if it had one."""
