@@ -286,7 +286,8 @@ CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of the corr
 def choice_question(context: str, question: str, options: list, letters: str = "ABCD") -> str:
     """Context, question and the options lettered `A. …` (as many letters as options)."""
     lines = [f"{letter}. {text}" for letter, text in zip(letters, options, strict=False)]
-    return f"{context}\n\n{question}\n".lstrip() + "\n".join(lines)
+    head = f"{context}\n\n{question}\n" if context else f"{question}\n"
+    return head + "\n".join(lines)
 
 
 def _logiqa(row: Row, index: int) -> Item:
