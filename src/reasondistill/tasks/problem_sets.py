@@ -262,9 +262,25 @@ def set_file_sha256(spec: ProblemSetSpec) -> str:
 def load_problem_set(spec: ProblemSetSpec, file_digest: str | None = None) -> LoadedSet:
     """Every problem of the set (up to its limit), split into train and test, with its source record.
     `file_digest`: the file's sha256 where the caller has it already (large sets are hashed once)."""
-    if spec.benchmark is not None:
-        return _benchmark_split(spec, BENCHMARKS[spec.benchmark], file_digest)
-    rows, source = _file_rows(spec, file_digest) if spec.file is not None else _hub_rows(spec)
+    benchmark = BENCHMARKS[spec.benchmark] if spec.benchmark is not None else None
+    if spec.file is not None:
+        rows, source = _file_rows(spec, file_digest, default_format=benchmark and benchmark.file_format)
+    else:
+        rows, source = _hub_rows(spec)
+    if benchmark is not None:
+        problems, dropped = _benchmark_problems(spec, benchmark, rows), []
+        source["benchmark"] = benchmark.name
+    else:
+        problems, dropped = _set_problems(spec, rows)
+    if not problems:
+        raise UserError(f"problem set {spec.name}: {_describe(source)} holds no problems")
+    train, test = _split(problems, spec.test_fraction, spec.seed)
+    report = {"bad_answer": len(dropped), "first": dropped[:3]} if dropped else {}
+    return LoadedSet(train, test, source, report)
+
+
+def _set_problems(spec: ProblemSetSpec, rows) -> tuple[list[Problem], list[str]]:
+    """The rows read through the set's field mapping, and where the rows without an answer were."""
     problems, where_of, dropped = [], {}, []
     for index, (where, data) in enumerate(rows):
         if spec.limit is not None and len(problems) >= spec.limit:
@@ -280,27 +296,16 @@ def load_problem_set(spec: ProblemSetSpec, file_digest: str | None = None) -> Lo
             )
         where_of[problem.id] = where
         problems.append(problem)
-    if not problems:
-        raise UserError(f"problem set {spec.name}: {_describe(source)} holds no problems")
-    train, test = _split(problems, spec.test_fraction, spec.seed)
-    report = {"bad_answer": len(dropped), "first": dropped[:3]} if dropped else {}
-    return LoadedSet(train, test, source, report)
+    return problems, dropped
 
 
-def _benchmark_split(spec: ProblemSetSpec, benchmark: Benchmark, file_digest: str | None) -> LoadedSet:
+def _benchmark_problems(spec: ProblemSetSpec, benchmark: Benchmark, rows) -> list[Problem]:
     """A benchmark's training rows, read as the benchmark reads its test rows."""
-    if spec.file is not None:
-        rows, source = _file_rows(spec, file_digest, default_format=benchmark.file_format)
-    else:
-        rows, source = _hub_rows(spec)
     problems = benchmark.problems(rows, spec.name, spec.limit)
     if spec.system_prompt:
         system = Message(role="system", content=spec.system_prompt)
         problems = [p.model_copy(update={"messages": [system, *p.messages]}) for p in problems]
-    if not problems:
-        raise UserError(f"problem set {spec.name}: {_describe(source)} holds no problems")
-    train, test = _split(problems, spec.test_fraction, spec.seed)
-    return LoadedSet(train, test, {**source, "benchmark": benchmark.name})
+    return problems
 
 
 def _split(problems: list[Problem], fraction: float, seed: int) -> tuple[list[Problem], list[Problem]]:
