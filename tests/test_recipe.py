@@ -230,3 +230,23 @@ def test_every_curation_operator_has_a_packaged_recipe():
         with resources.as_file(resources.files("reasondistill") / "recipes" / name) as path:
             used |= {op.op for s in load_recipe(path)[1] if s.stage.name == "curate" for op in s.config.ops}
     assert used == set(OPERATORS)
+
+
+def test_defaults_are_sized_for_reasoning_and_the_testbed_recipes_keep_small_lengths(tmp_path):
+    """Real reasoning traces run to thousands of tokens; the testbed's models have 1,024 positions."""
+    from importlib import resources
+
+    from reasondistill.evaluate.harness import EvalOptions
+    from reasondistill.stages.generate import GenerateConfig
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.on_policy_options import OnPolicyOptions
+
+    assert GenerateConfig(model="m").max_new_tokens == EvalOptions().max_new_tokens == 4096
+    assert Hyperparameters().max_length == 4096 and OnPolicyOptions().max_new_tokens == 1024
+    for name in ("demo.yaml", "token-kd.yaml", "teacher-selection.yaml"):
+        with resources.as_file(resources.files("reasondistill") / "recipes" / name) as path:
+            _, steps = load_recipe(path)
+        for step in steps:
+            for option in ("max_new_tokens", "max_length"):
+                if option in type(step.config).model_fields:
+                    assert getattr(step.config, option) <= 512, (name, step.where, option)

@@ -242,9 +242,11 @@ def test_engine_gets_raw_logprobs_and_the_logprob_cap(fake_vllm):
         2048,
         5,
     )
+    assert llm.kwargs["dtype"] == "auto"  # vLLM's own auto unless the step names a dtype
     assert generator.describe() == {"backend": "vllm", "model": "/models/teacher", "vllm": "0.0.fake"}
     generator.close()
     assert generator.llm is None
+    assert make(dtype="bfloat16")[1].kwargs["dtype"] == "bfloat16"
     generator.close()  # twice is harmless
 
 
