@@ -23,11 +23,13 @@ RUNS = {
 }
 
 
-def launch_two_processes(out_dir: Path, env_home: Path, log) -> subprocess.Popen:
-    """`accelerate launch` of the script on two local CPU processes joined by gloo.
+def launch_two_processes(command: list[str], env_home: Path, log) -> subprocess.Popen:
+    """`accelerate launch` of `command` (a script and its arguments, or `-m module …`) on two local
+    CPU processes joined by gloo.
 
     `--multi_gpu` selects the torchrun launcher, which starts the two local processes (`--cpu` would
-    start one unless mpirun is configured); the script's `use_cpu=True` makes them a gloo group.
+    start one unless mpirun is configured); without an accelerator the processes join as a gloo
+    group (`use_cpu=True` in the script; reasondistill's trainer sets it itself).
     HF_HOME points at an empty folder, so no accelerate config file of the user is read.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
@@ -40,7 +42,7 @@ def launch_two_processes(out_dir: Path, env_home: Path, log) -> subprocess.Popen
         HF_HUB_OFFLINE="1",
         CUDA_VISIBLE_DEVICES="",
     )
-    command = [
+    launch = [
         sys.executable,
         "-m",
         "accelerate.commands.accelerate_cli",
@@ -51,17 +53,24 @@ def launch_two_processes(out_dir: Path, env_home: Path, log) -> subprocess.Popen
         "--mixed_precision=no",
         "--dynamo_backend=no",
         "--main_process_port=0",  # a free port, chosen by accelerate
-        str(SCRIPT),
-        str(out_dir),
-        *(f"{name}:{objective}:{b}:{a}" for name, (objective, _, (b, a)) in RUNS.items()),
     ]
     return subprocess.Popen(
-        command,
+        [*launch, *command],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so a hung launch is stopped with its workers
     )
+
+
+def finished(launch: subprocess.Popen, timeout: float) -> int:
+    """The launch's exit status; one still running after `timeout` is killed with its workers."""
+    try:
+        return launch.wait(timeout=timeout)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
 
 
 def assert_close(got: list[float], expected: list[float], what: str, rel: float = 1e-4, abs_: float = 1e-6):
@@ -82,21 +91,19 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_the_same_global_ba
     two_dir = tmp_path / "two"
     two_dir.mkdir()
     log_path = tmp_path / "launch.log"
+    runs = [f"{name}:{objective}:{b}:{a}" for name, (objective, _, (b, a)) in RUNS.items()]
     with log_path.open("w") as log:
-        launch = launch_two_processes(two_dir, tmp_path / "hf_home", log)
+        launch = launch_two_processes([str(SCRIPT), str(two_dir), *runs], tmp_path / "hf_home", log)
         try:
             # the one-process reference trains here, meanwhile
             one = {
                 name: train(tmp_path / "one", name, objective, *single)
                 for name, (objective, single, _) in RUNS.items()
             }
-            launch.wait(timeout=240)
         finally:
-            if launch.poll() is None:
-                os.killpg(launch.pid, signal.SIGKILL)
-                launch.wait()
+            returncode = finished(launch, timeout=240)
     output = log_path.read_text()
-    assert launch.returncode == 0, f"accelerate launch failed:\n{output[-4000:]}"
+    assert returncode == 0, f"accelerate launch failed:\n{output[-4000:]}"
 
     ranks = [json.loads((two_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for name, reference in one.items():
@@ -129,3 +136,112 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_the_same_global_ba
     # the two processes hold one t, not two that drift apart
     assert ranks[0]["taid"]["objective_state"]["t"] == ranks[1]["taid"]["objective_state"]["t"]
     assert one["taid"]["objective_state"]["t"] > 0.4  # it moved
+
+
+# The stage, as a user runs it: `accelerate launch -m reasondistill run recipe.yaml`. Steps that are not
+# training run on process 0; each train step runs in both processes. SGD: Adam divides each update by
+# the gradient's running RMS, which turns the last-bit differences of a sum taken in another order
+# (1e-9, on weights whose gradient is nearly zero) into differences of the learning rate's size.
+STAGE_RECIPE = """
+run_dir: {run_dir}
+seed: 0
+defaults:
+  train: {{init: "testbed:student", data: all, epochs: 2, batch_size: {batch}, max_length: 256,
+           learning_rate: 0.5, warmup_ratio: 0, logging_steps: 1, trainer_args: {{optim: sgd}}}}
+steps:
+  - problems: {{tasks: [arithmetic], train: 16, test: 4}}
+  - generate: {{model: "testbed:teacher", name: teacher, n: 1, temperature: 0.8, max_new_tokens: 160}}
+  - score: {{name: top5, model: "testbed:teacher", traces: teacher, top_k: 5}}
+  - verify: {{traces: teacher}}
+  # trains proxy students on process 0 alone, while the other process waits
+  - select_teacher: {{name: pick, teachers: [teacher], student: "testbed:student", max_length: 256,
+                     proxy: {{steps: 2, max_length: 256, batch_size: 4, problems: 4, max_new_tokens: 16}}}}
+  - curate: {{name: all, traces: teacher, keep: [correct, incorrect, unparseable]}}
+  - train: {{name: sft, objective: sft}}
+  - train: {{name: kd, objective: forward_kl, teacher: "testbed:teacher"}}
+  - train: {{name: kd-stored, objective: forward_kl, teacher_logprobs: top5}}
+  - train: {{name: gkd, objective: jsd, objective_args: {{beta: 0.5}}, teacher: "testbed:teacher",
+            on_policy: {{fraction: 0.5, max_new_tokens: 16}}}}
+"""
+TRAINED = ("sft", "kd", "kd-stored", "gkd")
+
+
+def test_the_train_stage_on_two_processes_writes_once_and_trains_as_one(testbed, tmp_path):
+    """`accelerate launch -m reasondistill run` on 2 processes with 4 examples each per step gives the
+    weights of the one-process run with 8: SFT, forward KL from an online teacher and from a stored
+    top-5, and on-policy GKD (λ = 0.5, each process sampling its share of the step's prompts with
+    per-prompt seeds). Process 0 alone writes: one manifest record per step, one model per train
+    step, nothing left of the tokenized data, the checkpoints or the staging folders."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    from reasondistill.cli import main
+
+    recipes = {}
+    for name, batch in (("one", 8), ("two", 4)):
+        recipes[name] = tmp_path / f"{name}.yaml"
+        recipes[name].write_text(STAGE_RECIPE.format(run_dir=tmp_path / name, batch=batch))
+    log_path = tmp_path / "launch.log"
+    with log_path.open("w") as log:
+        launch = launch_two_processes(
+            ["-m", "reasondistill", "run", str(recipes["two"])], tmp_path / "hf_home", log
+        )
+        try:
+            main(["run", str(recipes["one"])])  # the one-process reference, meanwhile
+        finally:
+            returncode = finished(launch, timeout=300)
+    output = log_path.read_text()
+    assert returncode == 0, f"accelerate launch failed:\n{output[-4000:]}"
+
+    manifests = {name: json.loads((tmp_path / name / "manifest.json").read_text()) for name in recipes}
+    assert list(manifests["two"]["steps"]) == list(manifests["one"]["steps"])
+    assert len(manifests["two"]["steps"]) == 10
+    proxy = manifests["two"]["steps"]["select_teacher:pick"]["stats"]
+    assert proxy == manifests["one"]["steps"]["select_teacher:pick"]["stats"]
+    checkpoints = tmp_path / "two" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(TRAINED)  # no .work, .tokens, .final
+    for name in TRAINED:
+        stats = {run: manifests[run]["steps"][f"train:{name}"]["stats"] for run in recipes}
+        assert stats["one"]["processes"] == 1 and stats["two"]["processes"] == 2, name
+        assert stats["one"]["steps"] == stats["two"]["steps"] == 4, name
+        assert not any(p.name.startswith("checkpoint-") for p in (checkpoints / name).iterdir()), name
+        one = load_file(tmp_path / "one" / "checkpoints" / name / "model.safetensors")
+        two = load_file(checkpoints / name / "model.safetensors")
+        moved = max(float((one[k] - two[k]).abs().max()) for k in one)
+        assert moved < 1e-6, f"{name}: the 2-process weights differ from the 1-process ones by {moved:.2e}"
+        assert [loss for _, loss in stats["two"]["loss_curve"]] == pytest.approx(
+            [loss for _, loss in stats["one"]["loss_curve"]], rel=1e-5
+        ), name
+    # on-policy: the step's samples came from both processes, and they are those of one process
+    sampled = [manifests[run]["steps"]["train:gkd"]["stats"]["on_policy"] for run in recipes]
+    assert sampled[0]["on_policy_steps"] >= 1
+    assert sampled[1] == {**sampled[0], "sample_seconds": sampled[1]["sample_seconds"],
+                          "score_seconds": sampled[1]["score_seconds"]}  # fmt: skip
+    # the traces were generated by process 0 alone: the rows of the one-process run
+    shards = [sorted((tmp_path / run / "traces" / "teacher").glob("shard-*.parquet")) for run in recipes]
+    assert [p.name for p in shards[0]] == [p.name for p in shards[1]] == ["shard-00000.parquet"]
+    assert pq.read_table(shards[0][0]).equals(pq.read_table(shards[1][0]))
+
+
+def test_a_step_that_fails_on_process_0_stops_every_process(tmp_path):
+    """A step other than training runs on process 0; its failure stops the others too, with a line
+    naming it (not a hang at the next barrier), and the run directory it created is removed."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"nothing": 1}\n')
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        f"run_dir: {tmp_path / 'run'}\nsteps:\n"
+        f"  - problems: {{tasks: [], sets: [{{name: mine, file: {bad}}}]}}\n"
+        "  - train: {name: sft, init: testbed:student, data: problems, on_policy: {fraction: 1}}\n"
+    )
+    log_path = tmp_path / "launch.log"
+    with log_path.open("w") as log:
+        returncode = finished(
+            launch_two_processes(["-m", "reasondistill", "run", str(recipe)], tmp_path / "hf_home", log),
+            timeout=120,
+        )
+    output = log_path.read_text()
+    assert returncode != 0
+    assert f"{bad} line 2: problem set mine: no field 'question'" in output
+    assert "problems step failed on process 0" in output and "this process 1 stops too" in output
+    assert not (tmp_path / "run").exists()

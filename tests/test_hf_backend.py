@@ -9,7 +9,7 @@ import torch
 from reasondistill.chat import completion_ids, prompt_ids
 from reasondistill.cli import main
 from reasondistill.generate.base import SamplingParams
-from reasondistill.generate.hf import HFGenerator
+from reasondistill.generate.hf import HFGenerator, RowSeededSampling
 from reasondistill.generate.logprobs import read_logprobs
 from reasondistill.records import Trace, read_records
 from reasondistill.rundir import RunDir
@@ -35,6 +35,40 @@ def test_greedy_completions_do_not_depend_on_batching_or_left_padding(testbed, t
     one_by_one = HFGenerator(testbed / "teacher", batch_size=1)
     assert [c[0].text for c in one_by_one.generate(prompts, greedy)] == batched
     assert all("The answer is" in text for text in batched)
+
+
+def test_row_seeded_samples_depend_on_their_seed_and_prompt_only(testbed, prompts):
+    """With `seed_rows` (the on-policy sampler, split over processes) a prompt's samples are the same
+    whichever prompts are decoded with it, in whatever batch size; other seeds give other samples."""
+    sampling = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=40, seed=5)
+    # the untrained student, whose samples vary (the teacher is sure of nearly every token)
+    together = HFGenerator(testbed / "student", batch_size=12)
+    together.seed_rows = True
+    seeds = [101, 202, 303, 404, 505, 606]
+    batched = [[c.token_ids for c in row] for row in together.generate(prompts, sampling, seeds=seeds)]
+    alone = HFGenerator(testbed / "student", batch_size=2)
+    alone.seed_rows = True
+    for i in (4, 1):  # in another order, one prompt at a time
+        assert [c.token_ids for c in alone.generate([prompts[i]], sampling, seeds=[seeds[i]])[0]] == batched[
+            i
+        ]
+    assert all(first != second for first, second in batched)  # a prompt's samples: seeds 101 and 102 …
+    other = together.generate(prompts, sampling, seeds=[s + 7 for s in seeds])
+    assert all(row != [c.token_ids for c in o] for row, o in zip(batched, other, strict=True))
+
+
+def test_row_seeded_sampling_draws_from_the_warped_softmax():
+    """Gumbel-max over the temperature-scaled logits is a draw from their softmax; top-k keeps the k
+    best tokens only."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(20_000, 1)
+    processor = RowSeededSampling(range(20_000), SamplingParams(temperature=0.7), torch.device("cpu"))
+    chosen = processor(torch.zeros((20_000, 1), dtype=torch.long), logits.clone())
+    assert bool((chosen.isfinite().sum(dim=1) == 1).all())  # one finite score per row: greedy takes it
+    frequencies = torch.bincount(chosen.argmax(dim=1), minlength=5) / 20_000
+    assert frequencies.tolist() == pytest.approx(torch.softmax(logits[0] / 0.7, -1).tolist(), abs=0.01)
+    top2 = RowSeededSampling(range(2_000), SamplingParams(temperature=1.0, top_k=2), torch.device("cpu"))
+    drawn = top2(torch.zeros((2_000, 1), dtype=torch.long), logits[:2_000].clone()).argmax(dim=1)
+    assert set(drawn.tolist()) == {0, 1}
 
 
 def test_the_model_runs_in_the_dtype_and_attention_kernel_asked_for(testbed, teacher, prompts):

@@ -129,8 +129,8 @@ def test_samples_come_from_the_current_weights(bench, monkeypatch):
     seen = []
     sample = StepBatches._sample
 
-    def recording(self, model, rows, seed):
-        samples = sample(self, model, rows, seed)
+    def recording(self, model, rows, seed, seeds):
+        samples = sample(self, model, rows, seed, seeds)
         weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
         seen.append((weights, [r.prompt_ids for r in rows], [s.token_ids for s in samples]))
         return samples
@@ -301,9 +301,9 @@ def test_one_sampling_call_serves_every_accumulation_micro_batch(bench, monkeypa
     calls = []
     sample = StepBatches._sample
 
-    def counting(self, model, rows, seed):
+    def counting(self, model, rows, seed, seeds):
         calls.append(len(rows))
-        return sample(self, model, rows, seed)
+        return sample(self, model, rows, seed, seeds)
 
     monkeypatch.setattr(StepBatches, "_sample", counting)
     examples = bench["examples"][:16]

@@ -142,7 +142,7 @@ def _stage_command(stage: Stage) -> click.Command:
             raise UserError(f"reasondistill {stage.name} {_flag((option,))}: {problem}") from None
         run = RunDir(run_dir)
         with run.working():
-            stage.run(config, run, overwrite)
+            stage.run_in_job(config, run, overwrite)
 
     params = [
         click.Option(

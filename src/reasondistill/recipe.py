@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .config import StageConfig
 from .errors import UserError, describe_validation_error
 from .models import remote_code_allowed_if
+from .processes import on_main
 from .records import read_text_utf8
 from .rundir import RunDir
 from .stages import Stage, all_stages
@@ -128,11 +129,12 @@ def run_recipe(path: Path, run_dir: Path | None = None, overwrite: bool = False)
     with remote_code_allowed_if(recipe.trust_remote_code):
         check_references(steps, run)
         with run.working():
-            run.update_manifest(recipe={"path": str(path), "content": Path(path).read_text()})
+            content = Path(path).read_text()
+            on_main(lambda: run.update_manifest(recipe={"path": str(path), "content": content}), "recipe")
             for i, step in enumerate(steps, start=1):
                 note(f"[bold]step {i}/{len(steps)}: {step.stage.name}[/bold]")
                 try:
-                    step.stage.run(step.config, run, overwrite)
+                    step.stage.run_in_job(step.config, run, overwrite)
                 except UserError as err:
                     raise UserError(f"{step.where}: {err}") from None
     return run

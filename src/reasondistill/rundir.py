@@ -37,6 +37,7 @@ from pathlib import Path
 from .config import StageConfig
 from .errors import UserError
 from .models import trust_remote_code
+from .processes import barrier, is_main
 from .records import atomic_write_json
 from .ui import note
 
@@ -108,8 +109,9 @@ class RunDir:
     def working(self) -> Iterator[None]:
         """Create the run directory for a command; if the command created it and then fails, leave
         nothing unused behind (`remove_if_unused`)."""
-        created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
+        created = is_main() and not self.root.exists()  # of a job of several processes, process 0 writes
+        if is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
         try:
             yield
         except BaseException:
@@ -164,11 +166,15 @@ class RunDir:
         *,
         outputs: Sequence[Path],
         overwrite: bool = False,
+        every_process: bool = False,
     ) -> dict:
         """Run `body(fingerprint)` unless this step already finished with the same fingerprint.
 
         `inputs` maps what the step reads to those inputs' fingerprints. `body` does the work,
         writing `outputs` (files or folders) atomically, and returns statistics for the manifest.
+
+        `every_process`: the step runs in every process of a job (training): each decides from the
+        same manifest whether to run it, all run `body`, and process 0 alone records it.
         """
         step_fingerprint = fingerprint({"key": key, "config": config.identity(), "inputs": inputs})
         previous = self.manifest()["steps"].get(key)
@@ -184,8 +190,13 @@ class RunDir:
                 f"{self.root}: step {key!r} already ran with other settings ({changed}); "
                 "pass --overwrite to recompute it, or use another run directory"
             )
+        if every_process:
+            barrier()  # every process has read the manifest before process 0 can change it
         started = time.time()
         stats = body(step_fingerprint)
+        if every_process and not is_main():
+            barrier()  # until process 0 has recorded the step, which the next step may read
+            return {"skipped": False, "fingerprint": step_fingerprint, "stats": stats}
         record = {
             "fingerprint": step_fingerprint,
             "config": config.model_dump(mode="json"),
@@ -200,6 +211,8 @@ class RunDir:
         manifest = self.manifest()
         manifest["steps"][key] = record
         atomic_write_json(self.manifest_path, manifest)
+        if every_process:
+            barrier()
         return {"skipped": False, **record}
 
 

@@ -17,11 +17,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .processes import is_main
+
 console = Console(stderr=True)
 
 
 def note(message: str) -> None:
-    console.print(message, highlight=False, soft_wrap=True)
+    """A line for the user; of a job of several processes, process 0 alone speaks."""
+    if is_main():
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 @dataclass

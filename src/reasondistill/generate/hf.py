@@ -11,6 +11,13 @@ its batches follow one another: the same call (same prompts, order and batch siz
 completions, but a prompt's completions depend on the prompts sent with it, and per-prompt `seeds`
 are not used. (Sharded `generate` jobs stay exact on resumption all the same: this backend has no
 per-row failures, so an unfinished shard is always redone whole.)
+
+With `seed_rows` (the on-policy sampler, whose prompts are split over the processes of a job) each
+sequence instead draws from its own stream, seeded as the openai and vllm backends seed a request
+(`prompt_seeds`: sample j of prompt i from seeds[i] + j), by Gumbel-max (`RowSeededSampling`): a
+prompt's completions then do not depend on the prompts decoded with it. The generate stage keeps
+the one-stream sampling for now: every trace it has made, and the numbers measured on them, would
+change.
 """
 
 from __future__ import annotations
@@ -30,9 +37,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ..models import load_causal_lm, load_tokenizer, loading_kwargs, sampling_defaults
-from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage
+from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage, prompt_seeds
 from .logprobs import TokenLogprobs, from_logits
 from .scoring import teacher_forced
 
@@ -51,8 +63,36 @@ class RealTokensOnly(LogitsProcessor):
         return scores
 
 
+class RowSeededSampling(LogitsProcessor):
+    """Draws each row's next token from that row's own random stream (Gumbel-max over the warped
+    logits: argmax(logits + G), G ~ Gumbel(0, 1), is a draw from their softmax), and leaves it the
+    only finite score, so that greedy decoding takes it.
+
+    A row's t-th token uses the t-th draw of its stream whatever else is in the batch, so its
+    completion depends on its seed, prompt and the model alone."""
+
+    def __init__(self, seeds: Sequence[int], sampling: SamplingParams, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k:
+            warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1:
+            warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = self.warpers(input_ids, scores).float()
+        uniform = torch.stack(
+            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp(torch.finfo(uniform.dtype).tiny, 1.0)))
+        chosen = (scores + gumbel).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
 class HFGenerator(TokenIdGenerator):
     backend = "hf"
+    seed_rows = False  # True: each sequence samples from its own seeded stream (see the module docstring)
 
     def __init__(
         self,
@@ -136,49 +176,57 @@ class HFGenerator(TokenIdGenerator):
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """Completions of prompts given as token ids (the chat template already applied). `seeds` is
-        accepted for the Generator interface and not used (see the module docstring)."""
+        """Completions of prompts given as token ids (the chat template already applied). `seeds`
+        (one per prompt) are used with `seed_rows` only (see the module docstring)."""
         torch.manual_seed(sampling.seed)
+        row_seeds = prompt_seeds(sampling, len(prompts), seeds) if self.seed_rows else None
         prompts_per_batch = max(1, self.batch_size // sampling.n)
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), prompts_per_batch):
             batch = prompts[start : start + prompts_per_batch]
-            results.extend(self._generate_batch(batch, sampling))
+            batch_seeds = None if row_seeds is None else row_seeds[start : start + prompts_per_batch]
+            results.extend(self._generate_batch(batch, sampling, batch_seeds))
             if progress:
                 progress(len(batch) * sampling.n)
         return results
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: Sequence[list[int]], sampling: SamplingParams
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
     ) -> list[list[Completion]]:
-        inputs = self.tokenizer.pad({"input_ids": list(prompts)}, return_tensors="pt").to(self.device)
-        sampling_kwargs = (
-            {"do_sample": False}
-            if sampling.greedy
-            else {
+        owners = [prompt for prompt in prompts for _ in range(sampling.n)]  # the prompt of each sequence
+        row_seeded = seeds is not None and not sampling.greedy
+        # seeded rows are decoded as given (each prompt already n times), their tokens drawn by the processor
+        padded = self.tokenizer.pad(
+            {"input_ids": owners if row_seeded else list(prompts)}, return_tensors="pt"
+        )
+        inputs = padded.to(self.device)
+        processors, sampling_kwargs = self._logits_processors, {"do_sample": False}
+        if row_seeded:  # prompt i's j-th sequence from seeds[i] + j
+            rows = [seed + j for seed in seeds for j in range(sampling.n)]
+            processors = LogitsProcessorList([*processors, RowSeededSampling(rows, sampling, self.device)])
+        elif not sampling.greedy:
+            sampling_kwargs = {
                 "do_sample": True,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
                 "top_k": sampling.top_k,
+                "num_return_sequences": sampling.n,
             }
-        )
         stop_kwargs = (
             {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}
         )
         with self._own_settings_only():
             output = self.model.generate(
                 **inputs,
-                logits_processor=self._logits_processors,
+                logits_processor=processors,
                 max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=sampling.n,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 **sampling_kwargs,
                 **stop_kwargs,
             )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        owners = [prompts[i // sampling.n] for i in range(len(new_tokens))]
         completions = [
             self._completion(ids, len(p), sampling.stop) for ids, p in zip(new_tokens, owners, strict=True)
         ]

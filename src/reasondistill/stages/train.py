@@ -196,7 +196,9 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
                 teachers.scorer.close()
 
     outputs = [run.checkpoint(cfg.name)]
-    stats = run.step(f"train:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite)["stats"]
+    stats = run.step(
+        f"train:{cfg.name}", cfg, inputs, body, outputs=outputs, overwrite=overwrite, every_process=True
+    )["stats"]
     note(
         f"train:{cfg.name}: {stats['steps']} steps, final loss {stats['loss_curve'][-1][1] if stats['loss_curve'] else stats['train_loss']:.4f}"
     )
@@ -206,7 +208,9 @@ STAGE = Stage(
     "train",
     TrainConfig,
     run_train,
-    "train a student with a registered objective (default: SFT)",
+    "train a student with a registered objective (default: SFT); under `accelerate launch` or torchrun, "
+    "in every process",
+    distributed=True,
     produces=lambda cfg: [f"train:{cfg.name}"],
     requires=lambda cfg: {
         **required_steps("init", [cfg.init]),

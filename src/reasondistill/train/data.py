@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
@@ -15,7 +17,40 @@ from ..errors import UserError
 from ..generate.logprobs import TokenLogprobs
 from ..objectives import Objective
 from ..objectives.base import IGNORE_INDEX
+from ..processes import barrier, on_main, world_size
 from ..records import PairExample, TrainingExample
+
+
+@dataclass(frozen=True)
+class SharedTokenIds:
+    """Token ids computed once for every process of a job: process 0 tokenizes and writes them to
+    `folder/<name>.arrow`, the others read them (memory-mapped Arrow) instead of tokenizing again.
+    With no folder, or in a job of one process, every call simply computes."""
+
+    folder: Path | None = None
+
+    def __call__(self, name: str, compute: Callable[[], list[list[int]]]) -> list[list[int]]:
+        if self.folder is None or world_size() == 1:
+            return compute()
+        path = self.folder / f"{name}.arrow"
+
+        def write() -> list[list[int]]:
+            ids = compute()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _IDS_SCHEMA) as writer:
+                writer.write_table(pa.table({"ids": pa.array(ids, type=_IDS_SCHEMA.field("ids").type)}))
+            return ids
+
+        ids = on_main(write, f"tokenizing ({name})")
+        if ids is None:
+            with pa.memory_map(str(path)) as source:
+                ids = pa.ipc.open_file(source).read_all().column("ids").to_pylist()
+        barrier()  # every process has read the file before process 0 may remove it
+        return ids
+
+
+_IDS_SCHEMA = pa.schema([("ids", pa.list_(pa.int32()))])
+TOKENIZE_HERE = SharedTokenIds()  # every process tokenizes for itself
 
 
 @dataclass
@@ -31,15 +66,21 @@ class TokenizedExample:
 
 
 def tokenize_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[TrainingExample], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TrainingExample],
+    max_length: int,
+    shared: SharedTokenIds = TOKENIZE_HERE,
+    name: str = "examples",
 ) -> list[TokenizedExample]:
     """Prompt ids (labels ignored) followed by completion ids and EOS (labels = ids), per example.
 
     Prompt and completion are tokenized separately, so the boundary is exact: this is also how the
-    completion's tokens follow the prompt at generation time.
+    completion's tokens follow the prompt at generation time. `shared` tokenizes once per job.
     """
-    prompts = prompt_ids(tokenizer, [e.messages for e in examples])
-    completions = completion_ids(tokenizer, [e.completion for e in examples])
+    prompts = shared(f"{name}-prompts", lambda: prompt_ids(tokenizer, [e.messages for e in examples]))
+    completions = shared(
+        f"{name}-completions", lambda: completion_ids(tokenizer, [e.completion for e in examples])
+    )
     tokenized = []
     for example, prompt, completion in zip(examples, prompts, completions, strict=True):
         if len(prompt) >= max_length:
@@ -55,12 +96,19 @@ def tokenize_examples(
 
 
 def tokenize_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PairExample], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PairExample],
+    max_length: int,
+    shared: SharedTokenIds = TOKENIZE_HERE,
 ) -> list[tuple[TokenizedExample, TokenizedExample]]:
     """(chosen, rejected) tokenized like `tokenize_examples`, sharing the prompt."""
     messages = [p.messages for p in pairs]
-    chosen = tokenize_examples(tokenizer, _as_examples(pairs, messages, "chosen"), max_length)
-    rejected = tokenize_examples(tokenizer, _as_examples(pairs, messages, "rejected"), max_length)
+    chosen = tokenize_examples(
+        tokenizer, _as_examples(pairs, messages, "chosen"), max_length, shared, "chosen"
+    )
+    rejected = tokenize_examples(
+        tokenizer, _as_examples(pairs, messages, "rejected"), max_length, shared, "rejected"
+    )
     return list(zip(chosen, rejected, strict=True))
 
 

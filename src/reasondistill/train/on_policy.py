@@ -13,7 +13,8 @@ The teacher is an online model run on the sampled tokens inside the loss, the st
 (`self`: OPSD's current-weights teacher), or a served teacher (hf, vLLM or an OpenAI-compatible
 server) whose top-k over the sampled tokens comes back through the backends' scoring API. With
 `teacher_context` the teacher reads a prompt that holds the problem's verified gold solution (OPSD).
-Samples are seeded by (seed, step, process), so a resumed run draws the same ones. The options and
+Samples are seeded by (seed, step, prompt), so a resumed run draws the same ones, and so does a job
+of several processes (each samples its share of the step's prompts). The options and
 their check against an objective are in on_policy_options.py (light: the train stage's config holds them).
 """
 
@@ -31,13 +32,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..chat import completion_ids, prompt_ids, reasoning_opener
 from ..errors import UserError
-from ..generate.base import Failure, Generator, whole_replies
+from ..generate.base import Failure, Generator, row_seed, whole_replies
 from ..generate.hf import HFGenerator
 from ..generate.logprobs import TokenLogprobs
 from ..objectives.base import IGNORE_INDEX
 from ..records import Message, Problem, TrainingExample
 from ..verify.graders import Grader
-from .data import SparseTeacherRows, sparse_teacher_batch
+from .data import TOKENIZE_HERE, SharedTokenIds, SparseTeacherRows, sparse_teacher_batch
 from .on_policy_options import OnPolicyOptions
 from .teachers import causal_lm
 
@@ -63,10 +64,12 @@ def prompt_rows(
     options: OnPolicyOptions,
     needs_rewards: bool,
     description: str,
+    shared: SharedTokenIds = TOKENIZE_HERE,
 ) -> list[PromptRow]:
     """The examples as prompts, joined with their problems (to grade samples, and for the teacher's context).
 
     Samples are graded whenever problems are given; rewards, the gate and teacher_context need them.
+    `shared` tokenizes once per job.
     """
     template = options.context_template()
     if problems is None and (needs_rewards or options.gate != "none" or template):
@@ -81,13 +84,12 @@ def prompt_rows(
                 f"{description}: example {row}: problem_id {example.problem_id!r} is not a known problem"
             )
         joined.append(problem)
-    prompts = prompt_ids(tokenizer, [e.messages for e in examples])
-    completions = completion_ids(tokenizer, [e.completion for e in examples])
+    prompts = shared("prompts", lambda: prompt_ids(tokenizer, [e.messages for e in examples]))
+    completions = shared("completions", lambda: completion_ids(tokenizer, [e.completion for e in examples]))
     teacher_prompts: list[list[int] | None] = [None] * len(examples)
     if template:
-        teacher_prompts = prompt_ids(
-            tokenizer, [privileged_messages(p, template, description) for p in joined]
-        )
+        privileged = [privileged_messages(p, template, description) for p in joined]
+        teacher_prompts = shared("teacher-prompts", lambda: prompt_ids(tokenizer, privileged))
     return [
         PromptRow(*fields)
         for fields in zip(examples, joined, prompts, completions, teacher_prompts, strict=True)
@@ -164,14 +166,16 @@ class StepBatches:
         return metrics
 
     def __call__(self, trainer, batches: list[dict]) -> list[dict]:
-        step, rank = trainer.state.global_step, trainer.accelerator.process_index
+        step = trainer.state.global_step
         indices = [batch["index"].tolist() for batch in batches]
         rows = [self.rows[i] for micro in indices for i in micro]
         # the same decision on every process: ranks must agree on what the step trains on
         on_policy = random.Random(f"{self.seed}/{step}").random() < self.options.fraction
         started = time.perf_counter()
         if on_policy:
-            samples = self._sample(trainer.model, rows, seed=(self.seed * 1_000_003 + step) * 1024 + rank)
+            # each prompt's samples are seeded by (seed, step, prompt): the same on any number of processes
+            seeds = [row_seed(self.seed, f"on-policy step {step}", i) for micro in indices for i in micro]
+            samples = self._sample(trainer.model, rows, self.seed * 1_000_003 + step, seeds)
         else:
             samples = [
                 Sample(row, g, row.completion_ids, row.example.completion, "stop")
@@ -208,21 +212,25 @@ class StepBatches:
         return built
 
     # ---- the pieces of a step -----------------------------------------------------------------
-    def _sample(self, model: torch.nn.Module, rows: list[PromptRow], seed: int) -> list[Sample]:
-        """`samples_per_prompt` completions per row from the current weights (the live training model)."""
+    def _sample(
+        self, model: torch.nn.Module, rows: list[PromptRow], seed: int, seeds: list[int]
+    ) -> list[Sample]:
+        """`samples_per_prompt` completions per row from the current weights (the live training model),
+        row i's drawn with `seeds[i]`."""
         model = causal_lm(model)
         prompts, sampling = [r.prompt_ids for r in rows], self.options.sampling(seed)
         if self.options.sampler == "vllm":
-            completions = self._vllm_sampler(model).generate_ids(prompts, sampling)
+            completions = self._vllm_sampler(model).generate_ids(prompts, sampling, seeds=seeds)
         else:
             if self.sampler is None:
                 self.sampler = HFGenerator.around(model, self.tokenizer)
+                self.sampler.seed_rows = True
             self.sampler.model = model
             self.sampler.batch_size = len(prompts) * sampling.n  # the whole step in one generate call
             was_training = model.training
             model.eval()  # no dropout while sampling: the samples come from the policy being trained
             try:
-                completions = self.sampler.generate_ids(prompts, sampling)
+                completions = self.sampler.generate_ids(prompts, sampling, seeds=seeds)
             finally:
                 model.train(was_training)
         completions = whole_replies(completions, reasoning_opener(self.tokenizer))  # graded as whole replies
@@ -325,6 +333,34 @@ def _padded(
 def collate_indices(features: list[dict]) -> dict[str, torch.Tensor]:
     """On-policy micro-batches leave the data loader as prompt indices; `StepBatches` builds the rest."""
     return {"index": torch.tensor([f["index"] for f in features])}
+
+
+def merged_history(entries: list[dict]) -> list[dict]:
+    """One history entry per step from the entries of every process (each sampled its share of the
+    step's prompts): counts add up, means are weighted by samples, times are the slowest process's."""
+    by_step: dict[int, list[dict]] = {}
+    for entry in entries:
+        by_step.setdefault(entry["step"], []).append(entry)
+    merged = []
+    for step, parts in sorted(by_step.items()):
+        samples = sum(p["samples"] for p in parts)
+        graded = [p for p in parts if p["mean_reward"] is not None]
+        merged.append(
+            {
+                "step": step,
+                "on_policy": parts[0]["on_policy"],  # decided alike on every process
+                "samples": samples,
+                "mean_reward": sum(p["mean_reward"] * p["samples"] for p in graded)
+                / sum(p["samples"] for p in graded)
+                if graded
+                else None,
+                "kept": sum(p["kept"] for p in parts),
+                "mean_tokens": sum(p["mean_tokens"] * p["samples"] for p in parts) / samples,
+                "sample_seconds": max(p["sample_seconds"] for p in parts),
+                "score_seconds": max(p["score_seconds"] for p in parts),
+            }
+        )
+    return merged
 
 
 def on_policy_stats(history: list[dict]) -> dict:

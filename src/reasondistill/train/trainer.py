@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -27,11 +28,13 @@ from ..models import load_causal_lm, load_config, load_tokenizer, loading_kwargs
 from ..objectives import Objective, build_objective
 from ..objectives.base import IGNORE_INDEX, ObjectiveInputs
 from ..objectives.heads import Head, SparseTargets
+from ..processes import cpu_processes, on_main
 from ..records import PairExample, Problem, TrainingExample
 from ..tasks import default_grader
 from ..verify.graders import Grader
 from .data import (
     CompletionCollator,
+    SharedTokenIds,
     SortedStepSampler,
     sparse_teacher_rows,
     tokenize_examples,
@@ -39,7 +42,7 @@ from .data import (
 )
 from .hyperparameters import Hyperparameters, missing_inputs
 from .lora import LoraOptions, check_targets, trainable_parameters, with_lora
-from .on_policy import StepBatches, collate_indices, on_policy_stats, prompt_rows
+from .on_policy import StepBatches, collate_indices, merged_history, on_policy_stats, prompt_rows
 from .on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from .teachers import (
     causal_lm,
@@ -265,6 +268,7 @@ def _build_dataset(
     hp: Hyperparameters,
     teachers: Teachers,
     description: str,
+    shared: SharedTokenIds,
 ) -> tuple[Dataset, list | None, dict, int]:
     """(dataset, stored teacher rows, truncation statistics, completion tokens)."""
     wanted = PairExample if objective.data == "pairs" else TrainingExample
@@ -278,7 +282,7 @@ def _build_dataset(
             raise UserError(
                 f"{description}: stored teacher log-probabilities are for single completions, not pairs"
             )
-        pairs = tokenize_pairs(tokenizer, examples, hp.max_length)
+        pairs = tokenize_pairs(tokenizer, examples, hp.max_length, shared)
         too_long = [i for i, (c, r) in enumerate(pairs) if c.truncated or r.truncated]
         truncation = truncation_stats(
             examples, [max(c.full_length, r.full_length) for c, r in pairs], too_long, hp
@@ -298,7 +302,7 @@ def _build_dataset(
         tokenized = [t for pair in pairs for t in pair]
         stored_rows = None
     else:
-        tokenized = tokenize_examples(tokenizer, examples, hp.max_length)
+        tokenized = tokenize_examples(tokenizer, examples, hp.max_length, shared)
         too_long = [i for i, t in enumerate(tokenized) if t.truncated]
         truncation = truncation_stats(examples, [t.full_length for t in tokenized], too_long, hp)
         if hp.truncation == "drop":
@@ -429,12 +433,26 @@ def train_model(
     warn_beyond_positions(init, hp.max_length, description)
     template = _check_reasoning_template(tokenizer, teachers, description)
     objective.setup(tokenizer)
-    if on_policy is None:
-        data = _example_data(objective, tokenizer, examples, hp, teachers, description)
-    else:
-        data = _on_policy_data(
-            objective, tokenizer, examples, hp, teachers, on_policy, problems, grader_for, description
-        )
+    # process 0 tokenizes and the others read its token ids; the folder goes when training ends
+    shared = SharedTokenIds(output_dir.with_name(f".{output_dir.name}.tokens"))
+    try:
+        if on_policy is None:
+            data = _example_data(objective, tokenizer, examples, hp, teachers, description, shared)
+        else:
+            data = _on_policy_data(
+                objective,
+                tokenizer,
+                examples,
+                hp,
+                teachers,
+                on_policy,
+                problems,
+                grader_for,
+                description,
+                shared,
+            )
+    finally:
+        on_main(lambda: shutil.rmtree(shared.folder, ignore_errors=True), "removing the token ids")
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
     args = _training_arguments(hp, work_dir, description, list(report_to))
     model = load_causal_lm(init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device))
@@ -444,7 +462,7 @@ def train_model(
     vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
     _check_stored_ids(data.stored_rows, vocab_size, teachers.stored_source)
     # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
-    _open_work_dir(work_dir, resume_key, description)
+    on_main(lambda: _open_work_dir(work_dir, resume_key, description), "opening the checkpoint folder")
     trainer = DistillationTrainer(
         model=model,
         args=args,
@@ -515,10 +533,11 @@ def _example_data(
     hp: Hyperparameters,
     teachers: Teachers,
     description: str,
+    shared: SharedTokenIds,
 ) -> _TrainingData:
     """Off-policy: the examples' own completions, tokenized, with their stored teacher rows if any."""
     dataset, stored_rows, truncation, completion_tokens = _build_dataset(
-        objective, tokenizer, examples, hp, teachers, description
+        objective, tokenizer, examples, hp, teachers, description, shared
     )
     warn_truncation(truncation, len(examples), description)
     collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows)
@@ -535,6 +554,7 @@ def _on_policy_data(
     problems: Mapping[str, Problem] | None,
     grader_for: Callable[[str], Grader],
     description: str,
+    shared: SharedTokenIds,
 ) -> _TrainingData:
     """On-policy: prompt indices; each step's batches are rebuilt from the student's samples."""
     if teachers.stored is not None:
@@ -542,7 +562,7 @@ def _on_policy_data(
             f"{description}: stored teacher log-probabilities describe the data's completions, not the "
             "student's samples: use an online or served teacher on-policy"
         )
-    rows = prompt_rows(tokenizer, examples, problems, on_policy, objective.needs_rewards, description)
+    rows = prompt_rows(tokenizer, examples, problems, on_policy, objective.needs_rewards, description, shared)
     step_batches = StepBatches(
         rows, on_policy, tokenizer, hp.max_length, hp.seed, grader_for, teachers.scorer, teachers.scorer_top_k
     )
@@ -575,6 +595,7 @@ def _training_arguments(
         run_name=description,
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_processes(),  # several CPU processes: one gloo group, not N runs of one
         **_precision_flags(hp.precision),
     )
     duplicated = sorted(ours.keys() & hp.trainer_args.keys())
@@ -711,14 +732,15 @@ def _training_stats(
         "completion_tokens": data.completion_tokens,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # of the saved weights
         "steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),
         "parameters": sum(p.numel() for p in model.parameters()),  # the student as loaded, not as wrapped
         "objective_state": objective.state_dict(),  # at the end (TAID's t)
         "loss_curve": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
     }
-    if data.step_batches is not None:
-        stats["on_policy"] = on_policy_stats(data.step_batches.history)
+    if data.step_batches is not None:  # each process sampled its share of every step's prompts
+        stats["on_policy"] = on_policy_stats(merged_history(gather_object(data.step_batches.history)))
     return stats
 
 
@@ -732,9 +754,12 @@ def _save_atomically(
     init: Path | str = "",
 ) -> None:
     """Write model, tokenizer and stats beside `output_dir`, then rename into place and drop the checkpoints.
-    LoRA: the adapter (naming its base by absolute path when the base is a folder), or merged weights."""
+    LoRA: the adapter (naming its base by absolute path when the base is a folder), or merged weights.
+
+    Every process takes part in saving the model (a sharded model is gathered for it); process 0
+    writes, and the others wait until the model is in place."""
     staging = output_dir.with_name(f".{output_dir.name}.final")
-    shutil.rmtree(staging, ignore_errors=True)
+    on_main(lambda: shutil.rmtree(staging, ignore_errors=True), "clearing the staging folder")
     if lora is not None and lora.merge:
         if trainer.args.should_save:
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(str(staging))
@@ -743,8 +768,12 @@ def _save_atomically(
             config = trainer.accelerator.unwrap_model(trainer.model).peft_config["default"]
             config.base_model_name_or_path = str(Path(init).resolve())
         trainer.save_model(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    (staging / "training_stats.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(output_dir, ignore_errors=True)
-    staging.rename(output_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
+
+    def put_in_place() -> None:
+        tokenizer.save_pretrained(str(staging))
+        (staging / "training_stats.json").write_text(json.dumps(stats, indent=2))
+        shutil.rmtree(output_dir, ignore_errors=True)
+        staging.rename(output_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    on_main(put_in_place, "saving the model")
