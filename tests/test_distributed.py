@@ -245,3 +245,24 @@ def test_a_step_that_fails_on_process_0_stops_every_process(tmp_path):
     assert f"{bad} line 2: problem set mine: no field 'question'" in output
     assert "problems step failed on process 0" in output and "this process 1 stops too" in output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_loss_on_an_fsdp2_sharded_student_gives_the_unsharded_gradients(tmp_path):
+    """FSDP2 runs on CPU processes in raw torch (accelerate enables it on accelerators only). The loss
+    reads the output head's weight outside the model's forward, where FSDP2 has resharded it; the
+    weight is then a DTensor, and the chunked projection through it is still exact: each process's
+    half-batch gradients, reduced by FSDP, equal the unsharded model's on the whole batch for SFT,
+    online and stored-top-k KD, with tied and untied embeddings (see fsdp2_run.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    script = Path(__file__).with_name("fsdp2_run.py")
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(results) == 5
+        for case, worst in results.items():
+            assert worst < 1e-5, f"{case}, rank {rank}: gradients differ by {worst:.2e} of the largest"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from .hyperparameters import Hyperparameters, missing_inputs
 from .lora import LoraOptions, check_targets, trainable_parameters, with_lora
 from .on_policy import StepBatches, collate_indices, merged_history, on_policy_stats, prompt_rows
 from .on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
+from .sharding import check_sharding
 from .teachers import (
     causal_lm,
     check_head,
@@ -427,6 +429,7 @@ def train_model(
     teachers = teachers or Teachers()
     objective = build_objective(hp.objective_spec)
     _check_inputs(objective, examples, teachers, on_policy, description)
+    check_sharding(hp.trainer_args, os.environ, description)
     tokenizer = load_tokenizer(init)
     if lora is not None:
         check_targets(lora, init, description)
