@@ -13,7 +13,13 @@ does, so its locals are freed on return), then `loss.backward()`. Variants, in t
   passes them (the second baseline: rows of the same β are compared with it);
 * reasondistill — `make_objective("forward_kl")` and `make_objective("jsd", {"beta": 0.5})` on
   `ObjectiveInputs` with student `Head(hidden rows, weight)` and teacher `Head(hidden rows,
-  weight)`: logits are projected `--chunk-size` positions at a time under activation checkpointing.
+  weight)`: logits are projected `--chunk-size` positions at a time, and each chunk's gradients
+  with respect to the hidden states and the head are computed as it is projected (`sum_token_chunks`);
+* reasondistill, checkpointed chunks — the previous code (before 2026-12-07): the same chunks under
+  activation checkpointing (`map_token_chunks`), each chunk's logits projected again in the backward
+  pass;
+* Liger-Kernel — `LigerFusedLinearJSD` at β = 0.5 where it runs. Its kernels are Triton kernels for
+  CUDA/ROCm/XPU devices: on a machine without one the row says why it did not run.
 
 How: every variant runs in a fresh subprocess (`--child`), which builds its inputs (no temporaries),
 runs the same code once at a tiny size to import and warm everything up, then reads its resident
@@ -46,9 +52,14 @@ VARIANTS = {
     "trl-jsd": ("TRL generalized_jsd β=0.5", "trl", {"beta": 0.5}),
     "rd-fkl": ("reasondistill forward_kl", "reasondistill", {"objective": "forward_kl", "options": {}}),
     "rd-jsd": ("reasondistill jsd β=0.5", "reasondistill", {"objective": "jsd", "options": {"beta": 0.5}}),
+    "rd-fkl-ckpt": ("rd forward_kl, checkpointed", "checkpointed", {}),
+    "liger-jsd": ("Liger fused-linear JSD β=0.5", "liger", {"beta": 0.5}),
 }
 # the TRL row each row is also compared with (same divergence)
-SAME_DIVERGENCE = {"trl-fkl": "trl-fkl", "rd-fkl": "trl-fkl", "trl-jsd": "trl-jsd", "rd-jsd": "trl-jsd"}
+SAME_DIVERGENCE = {
+    "trl-fkl": "trl-fkl", "rd-fkl": "trl-fkl", "rd-fkl-ckpt": "trl-fkl",
+    "trl-jsd": "trl-jsd", "rd-jsd": "trl-jsd", "liger-jsd": "trl-jsd",
+}  # fmt: skip
 MIB = 2**20
 
 
@@ -107,9 +118,37 @@ def loss_function(kind: str, options: dict, chunk_size: int):
 
         return trl
 
+    if kind == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD  # Triton kernels: a GPU only
+
+        fused = LigerFusedLinearJSD(jsd_beta=options["beta"])
+
+        def liger(student_hidden, student_weight, teacher_hidden, teacher_weight, labels):
+            return fused(
+                student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+                teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, labels.reshape(-1),
+            )  # fmt: skip
+
+        return liger
+
     from reasondistill.objectives import make_objective
     from reasondistill.objectives.base import ObjectiveInputs
-    from reasondistill.objectives.heads import Head
+    from reasondistill.objectives.heads import Head, map_token_chunks
+
+    if kind == "checkpointed":
+        from reasondistill.objectives.divergences import kl_teacher_student, shared_support
+
+        def checkpointed(student_hidden, student_weight, teacher_hidden, teacher_weight, labels):
+            positions = student_hidden.shape[0] * student_hidden.shape[1]
+            per_token = map_token_chunks(
+                lambda logits, teacher: kl_teacher_student(*shared_support(logits, teacher, 1.0)),
+                Head(student_hidden.reshape(positions, -1), student_weight),
+                {"teacher": Head(teacher_hidden.reshape(positions, -1), teacher_weight)},
+                chunk_size,
+            )
+            return per_token.sum() / positions
+
+        return checkpointed
 
     objective = make_objective(options["objective"], options["options"])
 
@@ -214,6 +253,25 @@ def run_child(key: str, args: argparse.Namespace, limit_bytes: int) -> dict:
     return {"key": key, "status": status}
 
 
+def not_run(key: str) -> dict | None:
+    """The result of a variant that cannot run on this machine (Liger-Kernel without a GPU), or None."""
+    reason = liger_unavailable() if VARIANTS[key][1] == "liger" else None
+    return {"key": key, "status": "not run", "reason": reason} if reason else None
+
+
+def liger_unavailable() -> str | None:
+    """Why Liger-Kernel's fused JSD cannot run here, or None."""
+    import importlib.util
+
+    import torch
+
+    if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+        return "Liger-Kernel's kernels are Triton kernels for CUDA/ROCm/XPU devices; this machine has none"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
 def ratio(row: dict, baseline: dict | None, field: str) -> str:
     if baseline is None or row.get("status") != "ok" or baseline.get("status") != "ok" or not baseline[field]:
         return "-"
@@ -295,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.in_process:
         print("in-process run: peak RSS is the process's, not per variant; no memory cap")
         for key in keys:
-            results[key] = measure(key, args, None)
+            results[key] = not_run(key) or measure(key, args, None)
     else:
         limit = int(min(args.memory_limit_gb * 2**30, mem_available_bytes() - 2 * 2**30))
         print(
@@ -303,10 +361,14 @@ def main(argv: list[str] | None = None) -> None:
             f" (--memory-limit-gb {args.memory_limit_gb:g}, capped at MemAvailable - 2 GiB)"
         )
         for key in keys:
-            results[key] = run_child(key, args, limit)
-            print(f"  {VARIANTS[key][0]}: {results[key]['status']}", flush=True)
+            results[key] = not_run(key) or run_child(key, args, limit)
+            reason = f" ({results[key]['reason']})" if "reason" in results[key] else ""
+            print(f"  {VARIANTS[key][0]}: {results[key]['status']}{reason}", flush=True)
     print()
     print_table(results, per_variant=not args.in_process)
+    for key, row in results.items():
+        if "reason" in row:
+            print(f"{VARIANTS[key][0]}: not run: {row['reason']}")
     print(
         "\nstep MiB = ru_maxrss after the step - RSS before it (inputs built); ratios divide step MiB and"
         " seconds; peak/TRL and time/TRL compare with the TRL row of the same divergence."

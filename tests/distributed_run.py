@@ -26,6 +26,7 @@ from reasondistill.train.lora import LoraOptions, with_lora
 from reasondistill.train.trainer import DistillationTrainer
 
 EXAMPLES = 16  # 4 optimizer steps per epoch at a global batch of 4
+ON_GPU = os.environ.get("DISTRIBUTED_RUN_DEVICE") == "cuda"
 VOCAB = 48
 
 
@@ -38,6 +39,16 @@ def examples() -> Dataset:
         ids = [rng.randrange(2, VOCAB) for _ in range(prompt + completion)]
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "length": len(ids)})
     return Dataset.from_list(rows)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if ON_GPU else torch.device("cpu")
+
+
+def whole(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter as one tensor on the CPU (FSDP2 holds each process's shard as a DTensor)."""
+    full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+    return full.detach().float().cpu()
 
 
 def tiny_model(seed: int) -> Qwen2ForCausalLM:
@@ -59,16 +70,16 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         student = with_lora(student, LoraOptions(r=4, alpha=8, dropout=0.0), seed=0)
     teacher = None
     if objective != "sft":
-        teacher = tiny_model(seed=1).eval().requires_grad_(False)
+        teacher = tiny_model(seed=1).eval().requires_grad_(False).to(device())
         with torch.no_grad():  # a peaked teacher, so the divergence is far from zero
             teacher.lm_head.weight.mul_(30)
     sharded = {}
-    if name.startswith("fsdp") and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # asked for on CPU processes
-        sharded = {"fsdp": True, "fsdp_config": {"version": 2}}
+    if name.startswith("fsdp") and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # FSDP2 (on CPU: not enabled)
+        sharded = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
     args = TrainingArguments(
         **sharded,
         output_dir=str(out_dir / name),
-        use_cpu=True,  # gloo under `accelerate launch`
+        use_cpu=not ON_GPU,  # gloo under `accelerate launch`; scripts/gpu_check.sh runs it on GPUs
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         num_train_epochs=2,
@@ -93,9 +104,9 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         teacher=teacher,
         sort_within_step=True,  # as train_model does
     )
-    before = [p.detach().clone() for p in student.parameters() if p.requires_grad]
+    before = [whole(p).clone() for p in student.parameters() if p.requires_grad]
     trainer.train()
-    after = [p.detach() for p in student.parameters() if p.requires_grad]
+    after = [whole(p) for p in trainer.model.parameters() if p.requires_grad]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
         "world_size": args.world_size,
@@ -103,7 +114,7 @@ def train(out_dir: Path, name: str, objective: str, batch: int, accumulation: in
         "steps": trainer.state.global_step,
         "loss": [entry["loss"] for entry in logs],
         "grad_norm": [entry["grad_norm"] for entry in logs],
-        "parameters": torch.cat([p.detach().flatten() for p in student.parameters()]).tolist(),
+        "parameters": torch.cat([whole(p).flatten() for p in trainer.model.parameters()]).tolist(),
         "objective_state": loss.state_dict(),  # TAID's t: moved by the loss summed over the processes
         "moved": sum(
             float((a - b).abs().sum()) for a, b in zip(after, before, strict=True)

@@ -27,7 +27,7 @@ from reasondistill.objectives.divergences import (
     skew_kl_teacher_mixture,
     total_variation,
 )
-from reasondistill.objectives.heads import Head, SparseTargets
+from reasondistill.objectives.heads import Head, SparseTargets, map_token_chunks, sum_token_chunks
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -249,6 +249,83 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_ones(name, options):
     torch.testing.assert_close(hidden3, hidden_full, **TOLERANCE)
     torch.testing.assert_close(weight3, weight_full, **TOLERANCE)
     assert hidden3.abs().sum() > 0 and weight3.abs().sum() > 0
+
+
+def fused_case(seed: int, bias: bool):
+    """A student head with padded rows (45 real tokens of 50) and an optional bias, a teacher, labels."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(23, 8, generator=generator).requires_grad_()
+    weight = (torch.randn(50, 8, generator=generator) / 2).requires_grad_()
+    head_bias = torch.randn(50, generator=generator).requires_grad_() if bias else None
+    teacher = Head(torch.randn(23, 6, generator=generator), torch.randn(50, 6, generator=generator), None, 45)
+    labels = torch.randint(0, 45, (23,), generator=generator)
+    return hidden, weight, head_bias, teacher, labels
+
+
+def kd_with_nll(logits, teacher, labels):
+    return kl_teacher_student(
+        *shared_support(logits, teacher, 1.5)
+    ) + 0.3 * torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_computed_in_the_forward_pass_equal_autograds(bias):
+    """`sum_token_chunks` (each chunk's gradients made as it is projected) against autograd through
+    `map_token_chunks`: the same loss and gradients for the hidden states, the head (its padded rows
+    get none) and the bias, scaled by the gradient that reaches the loss."""
+    results = []
+    for fused in (False, True):
+        hidden, weight, head_bias, teacher, labels = fused_case(5, bias)
+        student, rows = Head(hidden, weight, head_bias, 45), {"teacher": teacher, "labels": labels}
+        if fused:
+            loss = sum_token_chunks(kd_with_nll, student, rows, 7, torch.tensor(31.0))
+        else:
+            loss = map_token_chunks(kd_with_nll, student, rows, 7).sum() / 31.0
+        (2.5 * loss).backward()
+        results.append([loss.detach(), hidden.grad, weight.grad] + ([head_bias.grad] if bias else []))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, **TOLERANCE)
+    assert results[1][2][45:].abs().max() == 0 and results[1][2][:45].abs().max() > 0
+
+
+def test_the_fused_sum_projects_each_chunk_once(monkeypatch):
+    """Nothing is recomputed in the backward pass: one projection of the student head per chunk,
+    where checkpointed chunks project every chunk but the last twice."""
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        calls.append(w.shape[1])
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    for fused in (True, False):
+        calls.clear()
+        hidden, weight, _, teacher, labels = fused_case(6, False)
+        student, rows = Head(hidden, weight, None, 45), {"teacher": teacher, "labels": labels}
+        if fused:
+            loss = sum_token_chunks(kd_with_nll, student, rows, 7, 23)
+        else:
+            loss = map_token_chunks(kd_with_nll, student, rows, 7).sum() / 23
+        loss.backward()
+        student_projections = calls.count(8)  # the teacher's head reads 6 features
+        assert student_projections == (4 if fused else 7), fused  # 23 positions: 4 chunks of ≤ 7
+
+
+def test_the_fused_sum_under_bfloat16_autocast_and_without_gradients():
+    hidden, weight, _, teacher, labels = fused_case(7, False)
+    student, rows = Head(hidden, weight, None, 45), {"teacher": teacher, "labels": labels}
+    with torch.no_grad():
+        plain = sum_token_chunks(kd_with_nll, student, rows, 7, 23)
+    reference = map_token_chunks(kd_with_nll, student, rows, 7).sum() / 23
+    torch.testing.assert_close(plain, reference.detach(), **TOLERANCE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum_token_chunks(kd_with_nll, student, rows, 7, 23)
+    loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32  # float32 master weights
+    torch.testing.assert_close(loss, reference.detach(), atol=0.05, rtol=0.02)  # bfloat16 logits
+    expected = torch.autograd.grad(reference, weight)[0]
+    assert torch.nn.functional.cosine_similarity(weight.grad.flatten(), expected.flatten(), dim=0) > 0.99
 
 
 def dense_and_full_sparse_teacher(seed, n=8, vocab=29):

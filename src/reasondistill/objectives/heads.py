@@ -3,9 +3,15 @@
 A language-model head turns hidden states [N, H] into logits [N, V]. At V = 151,936 and a few
 thousand completion tokens, the float32 logits and log-probabilities of student and teacher are
 the largest tensors of a distillation step. Here the trainer keeps only the final hidden states of
-the completion positions; every objective maps a per-token function over chunks of positions
-(`map_token_chunks`), and each chunk's logits are recomputed in the backward pass instead of being
-stored (activation checkpointing per chunk), so the peak is one chunk's [chunk, V] tensors.
+the completion positions, and objectives work on chunks of positions, so the peak is one chunk's
+[chunk, V] tensors:
+- `sum_token_chunks` (a loss that is a sum of per-token terms: the divergences, the policy
+  gradients): each chunk's gradient with respect to the hidden states and the head is computed as
+  the chunk is projected, in the forward pass, and handed to autograd for the backward pass, so no
+  logits are projected twice (the fused-linear approach of Liger-Kernel's FusedLinearJSD);
+- `map_token_chunks` (objectives that need every token's value before they can combine them: TSD-KD's
+  ranking, AdaSPEC's selection): each chunk's logits are recomputed in the backward pass instead of
+  being stored (activation checkpointing per chunk).
 """
 
 from __future__ import annotations
@@ -119,6 +125,76 @@ def map_token_chunks(
     if isinstance(outputs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
     return torch.cat(outputs)
+
+
+def sum_token_chunks(
+    fn: TokenFunction, student: Head, rows: dict[str, Rows], chunk_size: int, normaliser
+) -> torch.Tensor:
+    """Σ over positions of `fn(student_logits [n, V], **rows_chunk)` (a [n] tensor) / `normaliser`:
+    the value `sum_over_tokens(map_token_chunks(fn, …))` gives, with its gradient computed chunk by
+    chunk during this forward pass.
+
+    For each chunk, d loss / d logits [n, V] comes from autograd on `fn` alone; the gradients of the
+    hidden states (dlogits · W) and of the head (dlogitsᵀ · h, accumulated in place into one [V, H]
+    buffer) follow as two matrix products, and the chunk's logits are freed. The backward pass then
+    only scales the stored gradients by the incoming one: three projections' worth of work for the
+    loss in all, as an unchunked loss does, where checkpointed chunks take four. Memory holds one
+    chunk's [n, V] tensors, plus the head's gradient from the forward pass on (the backward pass of
+    an unchunked loss makes it too, later).
+    """
+    needs_grad = torch.is_grad_enabled() and (student.hidden.requires_grad or _requires_grad(student))
+    if student.weight is None or not needs_grad:
+        return map_token_chunks(fn, student, rows, chunk_size).sum() / normaliser
+    return _ChunkedSum.apply(
+        student.hidden, student.weight, student.bias, (fn, student, rows, chunk_size, normaliser)
+    )
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """The scalar loss of `sum_token_chunks`, whose gradients the forward pass has already computed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, task):
+        fn, student, rows, chunk_size, normaliser = task
+        vocab = weight.shape[0] if student.vocab_size is None else min(student.vocab_size, weight.shape[0])
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), device=hidden.device)
+        for start in range(0, len(student), chunk_size):
+            stop = min(start + chunk_size, len(student))
+            chunk_rows = {name: chunk_of(value, start, stop) for name, value in rows.items()}
+            resolved = {
+                name: value.logits(value.hidden) if isinstance(value, Head) else value
+                for name, value in chunk_rows.items()
+            }
+            h = hidden[start:stop]
+            projected = torch.nn.functional.linear(h, weight[:vocab], None if bias is None else bias[:vocab])
+            with torch.enable_grad():
+                logits = projected.float().requires_grad_()
+                loss = fn(logits, **resolved).sum() / normaliser
+                (dlogits,) = torch.autograd.grad(loss, logits)
+            total += loss.detach()
+            dlogits = dlogits.to(projected.dtype)  # the projection's own precision, as autograd would
+            grad_hidden[start:stop] = (dlogits @ weight[:vocab].to(projected.dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                if projected.dtype == weight.dtype:  # in place: no [V, H] temporary
+                    grad_weight[:vocab].addmm_(dlogits.T, h.to(weight.dtype))
+                else:  # mixed precision: the product in the projection's precision, as autograd would
+                    grad_weight[:vocab] += (dlogits.T @ h.to(projected.dtype)).to(weight.dtype)
+            if grad_bias is not None:
+                grad_bias[:vocab] += dlogits.sum(0).to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+
+        def scaled(grad):
+            return None if grad is None else grad * grad_output
+
+        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None
 
 
 def _requires_grad(head: Head) -> bool:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import PrivateAttr
 
-from .base import Objective, ObjectiveInputs, register, sum_over_tokens, summed_over_ranks
+from .base import Objective, ObjectiveInputs, register, summed_over_ranks
 from .divergences import (
     adaptive_kl,
     generalized_jsd,
@@ -24,7 +24,7 @@ from .divergences import (
     skew_kl_teacher_mixture,
     total_variation,
 )
-from .heads import map_token_chunks
+from .heads import sum_token_chunks
 from .options import (
     AdaptiveKLOptions,
     ForwardKLOptions,
@@ -53,7 +53,7 @@ class TokenDistillation(TokenDistillationOptions, Objective):
             return loss
 
         rows = {"teacher": inputs.teacher, "labels": inputs.labels}
-        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+        return sum_token_chunks(per_token, inputs.student, rows, inputs.chunk_size, inputs.normaliser)
 
 
 @register

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .base import Objective, ObjectiveInputs, register, sum_over_tokens
-from .heads import SparseTargets, map_token_chunks
+from .heads import SparseTargets, map_token_chunks, sum_token_chunks
 from .options import GRPOOptions, KDRLOptions, ReverseKLPolicyGradientOptions
 
 
@@ -69,7 +69,7 @@ class ReverseKLPolicyGradient(ReverseKLPolicyGradientOptions, Objective):
             return -advantage * student
 
         rows = {"teacher": inputs.teacher, "labels": inputs.labels}
-        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+        return sum_token_chunks(per_token, inputs.student, rows, inputs.chunk_size, inputs.normaliser)
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -102,7 +102,7 @@ class GRPO(GRPOOptions, Objective):
             return self.policy_loss(token_logprobs(logits, labels), advantage)
 
         rows = {"labels": inputs.labels, "advantage": self.advantages(inputs)}
-        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+        return sum_token_chunks(per_token, inputs.student, rows, inputs.chunk_size, inputs.normaliser)
 
 
 @register

@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from .base import Objective, ObjectiveInputs, register, sum_over_tokens
 from .divergences import TAIL_FLOOR, entropy, generalized_jsd, kl_teacher_student, shared_support
-from .heads import SparseTargets, map_token_chunks
+from .heads import SparseTargets, map_token_chunks, sum_token_chunks
 from .options import AdaSPECOptions, FIRSTOptions, TSDKDOptions
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ class FIRST(FIRSTOptions, Objective):
             return kl_teacher_student(student, target)
 
         rows = {"teacher": inputs.teacher}
-        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+        return sum_token_chunks(per_token, inputs.student, rows, inputs.chunk_size, inputs.normaliser)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Objective, ObjectiveInputs, register, sum_over_tokens
+from .base import Objective, ObjectiveInputs, register
 from .divergences import entropy
-from .heads import map_token_chunks
+from .heads import sum_token_chunks
 from .options import CurioSFTOptions
 
 
@@ -107,4 +107,4 @@ class CurioSFT(CurioSFTOptions, Objective):
             return curio_sft_token_loss(logits, labels, self.temperature(logits.detach()), self.alpha)
 
         rows = {"labels": inputs.labels}
-        return sum_over_tokens(map_token_chunks(per_token, inputs.student, rows, inputs.chunk_size), inputs)
+        return sum_token_chunks(per_token, inputs.student, rows, inputs.chunk_size, inputs.normaliser)

@@ -12,8 +12,8 @@ from pydantic import PrivateAttr
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
-from .base import IGNORE_INDEX, Objective, ObjectiveInputs, register, sum_over_tokens
-from .heads import map_token_chunks
+from .base import IGNORE_INDEX, Objective, ObjectiveInputs, register
+from .heads import sum_token_chunks
 from .options import ChunkWiseTrainingOptions, MaskedThoughtOptions, SFTOptions
 
 
@@ -24,8 +24,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def completion_nll(inputs: ObjectiveInputs) -> torch.Tensor:
     """Σ_t −log p_S(y_t | x, y_<t) over completion tokens / completion tokens in the global batch."""
-    per_token = map_token_chunks(token_nll, inputs.student, {"labels": inputs.labels}, inputs.chunk_size)
-    return sum_over_tokens(per_token, inputs)
+    rows = {"labels": inputs.labels}
+    return sum_token_chunks(token_nll, inputs.student, rows, inputs.chunk_size, inputs.normaliser)
 
 
 @register
