@@ -262,3 +262,16 @@ def test_on_policy_step_benchmark_times_both_trainers_and_prints_their_ratio(cap
         assert values[-1] <= 8, out  # mean sampled completion length, at most --quick's 8 new tokens
     ratio = re.search(r"^ratio reasondistill / TRL GKDTrainer λ=1: ([\d.]+)x step time", out, re.M)
     assert ratio and float(ratio.group(1)) > 0, out
+
+
+def test_packing_benchmark_compares_padded_and_packed_batches(capsys):
+    """benchmarks/packing.py --quick: three ways over the same examples, the same loss, no padding packed."""
+    _, out = run_quick("packing", capsys)
+    rows = {
+        line[:28].strip(): line[28:].split()
+        for line in out.splitlines()
+        if line.startswith(("padded", "packed"))
+    }
+    assert set(rows) == {"padded, random", "padded, sorted within step", "packed"}
+    assert rows["packed"][1] == "0.0%" and float(rows["padded, random"][1].rstrip("%")) > 0
+    assert len({row[-1] for row in rows.values()}) == 1  # the same training loss every way

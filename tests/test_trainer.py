@@ -370,3 +370,124 @@ def test_a_tracker_that_cannot_report_is_refused_before_weights_load(tmp_path, t
             tiny_init, truncation_examples(), tmp_path / "out", Hyperparameters(), report_to=[tracker]
         )
     assert not list(tmp_path.glob(".out*"))  # no work folder: refused before training started
+
+
+def packing_model(seed: int, attention: str = "sdpa") -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, attn_implementation=attention,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_attend_only_within_themselves(attention):
+    """An example's final hidden states packed beside others equal those it has alone."""
+    from reasondistill.train.teachers import final_hidden_states
+
+    model = packing_model(0, attention).eval()
+    features = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in examples()]
+    batch = CompletionCollator(0, packed=True)(features)
+    assert batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))  # no padding
+    with torch.no_grad():
+        packed = final_hidden_states(model, batch["input_ids"], {"position_ids": batch["position_ids"]})[0]
+        start = 0
+        for feature in features:
+            ids = torch.tensor([feature["input_ids"]])
+            alone = final_hidden_states(model, ids, torch.ones_like(ids))[0]
+            torch.testing.assert_close(packed[start : start + len(ids[0])], alone, atol=1e-5, rtol=1e-5)
+            start += len(ids[0])
+
+
+def stored_rows(teacher: Qwen2ForCausalLM):
+    """The teacher's top-5 at every completion token of examples(), as a store holds them."""
+    from reasondistill.generate.logprobs import TokenLogprobs
+    from reasondistill.train.data import SparseTeacherRows
+
+    rows = []
+    for row in examples():
+        ids, start = (
+            row["input_ids"],
+            next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX),
+        )
+        with torch.no_grad():
+            logprobs = teacher(input_ids=torch.tensor([ids])).logits[0, start - 1 : -1].log_softmax(-1)
+        top, top_ids = logprobs.topk(5, dim=-1)
+        scored = TokenLogprobs(
+            token_ids=torch.tensor(ids[start:]).numpy(), logprobs=logprobs.gather(1, torch.tensor(ids[start:])[:, None])[:, 0].numpy(),
+            topk_ids=top_ids.numpy(), topk_logprobs=top.numpy(), tail_logprob=torch.log1p(-top.exp().sum(-1)).numpy(),
+        )  # fmt: skip
+        rows.append(SparseTeacherRows.on_positions(scored, start, len(ids) - start))
+    return rows
+
+
+@pytest.mark.parametrize("case", ["sft", "online", "stored"])
+def test_packing_trains_to_the_weights_of_padded_batches(tmp_path, case):
+    """Two SGD steps of two examples per micro-batch, packed into one row or padded: the same weights
+    (SFT, forward KL from an online teacher, and from a stored top-5)."""
+    teacher = packing_model(1).eval().requires_grad_(False)
+    stored = stored_rows(teacher) if case == "stored" else None
+    weights = []
+    for packed in (False, True):
+        model = packing_model(0)
+        dataset = examples().add_column("index", list(range(4)))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{case}-{packed}"), per_device_train_batch_size=2, max_steps=2,
+            learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
+            disable_tqdm=True, dataloader_pin_memory=False, remove_unused_columns=False,
+        )  # fmt: skip
+        objective = make_objective("sft" if case == "sft" else "forward_kl")
+        trainer = DistillationTrainer(
+            model=model, args=args, train_dataset=dataset, objective=objective,
+            data_collator=CompletionCollator(0, objective, stored, packed=packed),
+            teacher=teacher if case == "online" else None,
+        )  # fmt: skip
+        trainer.train()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=1e-5)
+    initial = torch.cat([p.detach().flatten() for p in packing_model(0).parameters()])
+    assert (weights[0] - initial).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.parametrize(
+    ("objective", "on_policy", "message"),
+    [
+        ("dpo", False, "does not apply to pairs"),
+        ("forward_kl", True, "does not apply to on-policy samples"),
+        ("masked_thought", False, "objective 'masked_thought', which chooses or corrupts tokens"),
+        ("cwt", False, "objective 'cwt', which chooses or corrupts tokens"),
+    ],
+)
+def test_packing_is_refused_where_examples_are_not_independent_rows(objective, on_policy, message):
+    from reasondistill.errors import UserError
+    from reasondistill.train.on_policy_options import OnPolicyOptions
+    from reasondistill.train.trainer import Efficiency
+
+    with pytest.raises(UserError, match=message):
+        Efficiency(packing=True).check(
+            make_objective(objective), OnPolicyOptions() if on_policy else None, "train:x"
+        )
+
+
+def test_packing_and_gradient_checkpointing_through_train_model(tmp_path, tiny_init):
+    """The train stage's `packing` and `gradient_checkpointing` reach the run (the same loss as the
+    padded run without checkpointing), and the statistics say the batches were packed; trainer_args
+    cannot set gradient checkpointing behind the first-class option's back."""
+    from reasondistill.errors import UserError
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.trainer import Efficiency, train_model
+
+    hp = Hyperparameters(epochs=1, max_length=96, batch_size=2, seed=3, trainer_args={"disable_tqdm": True})
+    plain = train_model(tiny_init, truncation_examples(), tmp_path / "plain", hp)
+    packed = train_model(
+        tiny_init, truncation_examples(), tmp_path / "packed", hp,
+        efficiency=Efficiency(packing=True, gradient_checkpointing=True),
+    )  # fmt: skip
+    assert packed["packing"] is True and plain["packing"] is False
+    assert packed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    with pytest.raises(UserError, match="trainer_args.gradient_checkpointing is set by reasondistill"):
+        train_model(
+            tiny_init, truncation_examples(), tmp_path / "x",
+            Hyperparameters(epochs=1, trainer_args={"gradient_checkpointing": True}),
+        )  # fmt: skip

@@ -50,6 +50,17 @@ class TrainConfig(GraderChoice, Hyperparameters):
         description="train LoRA adapters on the student instead of all its weights: r, alpha, dropout, "
         "target_modules, merge (save merged full weights instead of an adapter folder)",
     )
+    packing: bool = Field(
+        False,
+        description="pack each micro-batch's examples into one row without padding, attention kept within "
+        "each example (token-level objectives on given completions; flash-attention varlen with "
+        "attn_implementation flash_attention_2)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the student's activations in the backward pass: less memory, ~30% more time",
+    )
+    torch_compile: bool = Field(False, description="compile the student with torch.compile")
     report_to: list[str] = Field(
         default_factory=list,
         description="experiment trackers, as transformers names them (tensorboard, wandb, mlflow, trackio, …): "
@@ -156,7 +167,7 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
 
     def body(step_fingerprint: str) -> dict:
         from ..generate.logprobs import read_logprobs  # imports torch
-        from ..train.trainer import Teachers, train_model  # imports torch and transformers
+        from ..train.trainer import Efficiency, Teachers, train_model  # imports torch and transformers
 
         examples = read_examples(cfg, run, data_path)
         if not examples:  # (the train problems are checked by load_problems)
@@ -190,6 +201,10 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
                 on_policy=cfg.on_policy, problems=problems_by_id(run) if cfg.on_policy else None,
                 grader_for=cfg.grader_for, description=f"train:{cfg.name}", resume_key=step_fingerprint,
                 report_to=cfg.report_to, logging_dir=run.root / "tensorboard" / cfg.name, lora=cfg.lora,
+                efficiency=Efficiency(
+                    packing=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing,
+                    torch_compile=cfg.torch_compile,
+                ),
             )  # fmt: skip
         finally:
             if teachers.scorer is not None:

@@ -148,6 +148,12 @@ class SparseTeacherRows:
         rows.token_logprob[prompt_length:] = scored.logprobs[:completion_length]
         return rows
 
+    @staticmethod
+    def joined(rows: Sequence[SparseTeacherRows]) -> SparseTeacherRows:
+        """The rows of examples packed one after another."""
+        fields = ("topk_ids", "topk_logprobs", "tail_logprob", "token_logprob")
+        return SparseTeacherRows(*(np.concatenate([getattr(row, name) for row in rows]) for name in fields))
+
 
 def sparse_teacher_batch(rows: Sequence[SparseTeacherRows], width: int) -> dict[str, torch.Tensor]:
     """The rows of a batch as right-padded `teacher_*` tensors of `width` positions."""
@@ -220,8 +226,11 @@ class CompletionCollator:
     pad_token_id: int
     objective: Objective | None = None
     sparse_teacher: Sequence[SparseTeacherRows] | None = None
+    packed: bool = False  # one row per batch, examples one after another (see `packed_batch`)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return self.packed_batch(features)
         if "chosen_input_ids" in features[0]:
             features = [
                 {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
@@ -243,6 +252,29 @@ class CompletionCollator:
             batch.update(sparse_teacher_batch(rows, width))
         if self.objective is not None:
             batch["labels"] = self.objective.select_labels(batch["input_ids"], batch["labels"])
+        return batch
+
+    def packed_batch(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """The examples side by side in one row [1, Σ lengths], without padding.
+
+        `position_ids` restart at 0 with each example: transformers then confines attention to each
+        example (a block-diagonal causal mask with sdpa and eager; varlen kernels with
+        flash-attention), so an example's hidden states are those it has alone. `example_ids` says
+        which example each token belongs to, for objectives that work per sequence. A boundary
+        never mixes examples in the loss: each example starts with its prompt, whose labels are
+        ignored, so no position predicts the next example's first token.
+        """
+        lengths = [len(f["input_ids"]) for f in features]
+        batch = {
+            "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]]),
+            "labels": torch.tensor([[t for f in features for t in f["labels"]]]),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            "example_ids": torch.repeat_interleave(torch.arange(len(features)), torch.tensor(lengths))[None],
+            "num_examples": torch.tensor(len(features)),
+        }
+        if self.sparse_teacher is not None:
+            row = SparseTeacherRows.joined([self.sparse_teacher[f["index"]] for f in features])
+            batch.update(sparse_teacher_batch([row], sum(lengths)))
         return batch
 
 

@@ -52,19 +52,23 @@ def output_head(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int | 
 
 
 def final_hidden_states(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module, input_ids: torch.Tensor, layout: torch.Tensor | dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """Final (normed) hidden states [B, S, H], without projecting every position to the vocabulary.
 
-    The forward goes through `model` itself, wrappers included (DDP must see it to reduce gradients),
-    with `logits_to_keep=1` so the head projects one position only; the decoder's output is taken
-    with a forward hook.
+    `layout` is the attention mask of padded rows, or `{"position_ids": …}` for packed rows (each
+    example's positions restart at 0; transformers then keeps attention within each example, with
+    every attention kernel). The forward goes through `model` itself, wrappers included (DDP must see
+    it to reduce gradients), with `logits_to_keep=1` so the head projects one position only; the
+    decoder's output is taken with a forward hook.
     """
+    if isinstance(layout, torch.Tensor):
+        layout = {"attention_mask": layout}
     captured: list[torch.Tensor] = []
     decoder = causal_lm(model).get_decoder()
     handle = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        model(input_ids=input_ids, **layout, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     return captured[-1]

@@ -154,7 +154,8 @@ class DistillationTrainer(Trainer):
         return pairs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        input_ids, labels = inputs["input_ids"], inputs["labels"]
+        layout = batch_layout(inputs)
         progress = self.state.global_step / max(self.state.max_steps, 1)
         # input noise is part of training only (the Trainer also calls this for evaluation)
         student_ids = (
@@ -162,7 +163,7 @@ class DistillationTrainer(Trainer):
         )
         # Position t predicts token t + 1: keep the positions whose next token is a completion token.
         predicts = labels[:, 1:] != IGNORE_INDEX
-        hidden = final_hidden_states(model, student_ids, attention)[:, :-1][predicts]
+        hidden = final_hidden_states(model, student_ids, layout)[:, :-1][predicts]
         counted_globally = num_items_in_batch is not None
         if not counted_globally:
             num_items_in_batch = len(labels) // 2 if self.objective.data == "pairs" else predicts.sum()
@@ -174,10 +175,10 @@ class DistillationTrainer(Trainer):
                 student=output_head(model, hidden, self.vocab_size),
                 labels=labels[:, 1:][predicts],
                 normaliser=num_items_in_batch,
-                sequence=predicts.nonzero()[:, 0],
-                num_sequences=len(labels),
+                sequence=_sequence_of_positions(inputs, predicts),
+                num_sequences=int(inputs["num_examples"]) if "num_examples" in inputs else len(labels),
                 teacher=self._teacher_targets(model, inputs, predicts),
-                reference=self._frozen_head(self.reference, input_ids, attention, predicts),
+                reference=self._frozen_head(self.reference, input_ids, layout, predicts),
                 rewards=inputs.get("rewards"),
                 groups=inputs.get("groups"),
                 progress=progress,
@@ -192,12 +193,12 @@ class DistillationTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     @torch.no_grad()
-    def _frozen_head(self, model, input_ids, attention, predicts) -> Head | None:
+    def _frozen_head(self, model, input_ids, layout: dict, predicts) -> Head | None:
         if model is None:
             return None
-        hidden = (
-            causal_lm(model).get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        )
+        # no cache: with one, transformers would not read packed position ids as separate examples
+        decoder = causal_lm(model).get_decoder()
+        hidden = decoder(input_ids=input_ids, **layout, use_cache=False).last_hidden_state
         return output_head(model, hidden[:, :-1][predicts], self.vocab_size)
 
     def _teacher_targets(self, model, inputs, predicts) -> Head | SparseTargets | None:
@@ -214,10 +215,23 @@ class DistillationTrainer(Trainer):
             # the teacher reads its own (privileged) prompt before the same completion tokens, row by
             # row in the same order, so its completion positions pair up with the student's
             teacher_predicts = inputs["teacher_labels"][:, 1:] != IGNORE_INDEX
-            return self._frozen_head(
-                teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], teacher_predicts
-            )
-        return self._frozen_head(teacher, inputs["input_ids"], inputs["attention_mask"], predicts)
+            layout = {"attention_mask": inputs["teacher_attention_mask"]}
+            return self._frozen_head(teacher, inputs["teacher_input_ids"], layout, teacher_predicts)
+        return self._frozen_head(teacher, inputs["input_ids"], batch_layout(inputs), predicts)
+
+
+def batch_layout(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """How the rows of a batch hold their examples: padded (attention mask) or packed (position ids)."""
+    if "position_ids" in inputs:
+        return {"position_ids": inputs["position_ids"]}
+    return {"attention_mask": inputs["attention_mask"]}
+
+
+def _sequence_of_positions(inputs: Mapping[str, torch.Tensor], predicts: torch.Tensor) -> torch.Tensor:
+    """The example each predicting position belongs to: its row, or its place in a packed row."""
+    if "example_ids" in inputs:
+        return inputs["example_ids"][:, :-1][predicts]  # position t predicts t + 1 of the same example
+    return predicts.nonzero()[:, 0]
 
 
 OBJECTIVE_STATE = "objective_state.json"  # in each checkpoint folder, beside the Trainer's own state
@@ -241,6 +255,35 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """How a run trains faster or in less memory, without changing what it computes."""
+
+    packing: bool = (
+        False  # a micro-batch's examples in one row without padding (CompletionCollator.packed_batch)
+    )
+    gradient_checkpointing: bool = False  # the Trainer's: the student's activations recomputed in backward
+    torch_compile: bool = False  # the Trainer's: torch.compile of the student
+
+    def check(self, objective: Objective, on_policy: OnPolicyOptions | None, description: str) -> None:
+        """Packing needs examples that are independent token sequences: not pairs, not the student's
+        own samples, not objectives that choose or corrupt tokens per row."""
+        if not self.packing:
+            return
+        per_row = type(objective).select_labels is not Objective.select_labels or (
+            type(objective).corrupt_inputs is not Objective.corrupt_inputs
+        )
+        if objective.data == "pairs" or on_policy is not None or per_row:
+            what = (
+                "pairs"
+                if objective.data == "pairs"
+                else "on-policy samples"
+                if on_policy is not None
+                else f"objective {objective.name!r}, which chooses or corrupts tokens row by row"
+            )
+            raise UserError(f"{description}: packing packs independent examples; it does not apply to {what}")
 
 
 @dataclass
@@ -413,6 +456,7 @@ def train_model(
     report_to: Sequence[str] = (),
     logging_dir: Path | None = None,
     lora: LoraOptions | None = None,
+    efficiency: Efficiency = Efficiency(),
 ) -> dict:
     """Train the model at `init` on `examples` and save it (with its tokenizer) to `output_dir`.
 
@@ -430,6 +474,7 @@ def train_model(
     objective = build_objective(hp.objective_spec)
     _check_inputs(objective, examples, teachers, on_policy, description)
     check_sharding(hp.trainer_args, os.environ, description)
+    efficiency.check(objective, on_policy, description)
     tokenizer = load_tokenizer(init)
     if lora is not None:
         check_targets(lora, init, description)
@@ -440,7 +485,9 @@ def train_model(
     shared = SharedTokenIds(output_dir.with_name(f".{output_dir.name}.tokens"))
     try:
         if on_policy is None:
-            data = _example_data(objective, tokenizer, examples, hp, teachers, description, shared)
+            data = _example_data(
+                objective, tokenizer, examples, hp, teachers, description, shared, efficiency.packing
+            )
         else:
             data = _on_policy_data(
                 objective,
@@ -457,7 +504,7 @@ def train_model(
     finally:
         on_main(lambda: shutil.rmtree(shared.folder, ignore_errors=True), "removing the token ids")
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
-    args = _training_arguments(hp, work_dir, description, list(report_to))
+    args = _training_arguments(hp, work_dir, description, list(report_to), efficiency)
     model = load_causal_lm(init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device))
     frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
     if lora is not None:
@@ -537,13 +584,14 @@ def _example_data(
     teachers: Teachers,
     description: str,
     shared: SharedTokenIds,
+    packed: bool = False,
 ) -> _TrainingData:
     """Off-policy: the examples' own completions, tokenized, with their stored teacher rows if any."""
     dataset, stored_rows, truncation, completion_tokens = _build_dataset(
         objective, tokenizer, examples, hp, teachers, description, shared
     )
     warn_truncation(truncation, len(examples), description)
-    collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows)
+    collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows, packed)
     return _TrainingData(dataset, collator, stored_rows, truncation, completion_tokens)
 
 
@@ -574,7 +622,11 @@ def _on_policy_data(
 
 
 def _training_arguments(
-    hp: Hyperparameters, work_dir: Path, description: str, report_to: list[str]
+    hp: Hyperparameters,
+    work_dir: Path,
+    description: str,
+    report_to: list[str],
+    efficiency: Efficiency = Efficiency(),
 ) -> TrainingArguments:
     """The Trainer's arguments: ours from the hyperparameters, plus `trainer_args` that do not override them."""
     ours = dict(
@@ -599,6 +651,8 @@ def _training_arguments(
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=cpu_processes(),  # several CPU processes: one gloo group, not N runs of one
+        gradient_checkpointing=efficiency.gradient_checkpointing,
+        torch_compile=efficiency.torch_compile,
         **_precision_flags(hp.precision),
     )
     duplicated = sorted(ours.keys() & hp.trainer_args.keys())
@@ -736,6 +790,7 @@ def _training_stats(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # of the saved weights
         "steps": trainer.state.global_step,
         "processes": trainer.args.world_size,
+        "packing": isinstance(data.collator, CompletionCollator) and data.collator.packed,
         "train_loss": result.training_loss,
         "seconds": result.metrics.get("train_runtime"),
         "parameters": sum(p.numel() for p in model.parameters()),  # the student as loaded, not as wrapped
