@@ -104,6 +104,20 @@ def test_target_modules_the_model_lacks_are_refused_before_weights_load(init, tm
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"quantize": "4bit"}, "lora.quantize \\(QLoRA\\) needs a CUDA GPU; this machine has none"),
+        ({"quantize": "4bit", "merge": True}, "adapters cannot be merged into 4-bit weights"),
+    ],
+)
+def test_qlora_is_refused_where_it_cannot_run_before_weights_load(init, tmp_path, options, message):
+    with pytest.raises(UserError, match=message):
+        train_model(init, examples(), tmp_path / "out", HP, lora=LoraOptions(**options))
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.work").exists()
+
+
 def test_the_train_stage_trains_an_adapter_that_later_steps_use_by_name(init, tmp_path):
     from helpers import SHARED_BENCHMARKS
 

@@ -31,6 +31,37 @@ def test_the_shipped_teacher_was_trained_by_this_code(monkeypatch):
     assert sorted(p.name for p in SHIPPED_DIR.iterdir()) == sorted([*SHIPPED_FILES, "shipped.json"])
 
 
+def test_the_shipped_zoo_was_trained_by_this_code(monkeypatch):
+    """Fails after a change to the zoo (or the testbed under it) until scripts/ship_testbed_teacher.py
+    --zoo-only ships new zoo teachers."""
+    from reasondistill.testbed.shipped import ZOO_DIR
+    from reasondistill.testbed.zoo import ZOO, zoo_fingerprint
+
+    monkeypatch.delenv(models.SEED_VARIABLE, raising=False)
+    assert sorted(p.name for p in ZOO_DIR.iterdir()) == sorted(ZOO)
+    for name in ZOO:
+        record = shipped_record(ZOO_DIR / name)
+        assert record is not None and record["fingerprint"] == zoo_fingerprint(), (
+            "run ship_testbed_teacher.py --zoo-only"
+        )
+        assert file_sha256(ZOO_DIR / name / WEIGHTS) == record["sha256"]
+        assert sorted(p.name for p in (ZOO_DIR / name).iterdir()) == sorted([*SHIPPED_FILES, "shipped.json"])
+
+
+def test_the_default_build_installs_the_shipped_zoo(testbed):
+    """A zoo teacher of the default build is the shipped one, bit for bit; other builds train theirs."""
+    from reasondistill.testbed.shipped import ZOO_DIR
+    from reasondistill.testbed.zoo import build_zoo_model
+
+    path = build_zoo_model("terse-small")
+    done = json.loads((path / "DONE").read_text())
+    if models.build_variant() is not None:
+        assert not done.get("shipped") and (path / WEIGHTS).exists()
+        return
+    assert done["shipped"] is True
+    assert file_sha256(path / WEIGHTS) == shipped_record(ZOO_DIR / "terse-small")["sha256"]
+
+
 def test_the_default_build_installs_the_shipped_teacher(testbed):
     done = json.loads((testbed / "DONE").read_text())
     if models.build_variant() is not None:  # check-builds' other builds train their own teacher

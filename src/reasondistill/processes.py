@@ -8,8 +8,9 @@ the others wait for it at `barrier()`.
 
 Waiting for a step that is not training (an hour of generation) would time out a collective of the
 training group (NCCL's watchdog: 10-30 minutes), so the barrier runs on a separate gloo group with
-a long timeout (`REASONDISTILL_WAIT_HOURS`, default 72). Should process 0 fail, the launcher
-(torchrun, under accelerate too) stops the processes waiting for it.
+a long timeout (`REASONDISTILL_WAIT_HOURS`, default 72). When a step fails on process 0, `on_main`
+tells the others, which stop with a line naming it; a process that dies is stopped with the rest by
+the launcher (torchrun, under accelerate too).
 
 A process without RANK/WORLD_SIZE is a job of one: every function here is then a no-op.
 """
@@ -68,10 +69,10 @@ def on_main(work: Callable[[], T], what: str) -> T | None:
 
 @contextmanager
 def alone() -> Iterator[None]:
-    """Process 0 working while the others wait (`on_main`): to the code inside, a job of one. A step
-    that trains on the way (select_teacher's proxy students) then trains in this process alone,
-    instead of expecting the waiting processes in a data-parallel group. accelerate's process state
-    is put back as it was afterwards."""
+    """A step that is not training, run by process 0 while the others wait (`Stage.run_in_job`): to
+    the code inside, a job of one. A step that trains on the way (select_teacher's proxy students)
+    then trains in this process alone, instead of expecting the waiting processes in a data-parallel
+    group. accelerate's process state is put back as it was afterwards."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
@@ -120,7 +121,8 @@ def _waiting_group():
     import torch.distributed as dist
     from accelerate import PartialState
 
-    # initialises the default process group from the launcher's environment
-    PartialState(cpu=cpu_processes())
+    # initialises the default process group from the launcher's environment, with the timeout the
+    # Trainer would give it (transformers' ddp_timeout default; the Trainer reuses this group)
+    PartialState(cpu=cpu_processes(), timeout=timedelta(seconds=1800))
     hours = float(os.environ.get("REASONDISTILL_WAIT_HOURS", "72"))
     return dist.new_group(backend="gloo", timeout=timedelta(hours=hours))

@@ -58,7 +58,7 @@ class TrainConfig(GraderChoice, Hyperparameters):
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="recompute the student's activations in the backward pass: less memory, ~30% more time",
+        description="recompute the student's activations in the backward pass: less memory, one more forward pass of time",
     )
     torch_compile: bool = Field(False, description="compile the student with torch.compile")
     report_to: list[str] = Field(

@@ -1,4 +1,5 @@
-"""The default testbed build's trained teacher, shipped with the package so no machine spends minutes on it.
+"""The default testbed build's trained teacher (and the teacher zoo's, `ZOO_DIR`), shipped with the
+package so no machine spends minutes on them.
 
 `weights/teacher/` is the teacher folder a default build trains (config, tokenizer, model.safetensors,
 training_stats.json) plus `shipped.json`: the build fingerprint it was trained under, the sha256 of its
@@ -23,6 +24,7 @@ from ..records import file_sha256
 log = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights" / "teacher"
+ZOO_DIR = Path(__file__).resolve().parent / "weights" / "zoo"  # a folder per zoo teacher, like SHIPPED_DIR
 RECORD = "shipped.json"
 WEIGHTS = "model.safetensors"
 # The teacher folder's files that ship: what `from_pretrained` reads, and the training stats.
@@ -45,7 +47,8 @@ def shipped_record(folder: Path = SHIPPED_DIR) -> dict | None:
 
 
 def shipped_teacher(fingerprint: str, variant: int | None, folder: Path = SHIPPED_DIR) -> Path | None:
-    """The shipped teacher folder if it was trained under this build `fingerprint`; else None (train it)."""
+    """The shipped teacher folder if it was trained under this build `fingerprint` (the zoo's, for a
+    zoo teacher); else None (train it)."""
     record = shipped_record(folder)
     if record is None or variant is not None:
         return None

@@ -14,9 +14,10 @@ On 2-digit problems verbose solutions are about 2.6 times as long as the task's 
 against 52), terse ones about 0.7 times (38). Every style ends with the task's final answer line
 ("The answer is 132."), so the task's grader grades zoo traces like any other.
 
-A zoo teacher is a Hub-style folder at `<cache>/zoo-<fingerprint>/<name>`, built on first use (10 to
-40 seconds each on 2 idle CPU cores, over 4 testbed builds) and named `testbed:<name>` wherever a model
-reference is accepted.
+A zoo teacher is a Hub-style folder at `<cache>/zoo-<fingerprint>/<name>`, named `testbed:<name>`
+wherever a model reference is accepted. The default testbed build's zoo ships with the package
+(`weights/zoo/<name>`, written by scripts/ship_testbed_teacher.py, installed where its fingerprint is
+this code's); other builds train theirs on first use (10 to 40 seconds each on 2 idle CPU cores).
 The fingerprint hashes the testbed's (the zoo starts from its teacher and uses its tokenizer), this
 file and the zoo's specification, so a changed style or size rebuilds instead of reusing a stale
 teacher.
@@ -43,7 +44,8 @@ from ..tasks.base import final_answer_text
 from ..train.hyperparameters import Hyperparameters
 from ..train.trainer import train_model
 from ..verify.reasoning import format_completion
-from .models import build_fingerprint, build_testbed, cache_root, exclusive
+from .models import build_fingerprint, build_testbed, build_variant, cache_root, exclusive
+from .shipped import ZOO_DIR, install_shipped_teacher, shipped_teacher
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +196,9 @@ def save_first_layers(model_dir: Path, layers: int, path: Path) -> None:
     staging.rename(path)
 
 
-def build_zoo_model(name: str, force: bool = False) -> Path:
-    """Build (or reuse) the zoo teacher `name`; returns its model folder."""
+def build_zoo_model(name: str, force: bool = False, train: bool = False) -> Path:
+    """Build (or reuse) the zoo teacher `name`; returns its model folder. Installs the shipped
+    weights where they are this code's, unless `train` is set."""
     teacher = ZOO[name]
     root = zoo_dir()
     path = root / name
@@ -206,8 +209,17 @@ def build_zoo_model(name: str, force: bool = False) -> Path:
         if (path / "DONE").exists() and not force:
             return path  # another process built it while this one waited
         started = time.time()
-        log.info("building zoo teacher %s in %s (under a minute on 2 CPU cores, once)", name, path)
         shutil.rmtree(path, ignore_errors=True)
+        shipped = None if train else shipped_teacher(zoo_fingerprint(), build_variant(), ZOO_DIR / name)
+        if shipped is not None:
+            stats = install_shipped_teacher(shipped, path.with_name(f".{name}.shipped"))
+            done = {"seconds": round(time.time() - started, 1), "teacher": teacher.spec(), "training": stats}
+            (path.with_name(f".{name}.shipped") / "DONE").write_text(
+                json.dumps({**done, "shipped": True}, indent=2)
+            )
+            path.with_name(f".{name}.shipped").rename(path)
+            return path
+        log.info("building zoo teacher %s in %s (under a minute on 2 CPU cores, once)", name, path)
         # As for the testbed: an interrupted build continues in its staging folder (the initial
         # weights are deterministic, the training resumes from its last checkpoint).
         staging = root / f".{name}.building"

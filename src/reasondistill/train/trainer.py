@@ -42,7 +42,7 @@ from .data import (
     tokenize_pairs,
 )
 from .hyperparameters import Hyperparameters, missing_inputs
-from .lora import LoraOptions, check_targets, trainable_parameters, with_lora
+from .lora import LoraOptions, check_targets, quantized_loading, trainable_parameters, with_lora
 from .on_policy import StepBatches, collate_indices, merged_history, on_policy_stats, prompt_rows
 from .on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from .sharding import check_sharding
@@ -261,9 +261,7 @@ def _precision_flags(precision: str) -> dict[str, bool]:
 class Efficiency:
     """How a run trains faster or in less memory, without changing what it computes."""
 
-    packing: bool = (
-        False  # a micro-batch's examples in one row without padding (CompletionCollator.packed_batch)
-    )
+    packing: bool = False  # a micro-batch's examples in one row, unpadded (CompletionCollator.packed_batch)
     gradient_checkpointing: bool = False  # the Trainer's: the student's activations recomputed in backward
     torch_compile: bool = False  # the Trainer's: torch.compile of the student
 
@@ -272,18 +270,18 @@ class Efficiency:
         own samples, not objectives that choose or corrupt tokens per row."""
         if not self.packing:
             return
-        per_row = type(objective).select_labels is not Objective.select_labels or (
-            type(objective).corrupt_inputs is not Objective.corrupt_inputs
-        )
-        if objective.data == "pairs" or on_policy is not None or per_row:
-            what = (
-                "pairs"
-                if objective.data == "pairs"
-                else "on-policy samples"
-                if on_policy is not None
-                else f"objective {objective.name!r}, which chooses or corrupts tokens row by row"
-            )
-            raise UserError(f"{description}: packing packs independent examples; it does not apply to {what}")
+        if objective.data == "pairs":
+            what = "pairs"
+        elif on_policy is not None:
+            what = "on-policy samples"
+        elif (
+            type(objective).select_labels is not Objective.select_labels
+            or type(objective).corrupt_inputs is not Objective.corrupt_inputs
+        ):
+            what = f"objective {objective.name!r}, which chooses or corrupts tokens row by row"
+        else:
+            return
+        raise UserError(f"{description}: packing packs independent examples; it does not apply to {what}")
 
 
 @dataclass
@@ -505,7 +503,9 @@ def train_model(
         on_main(lambda: shutil.rmtree(shared.folder, ignore_errors=True), "removing the token ids")
     work_dir = output_dir.with_name(f".{output_dir.name}.work")
     args = _training_arguments(hp, work_dir, description, list(report_to), efficiency)
-    model = load_causal_lm(init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device))
+    model = load_causal_lm(
+        init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device), **quantized_loading(lora)
+    )
     frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
     if lora is not None:
         model = with_lora(model, lora, hp.seed)
