@@ -28,8 +28,13 @@ and all (prompt + completion) tokens, of the timed steps. `--teacher-hidden` / `
 size the teacher up (intermediate size 4 × hidden, as the testbed's) to see the ratio at a more
 realistic teacher : student cost.
 
+`--real-vocab` runs the same comparison at Qwen2.5's vocabulary (151,936 head rows) with a student
+896 wide and a teacher 1536 wide, 2 layers each (random weights, the real tokenizer from
+../shared/data): where, as in real reasoning models, the vocabulary projection is a large part of a
+step.
+
     .venv/bin/python benchmarks/kd_throughput.py [--steps 20] [--batch-size 8] [--top-k 20]
-        [--teacher-hidden 128] [--teacher-layers 3] [--threads 1] [--repeats 5] [--quick]
+        [--teacher-hidden 128] [--teacher-layers 3] [--threads 1] [--repeats 5] [--real-vocab] [--quick]
 """
 
 from __future__ import annotations
@@ -87,13 +92,14 @@ def training_examples(count: int) -> list[TrainingExample]:
 
 
 @torch.no_grad()
-def score(teacher, examples, tokenized, k: int):
-    """The offline store: the teacher's top-k per completion token, as `score` writes it, aligned to the rows."""
+def score(teacher, examples, tokenized, k: int, vocab: int):
+    """The offline store: the teacher's top-k per completion token over the tokenizer's `vocab` tokens
+    (not padded head rows), as `score` writes it, aligned to the rows."""
     store = {}
     for example, tokens in zip(examples, tokenized, strict=True):
         start = next(j for j, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
         ids = torch.tensor(tokens.input_ids)
-        logits = teacher(input_ids=ids[None]).logits[0, start - 1 : -1]
+        logits = teacher(input_ids=ids[None]).logits[0, start - 1 : -1, :vocab]
         store[(example.problem_id, 0)] = from_logits(logits, ids[start:], k)
     return sparse_teacher_rows(examples, tokenized, store, "benchmark store")
 
@@ -217,8 +223,43 @@ def testbed_models(args: argparse.Namespace, folder: Path):
     return tokenizer, teacher, Qwen2ForCausalLM(_model_config(STUDENT_SHAPE, tokenizer))
 
 
+def real_vocab_models(args: argparse.Namespace, folder: Path):
+    """`--real-vocab`: Qwen2.5's tokenizer (../shared/data) and random models with its 151,936 head
+    rows, shaped like the embedding-heavy end of real students (real_vocab_step.py's shapes): a
+    student 896 wide (Qwen2.5-0.5B's width) and a teacher 1536 wide (1.5B's), 2 layers each, untied
+    teacher head. Both have the same rows, which TRL's loss needs."""
+    from transformers import AutoTokenizer
+
+    from reasondistill.testbed.real_vocab import QWEN_ROWS, build_real_tokenizer, save_random_model
+
+    torch.set_num_threads(args.threads)
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "Qwen2.5-0.5B-Instruct"
+    tokenizer_dir = build_real_tokenizer(source, folder / "tokenizer")
+    save_random_model(
+        tokenizer_dir, folder / "student", rows=QWEN_ROWS, hidden_size=896, heads=14, kv_heads=2
+    )
+    save_random_model(
+        tokenizer_dir,
+        folder / "teacher",
+        rows=QWEN_ROWS,
+        hidden_size=1536,
+        heads=12,
+        kv_heads=2,
+        tie=False,
+        seed=1,
+    )
+    teacher = Qwen2ForCausalLM.from_pretrained(folder / "teacher").eval().requires_grad_(False)
+    student = Qwen2ForCausalLM.from_pretrained(folder / "student")
+    return AutoTokenizer.from_pretrained(tokenizer_dir), teacher, student
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--real-vocab",
+        action="store_true",
+        help="Qwen2.5's vocabulary (151,936 rows) and real-width models instead of the testbed's",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per trainer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them (>= 1)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -233,20 +274,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.repeats = 2, 1, 2, 1
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, teacher, initial_student = testbed_models(args, Path(tmp))
+        models = real_vocab_models if args.real_vocab else testbed_models
+        tokenizer, teacher, initial_student = models(args, Path(tmp))
         examples = training_examples((args.warmup + args.steps) * args.batch_size)
         tokenized = tokenize_examples(tokenizer, examples, max_length=1024)
         started = time.perf_counter()
-        rows = score(teacher, examples, tokenized, args.top_k)
+        rows = score(teacher, examples, tokenized, args.top_k, len(tokenizer))
         scoring = time.perf_counter() - started
         parameters = {
             name: sum(p.numel() for p in model.parameters())
             for name, model in (("teacher", teacher), ("student", initial_student))
         }
         print(
-            f"teacher hidden {args.teacher_hidden} x {args.teacher_layers} layers ({parameters['teacher']:,}"
-            f" parameters), student hidden {STUDENT_SHAPE.hidden_size} x {STUDENT_SHAPE.num_hidden_layers}"
-            f" layers ({parameters['student']:,}), vocab {len(tokenizer)}; batch {args.batch_size},"
+            f"teacher hidden {teacher.config.hidden_size} x {teacher.config.num_hidden_layers} layers"
+            f" ({parameters['teacher']:,}"
+            f" parameters), student hidden {initial_student.config.hidden_size} x"
+            f" {initial_student.config.num_hidden_layers} layers ({parameters['student']:,}), vocab"
+            f" {len(tokenizer)}; batch {args.batch_size},"
             f" {args.warmup} + {args.steps} steps, top-k {args.top_k}, threads {args.threads},"
             f" {args.repeats} repeats"
         )
