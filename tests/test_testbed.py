@@ -48,12 +48,13 @@ def test_the_shipped_zoo_was_trained_by_this_code(monkeypatch):
         assert sorted(p.name for p in (ZOO_DIR / name).iterdir()) == sorted([*SHIPPED_FILES, "shipped.json"])
 
 
-def test_the_default_build_installs_the_shipped_zoo(testbed):
+def test_the_default_build_installs_the_shipped_zoo(testbed, tmp_path, monkeypatch):
     """A zoo teacher of the default build is the shipped one, bit for bit; other builds train theirs."""
+    from reasondistill.testbed import zoo
     from reasondistill.testbed.shipped import ZOO_DIR
-    from reasondistill.testbed.zoo import build_zoo_model
 
-    path = build_zoo_model("terse-small")
+    monkeypatch.setattr(zoo, "zoo_dir", lambda: tmp_path / "zoo")  # a cold zoo cache
+    path = zoo.build_zoo_model("terse-small")
     done = json.loads((path / "DONE").read_text())
     if models.build_variant() is not None:
         assert not done.get("shipped") and (path / WEIGHTS).exists()
