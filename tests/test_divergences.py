@@ -289,8 +289,9 @@ def test_gradients_computed_in_the_forward_pass_equal_autograds(bias):
 
 
 def test_the_fused_sum_projects_each_chunk_once(monkeypatch):
-    """Nothing is recomputed in the backward pass: one projection of the student head per chunk,
-    where checkpointed chunks project every chunk but the last twice."""
+    """Nothing is recomputed in the backward pass: one projection of the student head per chunk (of
+    half the chunk size: a fused chunk holds gradients too), where checkpointed chunks project every
+    chunk but the last twice."""
     calls = []
     linear = torch.nn.functional.linear
 
@@ -304,7 +305,7 @@ def test_the_fused_sum_projects_each_chunk_once(monkeypatch):
         hidden, weight, _, teacher, labels = fused_case(6, False)
         student, rows = Head(hidden, weight, None, 45), {"teacher": teacher, "labels": labels}
         if fused:
-            loss = sum_token_chunks(kd_with_nll, student, rows, 7, 23)
+            loss = sum_token_chunks(kd_with_nll, student, rows, 14, 23)  # chunks of half that: 7
         else:
             loss = map_token_chunks(kd_with_nll, student, rows, 7).sum() / 23
         loss.backward()

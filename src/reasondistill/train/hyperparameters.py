@@ -29,8 +29,8 @@ class Hyperparameters(BaseModel):
     logit_chunk_size: int = Field(
         512,
         ge=1,
-        description="completion positions projected to the vocabulary at a time in the loss "
-        "(at Qwen's 151,936 tokens: 512 → 15% of a naive forward KL's memory, 1024 → 25% and 20% faster)",
+        description="completion positions projected to the vocabulary at a time in the loss, which "
+        "sets its memory (at Qwen's 151,936 tokens and 512: 11-15% of a naive forward KL's; see the README)",
     )
     epochs: float = Field(3.0, gt=0, description="passes over the training data")
     learning_rate: float = Field(1e-5, gt=0, description="peak learning rate")
