@@ -51,11 +51,16 @@ def stored_targets(teacher: Qwen2ForCausalLM, ids: torch.Tensor) -> SparseTarget
     return SparseTargets(top_ids, top, tail, logprobs.gather(1, ids[:, 1:].reshape(-1, 1))[:, 0])
 
 
-def loss(model, teacher, kind: str, objective, ids: torch.Tensor) -> torch.Tensor:
+def loss(
+    model, teacher, kind: str, objective, ids: torch.Tensor, hidden: torch.Tensor | None = None
+) -> torch.Tensor:
     """The objective over `ids` (every position after the first is a completion token), divided by
-    the tokens of the whole batch, as the trainer divides by the global batch's tokens."""
+    the tokens of the whole batch, as the trainer divides by the global batch's tokens. `hidden`:
+    the student's final hidden states, when its forward ran elsewhere."""
     attention = torch.ones_like(ids)
-    hidden = final_hidden_states(model, ids, attention)[:, :-1].reshape(-1, HIDDEN)
+    if hidden is None:
+        hidden = final_hidden_states(model, ids, attention)
+    hidden = hidden[:, :-1].reshape(-1, HIDDEN)
     labels = ids[:, 1:].reshape(-1)
     if kind == "online":
         teacher_hidden = final_hidden_states(teacher, ids, attention)[:, :-1].reshape(-1, HIDDEN)

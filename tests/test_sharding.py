@@ -1,5 +1,6 @@
-"""Sharded setups the loss is not correct under (FSDP1, ZeRO-3) are refused in one line, before any
-weights load; FSDP2 (checked for exactness in test_distributed.py), DDP and ZeRO-2 pass."""
+"""Sharded setups the loss is not correct under (FSDP1) or that cannot run are refused in one line,
+before any weights load; FSDP2 and ZeRO-3 (checked for exactness in test_distributed.py), DDP and
+ZeRO-2 pass."""
 
 import importlib.util
 import json
@@ -20,7 +21,15 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
         ({"fsdp": "full_shard"}, {}),  # transformers' FSDP2 by default
         ({"fsdp": "full_shard", "fsdp_config": {"version": 2, "reshard_after_forward": True}}, {}),
         ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),  # an accelerate config with FSDP2
-        ({"deepspeed": {"zero_optimization": {"stage": "auto"}}}, {}) if HAS_DEEPSPEED else ({}, {}),
+        *(
+            [
+                ({"deepspeed": {"zero_optimization": {"stage": "auto"}}}, {}),
+                ({"deepspeed": {"zero_optimization": {"stage": 3}}}, {}),  # run inside the head's forward
+                ({}, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}),
+            ]
+            if HAS_DEEPSPEED
+            else []
+        ),
     ],
 )
 def test_setups_the_loss_is_correct_under_pass(trainer_args, environ):
@@ -36,12 +45,6 @@ def test_setups_the_loss_is_correct_under_pass(trainer_args, environ):
             {"fsdp": "full_shard", "fsdp_config": {"reshard": True}},
             {},
             "fsdp_config.reshard: unknown FSDP option",
-        ),
-        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, {}, "ZeRO-3 partitions the parameters"),
-        (
-            {},
-            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
-            "ZeRO-3 partitions",
         ),
         ({"deepspeed": "missing.json"}, {}, "trainer_args.deepspeed: missing.json not found"),
     ],
@@ -62,7 +65,7 @@ def test_zero_2_needs_deepspeed_installed(tmp_path):
             check_sharding({"deepspeed": str(config)}, {}, "train:x")
 
 
-def test_the_train_stage_refuses_zero_3_before_loading_weights(testbed, tmp_path, capsys):
+def test_the_train_stage_refuses_fsdp1_before_loading_weights(testbed, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(
         json.dumps({"problem_id": "p", "task": "t", "messages": [{"role": "user", "content": "1+1"}],
@@ -71,7 +74,7 @@ def test_the_train_stage_refuses_zero_3_before_loading_weights(testbed, tmp_path
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exited:
         main(["train", "--run-dir", str(run), "--name", "s", "--init", "testbed:student", "--data", str(data),
-              "--trainer-args", json.dumps({"deepspeed": {"zero_optimization": {"stage": 3}}})])  # fmt: skip
+              "--trainer-args", json.dumps({"fsdp": "full_shard", "fsdp_config": {"version": 1}})])  # fmt: skip
     assert exited.value.code == 2
-    assert "ZeRO-3 partitions the parameters" in capsys.readouterr().err
+    assert "FSDP version 1 flattens the parameters" in capsys.readouterr().err
     assert not run.exists()  # the run directory it created is gone: nothing was written

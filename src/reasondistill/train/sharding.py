@@ -5,8 +5,10 @@ forward (`objectives/heads.py`: chunk by chunk, never the whole [tokens, vocabul
 - FSDP2 (`fully_shard`, transformers' default FSDP) keeps that weight a DTensor between forwards, and
   the projection through it is exact: tests/fsdp2_run.py checks every gradient against the unsharded
   model on CPU processes;
-- FSDP1 flattens parameters into shards, and ZeRO-3 partitions them, so outside the forward the head
-  is a piece of itself: refused here, with the setup that works instead;
+- ZeRO-3 partitions it: outside a forward it is empty. The trainer then runs the loss as the head
+  module's forward (`teachers.inside_forward`), where ZeRO-3 gathers it, and again before the
+  backward pass: tests/zero3_run.py checks the weights after a step against the unsharded model;
+- FSDP1 flattens parameters into shards: refused here, with the setup that works instead;
 - DDP and ZeRO-1/2 hold the whole head in every process.
 Setups come from `trainer_args` (fsdp, fsdp_config, deepspeed) or from an accelerate config, which
 `accelerate launch` passes on in ACCELERATE_* / FSDP_* variables.
@@ -31,7 +33,8 @@ SHARDED_HEAD = "the loss reads the output head outside the model's forward"
 
 
 def check_sharding(trainer_args: Mapping, environ: Mapping[str, str], description: str) -> None:
-    """Refuse, in one line, an FSDP or DeepSpeed setup the loss is not correct under, or not valid."""
+    """Refuse, in one line, an FSDP setup the loss is not correct under, an invalid one, or DeepSpeed
+    where it is not installed."""
     fsdp_asked = bool(trainer_args.get("fsdp")) or _true(environ.get("ACCELERATE_USE_FSDP"))
     if fsdp_asked:
         config = trainer_args.get("fsdp_config") or {}
@@ -51,13 +54,7 @@ def check_sharding(trainer_args: Mapping, environ: Mapping[str, str], descriptio
                 f"{description}: FSDP version {version} flattens the parameters into shards and {SHARDED_HEAD}: "
                 "use FSDP2 (fsdp_config: {version: 2}, or fsdp_version: 2 in the accelerate config)"
             )
-    stage = _zero_stage(trainer_args, environ, description)
-    if stage == 3:
-        raise UserError(
-            f"{description}: DeepSpeed ZeRO-3 partitions the parameters and {SHARDED_HEAD}: use ZeRO-2 "
-            "(its parameters stay whole) or FSDP2 (fsdp: full_shard, fsdp_config: {version: 2})"
-        )
-    if stage is not None:
+    if _zero_stage(trainer_args, environ, description) is not None:
         try:
             import deepspeed  # noqa: F401
         except ImportError:

@@ -9,6 +9,7 @@ before the first step and refuses such pairs with one line saying what differs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ def causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 
 
 def head_rows(model: torch.nn.Module) -> int:
-    return causal_lm(model).get_output_embeddings().weight.shape[0]
+    """The output head's rows (a ZeRO-3 partition reports its whole shape as `ds_shape`)."""
+    weight = causal_lm(model).get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 def check_head(model: torch.nn.Module, name: str) -> None:
@@ -49,6 +52,25 @@ def check_head(model: torch.nn.Module, name: str) -> None:
 def output_head(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int | None) -> Head:
     head = causal_lm(model).get_output_embeddings()
     return Head(hidden, head.weight, getattr(head, "bias", None), vocab_size)
+
+
+def partitioned(parameter: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds `parameter` in pieces (outside its module's forward it is empty)."""
+    return hasattr(parameter, "ds_id")
+
+
+def inside_forward(module: torch.nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`compute()` run as `module`'s forward, so that the hooks a sharding engine put on the module
+    hold its parameters whole while `compute` reads them: ZeRO-3 gathers them before the forward and
+    again before the backward of what it returned, and reduces their gradients as from any forward.
+    The loss projects through the output head's weight outside the model's own forward; under ZeRO-3
+    it is run inside the head module's forward this way."""
+    original = module.forward
+    module.forward = lambda *_args, **_kwargs: compute()
+    try:
+        return module(torch.empty(0))
+    finally:
+        module.forward = original
 
 
 def final_hidden_states(

@@ -51,8 +51,10 @@ from .teachers import (
     check_head,
     final_hidden_states,
     head_rows,
+    inside_forward,
     load_beside_student,
     output_head,
+    partitioned,
     preflight,
 )
 
@@ -170,22 +172,28 @@ class DistillationTrainer(Trainer):
         if torch.is_tensor(num_items_in_batch):
             # a quality gate can reject every sample of a step: the loss is then 0, not 0/0
             num_items_in_batch = num_items_in_batch.clamp_min(1)
-        loss = self.objective(
-            ObjectiveInputs(
-                student=output_head(model, hidden, self.vocab_size),
-                labels=labels[:, 1:][predicts],
-                normaliser=num_items_in_batch,
-                sequence=_sequence_of_positions(inputs, predicts),
-                num_sequences=int(inputs["num_examples"]) if "num_examples" in inputs else len(labels),
-                teacher=self._teacher_targets(model, inputs, predicts),
-                reference=self._frozen_head(self.reference, input_ids, layout, predicts),
-                rewards=inputs.get("rewards"),
-                groups=inputs.get("groups"),
-                progress=progress,
-                step=self.state.global_step,
-                chunk_size=self.logit_chunk_size,
+
+        def objective_loss() -> torch.Tensor:
+            return self.objective(
+                ObjectiveInputs(
+                    student=output_head(model, hidden, self.vocab_size),
+                    labels=labels[:, 1:][predicts],
+                    normaliser=num_items_in_batch,
+                    sequence=_sequence_of_positions(inputs, predicts),
+                    num_sequences=int(inputs["num_examples"]) if "num_examples" in inputs else len(labels),
+                    teacher=self._teacher_targets(model, inputs, predicts),
+                    reference=self._frozen_head(self.reference, input_ids, layout, predicts),
+                    rewards=inputs.get("rewards"),
+                    groups=inputs.get("groups"),
+                    progress=progress,
+                    step=self.state.global_step,
+                    chunk_size=self.logit_chunk_size,
+                )
             )
-        )
+
+        head = causal_lm(model).get_output_embeddings()
+        # ZeRO-3 holds the head in pieces outside its module's forward: the loss runs as that forward
+        loss = inside_forward(head, objective_loss) if partitioned(head.weight) else objective_loss()
         if counted_globally and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # num_items_in_batch counts the tokens of every process, and DDP averages gradients over
             # processes: scale back so that the result is sum / global tokens.
