@@ -203,7 +203,11 @@ def test_the_zoo_teachers_are_ranked_into_a_table(run, student, margin):
         "length (teacher tokens)", "student NLL/token", "proxy acc. (greedy)",
     ]  # fmt: skip
     assert [line[1] for line in table] == result["ranking"] and [line[0] for line in table] == list("1234")
-    assert table[-1][1] == "student" and table[-1][7:] == [NO_CORRECT, NO_CORRECT]
+    # teachers without a correct trace (the random student; on some builds a weak zoo teacher too) come
+    # last, in either order, with no NLL and no proxy student
+    without = [line for line in table if not rows[line[1]]["correct"]]
+    assert table[len(table) - len(without) :] == without and "student" in [line[1] for line in without]
+    assert all(line[7:] == [NO_CORRECT, NO_CORRECT] for line in without)
     first = rows[result["ranking"][0]]
     assert table[0][3] == f"{100 * first['accuracy']:.1f}%" and table[0][7] == f"{first['student_nll']:.3f}"
     assert " ± " in table[0][5]
