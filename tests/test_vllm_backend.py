@@ -451,7 +451,7 @@ def test_on_policy_sampling_pushes_the_current_weights_before_every_step(fake_vl
         prompt_rows(tokenizer, examples, None, options, False, "t"), options, tokenizer, 64, 0, None
     )
     for step in range(2):
-        samples = builder._sample(model, builder.rows, seed=step)
+        samples = builder._sample(model, builder.rows, seed=step, seeds=[step])
         engine = FakeLLM.instances[-1]
         assert (
             len(FakeLLM.instances) == 1
