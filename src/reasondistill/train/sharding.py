@@ -54,7 +54,7 @@ def check_sharding(trainer_args: Mapping, environ: Mapping[str, str], descriptio
                 f"{description}: FSDP version {version} flattens the parameters into shards and {SHARDED_HEAD}: "
                 "use FSDP2 (fsdp_config: {version: 2}, or fsdp_version: 2 in the accelerate config)"
             )
-    if _zero_stage(trainer_args, environ, description) is not None:
+    if _deepspeed_asked(trainer_args, environ, description):
         try:
             import deepspeed  # noqa: F401
         except ImportError:
@@ -63,20 +63,12 @@ def check_sharding(trainer_args: Mapping, environ: Mapping[str, str], descriptio
             ) from None
 
 
-def _zero_stage(trainer_args: Mapping, environ: Mapping[str, str], description: str) -> int | None:
-    """The ZeRO stage asked for, or None when DeepSpeed is not."""
-    config = trainer_args.get("deepspeed")
-    if config is None and _true(environ.get("ACCELERATE_USE_DEEPSPEED")):
-        if environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            config = environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-        else:
-            return int(environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
-    if config is None:
-        return None
+def _deepspeed_asked(trainer_args: Mapping, environ: Mapping[str, str], description: str) -> bool:
+    """Whether DeepSpeed is asked for (any ZeRO stage works); a config file must exist and be JSON."""
+    config = trainer_args.get("deepspeed") or environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if isinstance(config, str | Path):
-        config = _json(config, "trainer_args.deepspeed", description)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    return int(stage) if str(stage).isdigit() else None  # "auto": DeepSpeed decides
+        _json(config, "trainer_args.deepspeed", description)
+    return bool(config) or _true(environ.get("ACCELERATE_USE_DEEPSPEED"))
 
 
 def _json(path: str | Path, what: str, description: str) -> dict:
