@@ -9,6 +9,7 @@ parameter's gradient relative to that parameter's largest gradient.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {case: run(case, rank, world) for case in CASES}
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    # Both processes are done; leave without tearing the process group down: its gloo threads
+    # sometimes abort the interpreter's exit ("terminate called without an active exception",
+    # SIGABRT), which would fail a run whose results are written.
+    dist.barrier()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ batch. Every rank writes `OUT_DIR/rank<R>.json`: per case, the largest weight di
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {case: run(case, rank, world) for case in CASES}
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(results))
+    # Both processes are done; leave without tearing the process group down: its gloo threads
+    # sometimes abort the interpreter's exit ("terminate called without an active exception",
+    # SIGABRT), which would fail a run whose results are written.
+    dist.barrier()
+    os._exit(0)
 
 
 if __name__ == "__main__":
