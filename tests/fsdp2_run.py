@@ -102,11 +102,12 @@ def run(case: str, rank: int, world: int) -> float:
     return worst
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
+def run_cases(run_case) -> None:
+    """`run_case(case, rank, world)` for every case, its results written to OUT_DIR/rank<R>.json; then
+    the process leaves (the process group already made)."""
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {case: run(case, rank, world) for case in CASES}
+    results = {case: run_case(case, rank, world) for case in CASES}
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(results))
     # Both processes are done; leave without tearing the process group down: its gloo threads
     # sometimes abort the interpreter's exit ("terminate called without an active exception",
@@ -116,4 +117,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    dist.init_process_group("gloo")
+    run_cases(run)

@@ -247,23 +247,29 @@ def test_a_step_that_fails_on_process_0_stops_every_process(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def torchrun_cases(script: str, out_dir: Path, timeout: float, **env_vars) -> list[dict]:
+    """`torchrun --standalone` of a case script (fsdp2_run.py, zero3_run.py) on 2 CPU processes; each
+    rank's results by case."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **env_vars)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*command, str(Path(__file__).with_name(script)), str(out_dir)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(len(by_case) == 5 for by_case in results)
+    return results
+
+
 def test_the_loss_on_an_fsdp2_sharded_student_gives_the_unsharded_gradients(tmp_path):
     """FSDP2 runs on CPU processes in raw torch (accelerate enables it on accelerators only). The loss
     reads the output head's weight outside the model's forward, where FSDP2 has resharded it; the
     weight is then a DTensor, and the chunked projection through it is still exact: each process's
     half-batch gradients, reduced by FSDP, equal the unsharded model's on the whole batch for SFT,
     online and stored-top-k KD, with tied and untied embeddings (see fsdp2_run.py)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    script = Path(__file__).with_name("fsdp2_run.py")
-    done = subprocess.run(
-        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for rank in (0, 1):
-        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(results) == 5
+    for rank, results in enumerate(torchrun_cases("fsdp2_run.py", tmp_path, 180)):
         for case, worst in results.items():
             assert worst < 1e-5, f"{case}, rank {rank}: gradients differ by {worst:.2e} of the largest"
 
@@ -274,16 +280,6 @@ def test_the_loss_on_a_zero3_partitioned_student_trains_to_the_unsharded_weights
     piece of itself; the trainer runs the loss as the head module's forward (`inside_forward`), where
     ZeRO-3 holds it whole. One SGD step of two half-batches gives the unsharded model's weights on the
     whole batch for SFT, online and stored-top-k KD, tied and untied embeddings (see zero3_run.py)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    script = Path(__file__).with_name("zero3_run.py")
-    done = subprocess.run(
-        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for rank in (0, 1):
-        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(results) == 5
+    for rank, results in enumerate(torchrun_cases("zero3_run.py", tmp_path, 240, DS_ACCELERATOR="cpu")):
         for case, worst in results.items():
             assert worst < 1e-6, f"{case}, rank {rank}: weights differ by {worst:.2e}"

@@ -9,15 +9,9 @@ trainer does) the gathered weights must equal those of the unsharded model stepp
 batch. Every rank writes `OUT_DIR/rank<R>.json`: per case, the largest weight difference.
 """
 
-import json
-import os
-import sys
-from pathlib import Path
-
 import deepspeed
 import torch
-import torch.distributed as dist
-from fsdp2_run import BATCH, CASES, LENGTH, loss, tiny
+from fsdp2_run import BATCH, CASES, LENGTH, loss, run_cases, tiny
 
 from reasondistill.objectives import make_objective
 from reasondistill.train.teachers import final_hidden_states, inside_forward, partitioned
@@ -59,15 +53,7 @@ def main() -> None:
     # gloo's collectives give the same sums
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    results = {case: run(case, rank, world) for case in CASES}
-    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(results))
-    # Both processes are done; leave without tearing the process group down: its gloo threads
-    # sometimes abort the interpreter's exit ("terminate called without an active exception",
-    # SIGABRT), which would fail a run whose results are written.
-    dist.barrier()
-    os._exit(0)
+    run_cases(run)
 
 
 if __name__ == "__main__":
