@@ -13,35 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 import time
 
 from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.openai import OpenAIGenerator
 from reasondistill.records import Message
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reasondistill.testing.server",
-            "--instant",
-            "--served-name",
-            "instant",
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = server.stdout.readline()
-    if not line.startswith("listening on "):
-        server.kill()
-        raise SystemExit(f"the test server did not start: {line!r}")
-    return server, line.split()[-1]
+from reasondistill.testing.server import spawn_server
 
 
 def reasondistill_client(base_url: str, requests: int, concurrency: int, top_logprobs: int) -> float:
@@ -92,7 +69,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--logprobs", type=int, default=20, help="top logprobs per token (0: none)")
     args = parser.parse_args()
-    server, base_url = start_server()
+    server, base_url = spawn_server("--instant", "--served-name", "instant")
     try:
         print(f"{args.requests} requests, concurrency {args.concurrency}, server {base_url} (instant)")
         for top in sorted({0, args.logprobs}):

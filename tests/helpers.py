@@ -82,3 +82,17 @@ def greedy_accuracy_of(generator: HFGenerator, problems: Sequence[Problem]) -> f
         for o, p in zip(outputs, problems, strict=True)
     )
     return right / len(problems)
+
+
+def eval_runs(root: Path, models: dict[str, list[str]], test: int, *options: str) -> dict[str, Path]:
+    """For each name, a run directory under `root` with `test` arithmetic and logic test problems,
+    evaluated (`reasondistill eval`) with that name's options and `options`: {name: run directory}."""
+    from reasondistill.cli import main
+
+    runs = {}
+    for name, model_options in models.items():
+        runs[name] = run_dir = root / name
+        main(["problems", "--run-dir", str(run_dir), "--tasks", "arithmetic,logic", "--train", "1",
+              "--test", str(test)])  # fmt: skip
+        main(["eval", "--run-dir", str(run_dir), *model_options, *options])
+    return runs

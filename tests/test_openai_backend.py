@@ -10,12 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import eval_runs
 
 from reasondistill.chat import prompt_ids
 from reasondistill.cli import main
@@ -24,15 +26,17 @@ from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.logprobs import TokenLogprobs, read_logprobs
 from reasondistill.generate.openai import OpenAIGenerator, RetryPolicy, check_distribution, parse_retry_after
-from reasondistill.records import Problem, Trace, read_records
+from reasondistill.records import GradedTrace, Problem, Trace, read_records
 from reasondistill.rundir import RunDir
+from reasondistill.stages.report import ReportConfig, render
 from reasondistill.store import logprob_shards, trace_shards
 from reasondistill.tasks import get_task
-from reasondistill.testing.server import FAULT_KINDS, Faults, serve_in_thread
+from reasondistill.testing.server import FAULT_KINDS, Faults, serve_in_thread, spawn_server
 
 pytestmark = pytest.mark.slow  # needs the trained testbed teacher
 
 SERVED = "teacher"
+QWEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "Qwen2.5-0.5B-Instruct"
 FAST_RETRIES = ["--max-retries", "4", "--retry-backoff", "0.05"]
 
 
@@ -208,7 +212,9 @@ def test_a_job_through_every_kind_of_fault_writes_every_row_exactly_once(testbed
     reference = _problems_run(tmp_path / "clean")
     main([*reference, "--base-url", server.base_url, *sampling])
 
-    faults = Faults(rate=0.6, retry_after="0.1", hang_seconds=20, max_faults_per_request=2, seed=1)
+    # seed 4: the fault decisions (a hash of each request body: the 18 rows' and the raw-logprobs
+    # probe's, all fixed) meet every kind of fault
+    faults = Faults(rate=0.6, retry_after="0.1", hang_seconds=20, max_faults_per_request=2, seed=4)
     with serve_in_thread(testbed / "teacher", served_name=SERVED, faults=faults) as faulty:
         args = _problems_run(tmp_path / "faulty")
         main([*args, "--base-url", faulty.base_url, "--request-timeout", "1.5", *FAST_RETRIES, *sampling])
@@ -398,3 +404,228 @@ def test_a_chat_answer_keeps_the_reasoning_a_server_parsed_out(message, text):
     assert _reply_text(message) == text
     if "reasoning" in message or "reasoning_content" in message:
         assert split_reasoning(text).reasoning == "2 + 2 = 4"
+
+
+def test_eval_through_the_server_equals_hf_eval_row_for_row(server, tmp_path):
+    """`eval` on a served model: greedy completions and grades equal the hf backend's, and the sampled
+    ones are seeded per problem, so a second evaluation gives them again."""
+    sampling = ["--max-new-tokens", "120", "--n", "2", "--temperature", "0.9", "--batch-size", "4"]
+    served = ["--model", SERVED, "--backend", "openai", "--base-url", server.base_url]
+    runs = {
+        name: RunDir(path)
+        for name, path in eval_runs(
+            tmp_path, {"hf": ["--model", "testbed:teacher"], "openai": served}, 5, *sampling
+        ).items()
+    }
+    hf, api = runs["hf"].eval_dir("teacher"), runs["openai"].eval_dir(SERVED)
+    for task in ("arithmetic", "logic"):
+        expected = read_records(hf / f"{task}.greedy.parquet", GradedTrace)
+        answered = read_records(api / f"{task}.greedy.parquet", GradedTrace)
+        assert len(expected) == 5 and {g.label for g in expected} != {"unparseable"}
+        assert [(g.problem_id, g.completion, g.label, g.completion_tokens) for g in answered] == [
+            (g.problem_id, g.completion, g.label, g.completion_tokens) for g in expected
+        ]
+        result, reference = (json.loads((d / f"{task}.json").read_text()) for d in (api, hf))
+        assert result["backend"] == "openai" and result["parameters"] is None
+        assert reference["backend"] == "hf" and reference["parameters"] > 0
+        assert result["greedy"] == reference["greedy"]
+    stats = runs["openai"].manifest()["steps"][f"eval:{SERVED}"]["stats"]
+    assert stats["usage"]["requests"] == 2 * (5 + 5 * 2) and stats["usage"]["failures"] == 0
+    first = read_records(api / "logic.sampled.parquet", GradedTrace)
+    main(["eval", "--run-dir", str(tmp_path / "openai"), *served, *sampling, "--overwrite"])
+    again = read_records(api / "logic.sampled.parquet", GradedTrace)
+    assert [g.completion for g in again] == [g.completion for g in first]
+    assert len({g.completion for g in first}) > 1
+    render(runs["openai"], ReportConfig())
+    report = (runs["openai"].root / "report.md").read_text()
+    assert f"| logic | {SERVED} | served |" in report
+    assert "## Evaluation usage and cost" in report and f"| eval:{SERVED} | openai | 30 |" in report
+
+
+def test_a_job_over_three_servers_outlives_a_killed_one_and_a_faulty_one(testbed, tmp_path):
+    """Requests are spread over three servers; one is SIGKILLed mid-job (its requests in flight are
+    sent elsewhere, and it is rested), one fails 30% of attempts: every row exactly once, the same
+    completions as one server gives (each request carries its own seed). The servers are processes
+    alike, so that they compute alike."""
+    model = ["--model", str(testbed / "teacher"), "--served-name", SERVED]
+    faults = ["--faults-rate", "0.3", "--faults-kinds", "500,drop,malformed"]
+    processes, urls = zip(
+        *(spawn_server(*model), spawn_server(*model), spawn_server(*model, *faults)), strict=True
+    )
+    healthy, doomed, faulty = urls
+    sampling = ["--n", "2", "--temperature", "0.9", "--max-new-tokens", "24", "--shard-size", "4"]
+    index = tmp_path / "three" / "traces" / "t" / "index.json"
+    killed_with_shards = []
+
+    def kill_after_the_first_shard() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if index.exists() and json.loads(index.read_text())["finished"]:
+                killed_with_shards.append(len(json.loads(index.read_text())["finished"]))
+                processes[1].send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    try:
+        main([*_problems_run(tmp_path / "one", train=12), "--base-url", healthy, *sampling])
+        killer = threading.Thread(target=kill_after_the_first_shard)
+        killer.start()
+        # the default 8 retries (a request may meet the dead server, then the faulty one), sooner
+        main([*_problems_run(tmp_path / "three", train=12), "--base-url", ",".join(urls), "--concurrency", "6",
+              "--retry-backoff", "0.05", *sampling])  # fmt: skip
+        killer.join()
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert killed_with_shards and killed_with_shards[0] < 6, "the server was not killed mid-job"
+
+    rows, reference = _rows(tmp_path / "three"), _rows(tmp_path / "one")
+    assert len(rows) == 24 and _keys(rows) == sorted(set(_keys(rows)))
+    assert {(t.problem_id, t.sample_idx, t.completion) for t in rows} == {
+        (t.problem_id, t.sample_idx, t.completion) for t in reference
+    }
+    usage = RunDir(tmp_path / "three").manifest()["steps"]["generate:t"]["stats"]["usage"]
+    servers = usage["servers"]
+    assert set(servers) == set(urls)
+    assert all(counts["requests"] > 0 for counts in servers.values())
+    assert sum(counts["requests"] for counts in servers.values()) == usage["requests"] == 24
+    assert servers[doomed]["errors"] > 0 and servers[faulty]["errors"] > 0 and servers[healthy]["errors"] == 0
+    assert usage["retries"] == servers[doomed]["errors"] + servers[faulty]["errors"]
+
+
+def test_server_urls_come_as_a_list_a_comma_separated_string_or_a_file(tmp_path):
+    from reasondistill.generate.backends import BackendOptions
+
+    (tmp_path / "urls").write_text("http://a:8000/v1  # node 1\n\nhttp://b:8000/v1\n")
+    assert BackendOptions(base_url="http://a:8000/v1,http://b:8000/v1").base_url == [
+        "http://a:8000/v1", "http://b:8000/v1",
+    ]  # fmt: skip
+    assert BackendOptions(base_url=f"@{tmp_path / 'urls'}").server_urls() == [
+        "http://a:8000/v1",
+        "http://b:8000/v1",
+    ]
+    for value, message in (("http://a/v1,http://a/v1", "given twice"), ("a:8000", "not an http"),
+                           (f"@{tmp_path / 'none'}", "cannot read the file of server URLs")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            BackendOptions(base_url=value)
+
+
+@pytest.mark.skipif(not QWEN.exists(), reason=f"{QWEN} not present")
+def test_a_server_with_another_tokenizer_is_refused_in_one_line(server, tmp_path, prompts):
+    """Ids that the local tokenizer decodes to other text than the server's: the logprobs would be
+    stored under the wrong tokens, so the job stops on the first such completion."""
+    from reasondistill.testbed.real_vocab import build_real_tokenizer
+
+    other = build_real_tokenizer(QWEN, tmp_path / "qwen")
+    client = OpenAIGenerator(SERVED, server.base_url, tokenizer=str(other))
+    with pytest.raises(UserError, match=r"runs another tokenizer than --tokenizer names$"):
+        client.generate(prompts[:1], SamplingParams(n=1, temperature=0.9, max_new_tokens=40, top_logprobs=2))
+
+
+def test_a_job_killed_mid_shard_sends_none_of_its_finished_requests_again(server, tmp_path):
+    """Rows that came back are journaled as they arrive: after a SIGKILL inside a shard, the rerun
+    sends only the rows that had not (at most `concurrency` were in flight), counted by the server."""
+    sampling = ["--n", "2", "--temperature", "0.9", "--max-new-tokens", "24", "--shard-size", "16"]
+    sampling += ["--base-url", server.base_url, "--concurrency", "2", "--top-logprobs", "2"]
+    main([*_problems_run(tmp_path / "reference", train=12), *sampling])
+    args = [*_problems_run(tmp_path / "killed", train=12), *sampling]
+    directory = tmp_path / "killed" / "traces" / "t"
+    before = server.requests
+    child = subprocess.Popen([sys.executable, "-m", "reasondistill.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    journaled = 0
+    deadline = time.time() + 120
+    while journaled < 6 and child.poll() is None and time.time() < deadline:
+        journal = directory / "journal-00000.jsonl"
+        journaled = journal.read_text().count("\n") if journal.exists() else 0
+        time.sleep(0.01)
+    assert child.poll() is None, "the job finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    index = directory / "index.json"
+    assert not index.exists() or 0 not in json.loads(index.read_text())["finished"]
+    sent_before_kill = server.requests - before
+    subprocess.run([sys.executable, "-m", "reasondistill.cli", *args], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    probes = 2  # the raw-logprobs check, once per run
+    assert server.requests - before <= 24 + 2 * probes + 2  # every row once, and what was in flight
+    assert server.requests - before - sent_before_kill < 24 + probes - journaled + 2
+    resumed, reference = _rows(tmp_path / "killed"), _rows(tmp_path / "reference")
+    assert len(resumed) == 24 and _keys(resumed) == sorted(set(_keys(resumed)))
+    assert {(t.problem_id, t.sample_idx, t.completion) for t in resumed} == {
+        (t.problem_id, t.sample_idx, t.completion) for t in reference
+    }
+    logprob_rows = [r for p in logprob_shards(directory) for r in read_logprobs(p)]
+    assert sorted((p, s) for p, s, _ in logprob_rows) == _keys(resumed)
+    assert not list(directory.glob("journal-*"))
+
+
+def test_three_workers_one_killed_and_rerun_then_a_final_call_finish_the_step(server, tmp_path, capsys):
+    """`--num-workers 3 --worker-index i`: each worker writes its own shards and index; a killed
+    worker's rerun redoes its unfinished shards; the call without --worker-index takes in every
+    worker's shards and records the step. Options that disagree are refused before any request."""
+    sampling = ["--n", "2", "--temperature", "0.9", "--max-new-tokens", "24", "--shard-size", "4"]
+    sampling += ["--base-url", server.base_url, "--concurrency", "2"]
+    main([*_problems_run(tmp_path / "reference", train=18), *sampling])
+    args = [*_problems_run(tmp_path / "workers", train=18), *sampling, "--num-workers", "3"]
+    directory = tmp_path / "workers" / "traces" / "t"
+    command = [sys.executable, "-m", "reasondistill.cli", *args]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    workers = [subprocess.Popen([*command, "--worker-index", str(i)], **quiet) for i in range(3)]
+    doomed = directory / "index.worker-001-of-003.json"
+    deadline = time.time() + 120
+    while not doomed.exists() and workers[1].poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert workers[1].poll() is None, "worker 1 finished before it could be killed"
+    workers[1].send_signal(signal.SIGKILL)
+    for worker in workers:
+        worker.wait()
+    assert len(json.loads(doomed.read_text())["finished"]) < 3  # shards 1, 4, 7 are worker 1's
+    assert sorted(p.name for p in directory.glob("index*.json")) == [
+        f"index.worker-00{i}-of-003.json" for i in range(3)
+    ]
+    assert (
+        not (tmp_path / "workers" / "manifest.json").exists()
+        or "generate:t" not in RunDir(tmp_path / "workers").manifest()["steps"]
+    )
+
+    before = server.requests
+    error = _error_of(capsys, [*args[:-1], "2", "--worker-index", "0"])
+    assert error.strip().endswith("every worker of a job must be given the same num_workers")
+    assert server.requests == before
+    subprocess.run([*command, "--worker-index", "1"], check=True, **quiet)  # the killed worker, again
+    main(args)  # the final call: every shard is done; it records the step
+
+    rows, reference = _rows(tmp_path / "workers"), _rows(tmp_path / "reference")
+    assert len(rows) == 36 and _keys(rows) == sorted(set(_keys(rows)))
+    assert {(t.problem_id, t.sample_idx, t.completion) for t in rows} == {
+        (t.problem_id, t.sample_idx, t.completion) for t in reference
+    }
+    assert [p.name for p in directory.glob("index*.json")] == ["index.json"]
+    index = json.loads((directory / "index.json").read_text())
+    assert index["finished"] == list(range(9)) and index["usage"]["requests"] >= 36
+    assert RunDir(tmp_path / "workers").manifest()["steps"]["generate:t"]["stats"]["traces"] == 36
+
+
+def test_score_through_two_servers_equals_score_through_one(testbed, server, tmp_path):
+    """`score` takes several servers like `generate` (one client): the same top-k store, both used."""
+    root = tmp_path / "run"
+    main([*_problems_run(root, train=8), "--base-url", server.base_url, "--n", "2", "--max-new-tokens", "24",
+          "--temperature", "0.9"])  # fmt: skip
+    score = ["score", "--run-dir", str(root), "--traces", "t", "--model", SERVED, "--backend", "openai",
+             "--tokenizer", str(testbed / "teacher"), "--top-k", "3", "--shard-size", "4"]  # fmt: skip
+    main([*score, "--name", "one", "--base-url", server.base_url])
+    with serve_in_thread(testbed / "teacher", served_name=SERVED) as other:
+        main([*score, "--name", "two", "--base-url", f"{server.base_url},{other.base_url}"])
+    run = RunDir(root)
+    one, two = (
+        {(p, s): d for path in logprob_shards(run.logprobs(name)) for p, s, d in read_logprobs(path)}
+        for name in ("one", "two")
+    )
+    assert one.keys() == two.keys() and len(one) == 16
+    for key, distribution in one.items():
+        np.testing.assert_array_equal(two[key].topk_ids, distribution.topk_ids)
+        np.testing.assert_allclose(two[key].topk_logprobs, distribution.topk_logprobs, atol=2e-3)
+    servers = run.manifest()["steps"]["score:two"]["stats"]["usage"]["servers"]
+    assert len(servers) == 2 and all(counts["requests"] > 0 for counts in servers.values())

@@ -16,7 +16,7 @@ from reasondistill.curate.rewrite import (
     parse_dap,
 )
 from reasondistill.errors import UserError
-from reasondistill.generate.base import Completion, Usage
+from reasondistill.generate.base import Completion, Usage, notify_each
 from reasondistill.recipe import check_references, load_recipe
 from reasondistill.records import GradedTrace, Trace, read_records
 from reasondistill.rundir import RunDir
@@ -38,6 +38,7 @@ class ScriptedGenerator:
     """A Generator whose reply to each prompt is `script(messages)`: a text or a Completion."""
 
     backend = "scripted"
+    concurrent_calls = False
 
     def __init__(self, script, fail_after: int | None = None):
         self.script, self.fail_after = script, fail_after
@@ -47,7 +48,7 @@ class ScriptedGenerator:
     def describe(self) -> dict:
         return {"backend": self.backend}
 
-    def generate(self, prompts, sampling, progress=None, seeds=None):
+    def generate(self, prompts, sampling, progress=None, seeds=None, on_result=None):
         assert sampling.n == 1
         replies = []
         for messages in prompts:
@@ -63,6 +64,7 @@ class ScriptedGenerator:
             replies.append([reply])
         if progress:
             progress(len(prompts))
+        notify_each(replies, on_result)
         return replies
 
     def close(self) -> None:

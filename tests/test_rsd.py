@@ -216,9 +216,9 @@ steps:
   - curate: {{name: plain, traces: plain, keep: [correct]}}
   # the gate is a model trained in this run: the partly able model, a little SFT on teacher traces
   - train: {{name: gate, init: "{gate}", data: plain, epochs: 1, batch_size: 8, learning_rate: 0.0001}}
-  # τ 0.5: the gate replaces every token it is less sure of than a coin toss; at 0.01 it replaced none
-  # of 2,000 on one testbed build, and the steps below need rejected tokens and correct traces
-  - generate: {{model: "testbed:teacher", gate_model: gate, gate_threshold: 0.5, n: 2, max_new_tokens: 100, shard_size: 16}}
+  # τ 0.8: the gate replaces every token it gives less than 80%; at 0.01 it replaced none of 2,000 on
+  # one testbed build, at 0.5 none on another, and the steps below need rejected tokens and correct traces
+  - generate: {{model: "testbed:teacher", gate_model: gate, gate_threshold: 0.8, n: 2, max_new_tokens: 100, shard_size: 16}}
   - verify: {{traces: teacher-rsd-gate}}
   - curate: {{name: rsd, traces: teacher-rsd-gate, keep: [correct]}}
   - train: {{name: student, init: "testbed:student", data: rsd, epochs: 1, batch_size: 4, logging_steps: 1}}
@@ -239,7 +239,7 @@ def test_gated_traces_are_graded_curated_and_trained_on(run, margin):
     generate = steps["generate:teacher-rsd-gate"]
     assert generate["inputs"]["gate_model"] == steps["train:gate"]["fingerprint"]
     gate = generate["stats"]["gate"]
-    assert gate["model"] == str(run.checkpoint("gate")) and gate["threshold"] == 0.5
+    assert gate["model"] == str(run.checkpoint("gate")) and gate["threshold"] == 0.8
     assert gate["tokens"] == generate["stats"]["completion_tokens"]
     margin("pipeline: rejected tokens", gate["rejected"], ">", 0)
     assert gate["rejected"] < gate["tokens"]
@@ -250,7 +250,7 @@ def test_gated_traces_are_graded_curated_and_trained_on(run, margin):
     assert json.loads(traces[0].source)["gate"] == {
         "model": "gate",
         "path": str(run.checkpoint("gate")),
-        "threshold": 0.5,
+        "threshold": 0.8,
     }
     graded = read_records(run.graded("teacher-rsd-gate"), GradedTrace)
     assert sorted((g.problem_id, g.sample_idx) for g in graded) == sorted(

@@ -15,7 +15,7 @@ class StageConfig(BaseModel):
 
     # Options that change how a step runs but not what it produces (connections, retries, prices):
     # left out of the step's fingerprint, so changing one resumes an interrupted job instead of
-    # discarding its finished shards.
+    # discarding its finished shards. Each class names its own; a config has those of all its bases.
     operational: ClassVar[frozenset[str]] = frozenset()
 
     def identity(self) -> dict:
@@ -32,7 +32,7 @@ def _without_operational(model: BaseModel, dumped: dict) -> dict:
     models it holds (nested StageConfigs and lists of them), with their tags."""
     kept = {name: getattr(model, name) for name in _tags(type(model)) if name not in dumped}
     for name, value in dumped.items():
-        if name in getattr(model, "operational", ()):
+        if name in _operational(type(model)):
             continue
         attribute = getattr(model, name)
         if isinstance(attribute, BaseModel) and isinstance(value, dict):
@@ -44,6 +44,11 @@ def _without_operational(model: BaseModel, dumped: dict) -> dict:
             ]
         kept[name] = value
     return kept
+
+
+def _operational(model: type[BaseModel]) -> frozenset[str]:
+    """The operational options `model` and its bases name."""
+    return frozenset().union(*(vars(base).get("operational", ()) for base in model.__mro__))
 
 
 def _tags(model: type[BaseModel]) -> list[str]:

@@ -117,5 +117,9 @@ def backend_model(options: BackendOptions, reference: str, run: RunDir) -> Resol
     return resolve_model(reference, run)
 
 
-def backend_requirements(options: BackendOptions, reference: str) -> dict[str, str]:
-    return {} if options.backend == "openai" else required_steps("model", [reference])
+def backend_requirements(
+    options: BackendOptions, reference: str | list[str], option: str = "model"
+) -> dict[str, str]:
+    """`required_steps` of the models a step calls, except served ones (backend openai: a name)."""
+    references = [reference] if isinstance(reference, str) else reference
+    return {} if options.backend == "openai" else required_steps(option, references)

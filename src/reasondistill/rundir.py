@@ -157,6 +157,11 @@ class RunDir:
             raise UserError(f"{self.root}: step {key!r} has not run; run the `{stage}` stage first")
         return record
 
+    @staticmethod
+    def step_fingerprint(key: str, config: StageConfig, inputs: dict[str, str]) -> str:
+        """What `step` compares to decide whether a step must run again (see `step`)."""
+        return fingerprint({"key": key, "config": config.identity(), "inputs": inputs})
+
     def step(
         self,
         key: str,
@@ -176,7 +181,7 @@ class RunDir:
         `every_process`: the step runs in every process of a job (training): each decides from the
         same manifest whether to run it, all run `body`, and process 0 alone records it.
         """
-        step_fingerprint = fingerprint({"key": key, "config": config.identity(), "inputs": inputs})
+        step_fingerprint = self.step_fingerprint(key, config, inputs)
         previous = self.manifest()["steps"].get(key)
         if previous and previous["fingerprint"] == step_fingerprint:
             missing = [path for path in outputs if not path.exists()]

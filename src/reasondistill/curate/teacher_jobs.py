@@ -17,9 +17,18 @@ from pydantic import Field
 
 from ..errors import UserError
 from ..generate.backends import BackendOptions, open_generator
-from ..generate.base import Completion, Generator, Samples, Temperature, make_trace, row_seed
+from ..generate.base import (
+    Completion,
+    Generator,
+    Samples,
+    Temperature,
+    completion_from_json,
+    completion_to_json,
+    make_trace,
+    row_seed,
+)
 from ..generate.sampling import SamplingOptions
-from ..generate.shards import ShardedJob, ShardIndex, finish_sharded_step, shard_seed
+from ..generate.shards import RowCodec, ShardedJob, ShardIndex, finish_sharded_step, shard_seed
 from ..modelref import ResolvedModel, resolve_model, trained_in_run
 from ..records import Message, Problem, Trace, read_records, write_records
 from ..rundir import RunDir
@@ -78,10 +87,12 @@ def run_teacher_job(
     if len({row.key for row in rows}) != len(rows):
         raise UserError(f"{step_key}: two rows share a (problem_id, sample_idx); each row needs its own")
 
-    def process(generator: Generator, shard: int, batch: Sequence[PromptRow], progress) -> list:
+    def process(generator: Generator, shard: int, batch: Sequence[PromptRow], progress, on_result) -> list:
         sampling = cfg.sampling(1, cfg.temperature, shard_seed(cfg.seed, shard))
         seeds = [row_seed(cfg.seed, r.problem.id, r.sample_idx) for r in batch]  # a rerun redraws the same
-        replies = generator.generate([r.messages for r in batch], sampling, progress, seeds=seeds)
+        replies = generator.generate(
+            [r.messages for r in batch], sampling, progress, seeds=seeds, on_result=on_result
+        )
         return [reply[0] for reply in replies]
 
     def shard_path(shard: int) -> Path:
@@ -106,6 +117,8 @@ def run_teacher_job(
         save=save,
         saved_keys=saved_keys,
         open_generator=lambda: open_generator(cfg, model.path, cfg.batch_size, 0),
+        codec=RowCodec(completion_to_json, completion_from_json),
+        open_shards=cfg.open_shards,
     )
     index = job.run(step_key.replace(":", " "), overwrite)
     finish_sharded_step(step_key, index, cfg.allow_failures)

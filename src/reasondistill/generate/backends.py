@@ -4,9 +4,10 @@ the factory of generators."""
 from __future__ import annotations
 
 import os
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import UserError
 from ..models import ModelLoading
@@ -18,8 +19,10 @@ class BackendOptions(ModelLoading):
     backend: Literal["hf", "openai", "vllm"] = Field(
         "hf", description="hf: transformers; openai: any OpenAI-compatible server; vllm: in-process vLLM"
     )
-    base_url: str | None = Field(
-        None, description="openai: the server, e.g. http://localhost:8000/v1 (default: $OPENAI_BASE_URL)"
+    base_url: list[str] | None = Field(
+        None,
+        description="openai: the server, e.g. http://localhost:8000/v1, or several (comma-separated, or "
+        "@FILE: one URL per line), balanced by requests in flight (default: $OPENAI_BASE_URL)",
     )
     api_key_env: str = Field(
         "OPENAI_API_KEY",
@@ -34,6 +37,12 @@ class BackendOptions(ModelLoading):
         description="openai: the teacher's tokenizer (folder or Hub id), for the completions endpoint and scoring",
     )
     concurrency: int = Field(64, ge=1, description="openai: requests in flight at once")
+    open_shards: int = Field(
+        4,
+        ge=1,
+        description="openai: shards in flight at once, so that the next shard's requests go out while an "
+        "earlier one's slowest are still out",
+    )
     max_retries: int = Field(8, ge=0, description="openai: retries of a request before it counts as failed")
     request_timeout: float = Field(600.0, gt=0, description="openai: seconds to wait for an answer")
     retry_backoff: float = Field(
@@ -43,6 +52,10 @@ class BackendOptions(ModelLoading):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs the model is split over")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm: further keyword arguments of vllm.LLM, e.g. {enforce_eager: true, max_model_len: 8192}",
+    )
     price_per_1m_prompt_tokens: float | None = Field(
         None, ge=0, description="for the cost in manifest and report"
     )
@@ -57,7 +70,7 @@ class BackendOptions(ModelLoading):
 
     operational = frozenset(
         {
-            "base_url", "api_key_env", "concurrency", "max_retries", "request_timeout", "retry_backoff",
+            "base_url", "api_key_env", "concurrency", "open_shards", "max_retries", "request_timeout", "retry_backoff",
             "gpu_memory_utilization",
             "price_per_1m_prompt_tokens", "price_per_1m_completion_tokens", "allow_failures",
         }
@@ -67,13 +80,48 @@ class BackendOptions(ModelLoading):
     def pricing(self) -> Pricing:
         return Pricing(self.price_per_1m_prompt_tokens, self.price_per_1m_completion_tokens)
 
-    def server_url(self) -> str:
-        url = self.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not url:
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _urls(cls, value: Any) -> Any:
+        """One URL, several comma-separated, or @FILE with one per line (# comments)."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        urls = []
+        for item in value:
+            if isinstance(item, str) and item.startswith("@"):
+                path = Path(item[1:]).expanduser()
+                try:
+                    lines = path.read_text().splitlines()
+                except OSError as err:
+                    raise ValueError(f"cannot read the file of server URLs {path} ({err.strerror})") from None
+                urls.extend(line.split("#")[0].strip() for line in lines)
+            elif isinstance(item, str):
+                urls.extend(part.strip() for part in item.split(","))
+            else:
+                urls.append(item)
+        urls = [url for url in urls if url != ""]
+        for url in urls:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        if not urls:
+            raise ValueError("no server URL given")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"a server URL is given twice: {', '.join(urls)}")
+        return urls
+
+    def server_urls(self) -> list[str]:
+        if self.base_url:
+            return self.base_url
+        if not os.environ.get("OPENAI_BASE_URL"):
             raise UserError(
                 "backend openai: set base_url (e.g. http://localhost:8000/v1) or $OPENAI_BASE_URL"
             )
-        return url
+        try:
+            return self._urls(os.environ["OPENAI_BASE_URL"])
+        except ValueError as err:
+            raise UserError(f"$OPENAI_BASE_URL: {err}") from None
 
 
 def open_generator(
@@ -102,7 +150,7 @@ def open_generator(
 
         return OpenAIGenerator(
             model,
-            options.server_url(),
+            options.server_urls(),
             endpoint=options.endpoint,
             api_key_env=options.api_key_env,
             tokenizer=options.tokenizer,
@@ -119,6 +167,7 @@ def open_generator(
             gpu_memory_utilization=options.gpu_memory_utilization,
             max_logprobs=max(top_logprobs, 20),  # 20: vLLM's own default
             dtype=options.dtype,
+            engine_args=options.engine_args,
         )
     from .hf import HFGenerator
 

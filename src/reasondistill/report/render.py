@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..evaluate.metrics import UNPARSEABLE_WARNING
-from ..generate.shards import usage_totals
+from ..generate.shards import step_usage, usage_totals
 from ..tasks import BENCHMARKS
 from .tables import Section, Table, html_table, markdown_table, percent
 
@@ -39,7 +39,7 @@ def results_table(results: list[dict]) -> Table:
     for r in sorted(results, key=lambda r: (r["task"], -(r.get("greedy") or r["sampled"])["accuracy"])):
         greedy, sampled = r.get("greedy", {}), r.get("sampled", {})
         rows.append([
-            r["task"], r["model"], f"{r['parameters'] / 1e6:.2f}M",
+            r["task"], r["model"], f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "served",
             percent(greedy.get("accuracy")), f"{greedy['mean_completion_tokens']:.0f}" if greedy else "–",
             percent(sampled.get("accuracy")), *[percent(sampled.get(k)) for k in ks[1:]],
             *([percent(sampled.get(majority))] if majority else []),
@@ -202,13 +202,10 @@ def curation_table(manifest: dict) -> Table:
     return ["step", "operator", "in", "kept", "dropped"], rows
 
 
-def usage_table(manifest: dict) -> Table:
-    """What calling the teachers took: requests, retries, failures, tokens, time and money, with a total."""
-    steps = {
-        key: step["stats"]["usage"]
-        for key, step in manifest.get("steps", {}).items()
-        if "usage" in step.get("stats", {})
-    }
+def usage_table(manifest: dict, evaluation: bool = False) -> Table:
+    """What calling the teachers (with `evaluation`: the evaluated models) took: requests, retries,
+    failures, tokens, time and money, with a total."""
+    steps = step_usage(manifest, evaluation)
     if not steps:
         return [], []
 
@@ -226,7 +223,7 @@ def usage_table(manifest: dict) -> Table:
         return [name, backend, *(f"{c:,}" for c in counts), f"{usage['seconds']:.0f}s", f"{rate:,.0f}", cost]
 
     rows = [row(key, u["backend"], u, len(u["failed"])) for key, u in steps.items()]
-    totals = usage_totals(manifest)
+    totals = usage_totals(manifest, evaluation)
     rows.append(row("total", "", totals, totals["failed_rows"]))
     header = [
         "step",
@@ -328,6 +325,7 @@ def render_report(
         ("Curation", curation_table(manifest)),
         *declared,
         ("Teacher usage and cost", usage_table(manifest)),
+        ("Evaluation usage and cost", usage_table(manifest, evaluation=True)),
     ]
     sections = [(heading, table) for heading, table in sections if table[1]]
     graders = sorted({(r["task"], r["grader"]) for r in results})

@@ -5,6 +5,9 @@ samples; lengths; accuracy by difficulty). Results go to eval/<model>/<task>.jso
 completions to eval/<model>/<task>.<greedy|sampled>.parquet.
 
     reasondistill eval --model PATH --benchmarks gsm8k,math500 --n 8 --temperature 0.6 --limit 50
+    reasondistill eval --model NAME --backend openai --base-url http://localhost:8000/v1 --benchmarks aime24
+
+Any backend runs the model (hf, vllm, or openai for a served model, `generate`'s options).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pydantic import AliasChoices, Field
 
 from ..errors import UserError
 from ..evaluate.harness import EvalOptions, evaluate_model
-from ..modelref import reference_name, required_steps, resolve_model
+from ..modelref import backend_model, backend_requirements, reference_name
 from ..records import Problem
 from ..rundir import RunDir
 from ..store import load_problems, problem_sets
@@ -28,7 +31,8 @@ class EvalConfig(EvalOptions, ProblemSelection):
     models: list[str] = Field(
         min_length=1,
         validation_alias=AliasChoices("models", "model"),
-        description="models to evaluate (testbed:…, trained names, folders, Hub ids)",
+        description="models to evaluate (testbed:…, trained names, folders, Hub ids; "
+        "backend openai: the names the server knows them by)",
     )
 
     def uses_run_problems(self) -> bool:
@@ -38,7 +42,7 @@ class EvalConfig(EvalOptions, ProblemSelection):
 
 def run_eval(cfg: EvalConfig, run: RunDir, overwrite: bool) -> None:
     cfg.bind_sets(problem_sets(run))  # the graders of the run's problem sets
-    models = [resolve_model(reference, run) for reference in cfg.models]
+    models = [backend_model(cfg, reference, run) for reference in cfg.models]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(
@@ -77,7 +81,7 @@ STAGE = Stage(
     produces=lambda cfg: [f"eval:{reference_name(m)}" for m in cfg.models],
     requires=lambda cfg: {
         **({"problems": "problems"} if cfg.uses_run_problems() else {}),
-        **required_steps("models", cfg.models),
+        **backend_requirements(cfg, cfg.models, "models"),
     },
     default_run_dir="runs/eval",
 )

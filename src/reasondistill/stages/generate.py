@@ -24,10 +24,27 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..generate.backends import BackendOptions, open_generator
-from ..generate.base import Completion, Generator, SamplingParams, make_trace, row_seed
+from ..generate.base import (
+    Completion,
+    Generator,
+    SamplingParams,
+    completion_from_json,
+    completion_to_json,
+    make_trace,
+    row_seed,
+)
 from ..generate.logprobs import logprobs_file, read_logprobs, write_logprobs
 from ..generate.sampling import SamplingOptions
-from ..generate.shards import ShardedJob, finish_sharded_step, shard_seed, usage_stats, usage_totals
+from ..generate.shards import (
+    RowCodec,
+    ShardedJob,
+    WorkerOptions,
+    finish_sharded_step,
+    run_as_worker,
+    shard_seed,
+    usage_stats,
+    usage_totals,
+)
 from ..modelref import backend_model, backend_requirements, reference_name, required_steps, resolve_model
 from ..models import model_sampling_defaults
 from ..records import Problem, Trace, atomic_write_json, read_records, write_records
@@ -40,7 +57,7 @@ from .base import Stage
 log = logging.getLogger(__name__)
 
 
-class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions):
+class GenerateConfig(SamplingOptions, ProblemSelection, BackendOptions, WorkerOptions):
     model: str = Field(
         description="teacher: testbed:teacher, a model trained in this run, a model folder, a Hub id, "
         "or (backend openai) the name the server knows it by"
@@ -115,11 +132,13 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
     out = run.traces(name)
     rows: list[Sample] = [(p, j) for p in problems for j in range(cfg.n)]
 
-    def process(generator: Generator, shard: int, samples, progress) -> list:
+    def process(generator: Generator, shard: int, samples, progress, on_result) -> list:
         # the shard's seed drives the hf backend's one random stream; the others seed every row alone
         sampling = _row_sampling(cfg, shard_seed(cfg.seed, shard))
         seeds = [row_seed(cfg.seed, p.id, j) for p, j in samples]
-        results = generator.generate([p.messages for p, _ in samples], sampling, progress, seeds=seeds)
+        results = generator.generate(
+            [p.messages for p, _ in samples], sampling, progress, seeds=seeds, on_result=on_result
+        )
         return [completions[0] for completions in results]
 
     def save(shard: int, pairs: list[tuple[Sample, Completion]], keep_saved: bool) -> None:
@@ -146,8 +165,8 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
         path = out / f"shard-{shard:05d}.parquet"
         return {(t.problem_id, t.sample_idx) for t in read_records(path, Trace)} if path.exists() else set()
 
-    def body(step_fingerprint: str) -> dict:
-        job = ShardedJob(
+    def make_job(step_fingerprint: str) -> ShardedJob:
+        return ShardedJob(
             directory=out,
             fingerprint=step_fingerprint,
             shards=[rows[i : i + cfg.shard_size] for i in range(0, len(rows), cfg.shard_size)],
@@ -162,8 +181,17 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
                 cfg.top_logprobs,
                 (gate.path, cfg.gate_threshold) if gate else None,
             ),
+            codec=RowCodec(completion_to_json, completion_from_json),
+            open_shards=cfg.open_shards,
+            workers=cfg.worker(),
         )
-        index = job.run(f"generate {name}", overwrite)
+
+    if cfg.worker_index is not None:
+        run_as_worker(make_job(run.step_fingerprint(f"generate:{name}", cfg, inputs)), f"generate {name}")
+        return
+
+    def body(step_fingerprint: str) -> dict:
+        index = make_job(step_fingerprint).run(f"generate {name}", overwrite)
         finish_sharded_step(f"generate:{name}", index, cfg.allow_failures)
         not_applied = model_sampling_defaults(model.path) if cfg.backend in ("hf", "vllm") else {}
         return {

@@ -16,7 +16,15 @@ from pydantic import Field, model_validator
 from ..errors import UserError
 from ..generate.backends import BackendOptions, open_generator
 from ..generate.logprobs import TokenLogprobs, logprobs_file, read_logprobs, stored_tokens, write_logprobs
-from ..generate.shards import ShardedJob, finish_sharded_step, usage_stats, usage_totals
+from ..generate.shards import (
+    RowCodec,
+    ShardedJob,
+    WorkerOptions,
+    finish_sharded_step,
+    run_as_worker,
+    usage_stats,
+    usage_totals,
+)
 from ..modelref import backend_model, backend_requirements, reference_name
 from ..records import Trace
 from ..rundir import RunDir
@@ -25,7 +33,7 @@ from ..ui import note
 from .base import Stage
 
 
-class ScoreConfig(BackendOptions):
+class ScoreConfig(BackendOptions, WorkerOptions):
     model: str = Field(description="the teacher whose distribution is stored (as for generate)")
     traces: str = Field(description="the generate output to annotate: traces/<traces>")
     top_k: int = Field(20, ge=1, le=1024, description="teacher tokens kept per position (20-64 typical)")
@@ -54,15 +62,16 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
         "model": model.fingerprint,
     }
 
-    def body(step_fingerprint: str) -> dict:
+    def make_job(step_fingerprint: str) -> tuple[ShardedJob, int]:
+        """The job, and how many traces it scores."""
         problems = problems_by_id(run)
         traces = read_traces(run.traces(cfg.traces), problems)
         if not traces:
             raise UserError(f"score:{name}: traces/{cfg.traces} holds no traces to score")
 
-        def process(generator, _shard: int, rows: list[Trace], progress) -> list:
+        def process(generator, _shard: int, rows: list[Trace], progress, on_result) -> list:
             prompts = [problems[t.problem_id].messages for t in rows]
-            return generator.score(prompts, [t.completion for t in rows], cfg.top_k, progress)
+            return generator.score(prompts, [t.completion for t in rows], cfg.top_k, progress, on_result)
 
         def save(shard: int, pairs: list[tuple[Trace, TokenLogprobs]], keep_saved: bool) -> None:
             path = logprobs_file(out, shard)
@@ -88,7 +97,19 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
             save=save,
             saved_keys=saved_keys,
             open_generator=lambda: open_generator(cfg, model.path, cfg.batch_size, cfg.top_k),
+            codec=RowCodec(TokenLogprobs.to_json, TokenLogprobs.from_json),
+            open_shards=cfg.open_shards,
+            workers=cfg.worker(),
         )
+        return job, len(traces)
+
+    if cfg.worker_index is not None:
+        job, _ = make_job(run.step_fingerprint(f"score:{name}", cfg, inputs))
+        run_as_worker(job, f"score {name}")
+        return
+
+    def body(step_fingerprint: str) -> dict:
+        job, traces = make_job(step_fingerprint)
         index = job.run(f"score {name}", overwrite)
         finish_sharded_step(f"score:{name}", index, cfg.allow_failures)
         usage = usage_stats(index, cfg.pricing, cfg.backend)
@@ -96,7 +117,7 @@ def run_score(cfg: ScoreConfig, run: RunDir, overwrite: bool) -> None:
         tokens = sum(stored_tokens(logprobs_file(out, i)) for i in sorted(index.finished))
         return {
             "model": model.path,
-            "traces": len(traces) - len(usage["failed"]),
+            "traces": traces - len(usage["failed"]),
             "tokens": tokens,
             "top_k": cfg.top_k,
             "bytes_per_token": round(stored / max(tokens, 1), 2),

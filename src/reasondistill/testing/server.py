@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -107,6 +110,31 @@ class Faults:
         if int.from_bytes(digest[:8], "big") / 2**64 >= self.rate:
             return None
         return self.kinds[int.from_bytes(digest[8:16], "big") % len(self.kinds)]
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How long answers take, as a loaded server's do: each request holds one of `capacity` slots (the
+    others queue) for `latency` seconds, or `slow_factor` times that for the share `slow_share` of
+    request bodies (picked by a hash of the body, so a resent request is slow again)."""
+
+    latency: float = 0.0
+    capacity: int | None = None  # requests served at once (None: no limit)
+    slow_share: float = 0.0
+    slow_factor: float = 20.0
+
+    def __post_init__(self):
+        if self.latency < 0 or not 0 <= self.slow_share <= 1 or self.slow_factor < 1:
+            raise ValueError("pace: latency >= 0, slow_share in [0, 1] and slow_factor >= 1 expected")
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"pace: capacity must be at least 1, got {self.capacity}")
+
+    def seconds(self, raw: bytes) -> float:
+        if not self.slow_share:
+            return self.latency
+        digest = hashlib.sha256(b"pace:" + raw).digest()
+        slow = int.from_bytes(digest[:8], "big") / 2**64 < self.slow_share
+        return self.latency * (self.slow_factor if slow else 1.0)
 
 
 # ---- request bodies -------------------------------------------------------------------------------
@@ -382,6 +410,7 @@ class OpenAIServer:
         api_key: str | None = None,
         instant: bool = False,
         logprobs_mode: str = "raw_logprobs",
+        pace: Pace | None = None,
     ):
         if (model is None) != instant:
             raise ValueError("give a model, or instant=True without one")
@@ -392,6 +421,8 @@ class OpenAIServer:
         self.logprobs_mode = logprobs_mode
         self.served_name = served_name
         self.faults = faults or Faults()
+        self.pace = pace or Pace()
+        self._slots: asyncio.Semaphore | None = None  # made on the server's loop (`start`)
         self.api_key = api_key
         self.instant = instant
         self.fault_counts: Counter[str] = Counter()  # injected faults by kind ("poison" included)
@@ -411,6 +442,8 @@ class OpenAIServer:
             self.answers = Answers(served_name, tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if self.pace.capacity:
+            self._slots = asyncio.Semaphore(self.pace.capacity)
         middlewares = [self._authenticate] if self.api_key else []
         # Request bodies carry whole prompts as token ids: allow more than aiohttp's 1 MiB.
         app = web.Application(middlewares=middlewares, client_max_size=64 * 2**20)
@@ -487,6 +520,9 @@ class OpenAIServer:
             return web.Response()
         if fault == "hang":
             await asyncio.sleep(self.faults.hang_seconds)
+        if self.pace.latency:
+            async with self._slots or contextlib.nullcontext():
+                await asyncio.sleep(self.pace.seconds(raw))
 
         try:
             if self.instant:
@@ -602,6 +638,29 @@ def serve_in_thread(
         loop.close()
 
 
+def spawn_server(*options: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """This server in a process of its own, started with these command-line options (`--port 0`
+    unless given); returns the process, once it listens, and its base URL. The caller stops it."""
+    port = [] if "--port" in options else ["--port", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reasondistill.testing.server", *options, *port],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    ready = threading.Timer(timeout, process.kill)  # a server that never says it listens is stopped
+    ready.start()
+    try:
+        line = process.stdout.readline()
+    finally:
+        ready.cancel()
+    if not line.startswith("listening on "):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"the test server did not start ({' '.join(options)}): {line!r}")
+    return process, line.split()[-1]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m reasondistill.testing.server", description=__doc__.split("\n")[0]
@@ -622,6 +681,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-faults-per-request", type=int, default=2)
     parser.add_argument("--poison", help="requests whose prompt contains this text always fail (500)")
     parser.add_argument("--api-key-env", help="environment variable holding the API key requests must send")
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds each answer takes (on top of the model)"
+    )
+    parser.add_argument("--capacity", type=int, help="requests served at once; the others queue")
+    parser.add_argument(
+        "--slow-share", type=float, default=0.0, help="share of requests that take --slow-factor × latency"
+    )
+    parser.add_argument("--slow-factor", type=float, default=20.0)
     parser.add_argument(
         "--logprobs-mode",
         choices=LOGPROBS_MODES,
@@ -645,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             poison=args.poison,
             seed=args.faults_seed,
         )
+        pace = Pace(args.latency, args.capacity, args.slow_share, args.slow_factor)
     except ValueError as err:
         parser.error(str(err))
     model = args.model
@@ -657,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         api_key=api_key,
         instant=args.instant,
         logprobs_mode=args.logprobs_mode,
+        pace=pace,
     )
     asyncio.run(_serve_until_signalled(server, args.host, args.port))
 
