@@ -591,6 +591,7 @@ def test_three_workers_one_killed_and_rerun_then_a_final_call_finish_the_step(se
     )
 
     before = server.requests
+    assert "worker_index: 3 is not below num_workers (3)" in _error_of(capsys, [*args, "--worker-index", "3"])
     error = _error_of(capsys, [*args[:-1], "2", "--worker-index", "0"])
     assert error.strip().endswith("every worker of a job must be given the same num_workers")
     assert server.requests == before

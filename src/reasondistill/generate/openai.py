@@ -329,7 +329,7 @@ class OpenAIGenerator(Generator):
                 "server runs another tokenizer than --tokenizer names"
             )
         decoded = " ".join(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True).split())
-        lines = [" ".join(line.split()) for line in completion.text.splitlines()]
+        lines = [" ".join(line.split()) for line in completion.text.splitlines()] or [""]
         lines = lines[:-1] if len(lines) > 1 else [lines[0][: len(lines[0]) // 2]]  # the last may end cut
         sample = max(lines, key=len)
         if len(sample) < 8:

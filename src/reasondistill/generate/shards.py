@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import StageConfig
 from ..errors import UserError
@@ -124,6 +124,14 @@ class WorkerOptions(StageConfig):
         "unrecorded; a call without worker_index then takes in every worker's shards and finishes the step",
     )
     operational = frozenset({"num_workers", "worker_index"})
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> WorkerOptions:
+        if self.worker_index is not None and self.worker_index >= self.num_workers:
+            raise ValueError(
+                f"worker_index: {self.worker_index} is not below num_workers ({self.num_workers})"
+            )
+        return self
 
     def worker(self) -> Workers | None:
         return None if self.worker_index is None else Workers(self.worker_index, self.num_workers)

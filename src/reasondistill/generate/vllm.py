@@ -99,7 +99,7 @@ class VLLMGenerator(TokenIdGenerator):
             raise UserError(
                 f"engine_args: {', '.join(refused)} is set by the vllm backend itself "
                 "(model: the step's model; logprobs_mode: raw_logprobs, the model's own distribution; "
-                "trust_remote_code: $REASONDISTILL_TRUST_REMOTE_CODE)"
+                "trust_remote_code: $REASONDISTILL_TRUST_REMOTE_CODE; max_logprobs: from the k a step asks for)"
             )
         try:
             import vllm
