@@ -125,6 +125,38 @@ def test_options_the_backend_sets_itself_are_refused(testbed):
         VLLMGenerator(testbed / "teacher", engine_args={"logprobs_mode": "processed_logprobs"})
 
 
+def test_a_lora_adapter_is_served_on_its_base_as_hf_merges_it(testbed, tmp_path):
+    """An adapter folder (`train` with `lora`, not merged): vLLM serves its base with the adapter
+    applied to every request; greedy decoding and top-k equal the hf backend's merged model."""
+    from reasondistill.records import TrainingExample
+    from reasondistill.train.hyperparameters import Hyperparameters
+    from reasondistill.train.lora import LoraOptions
+    from reasondistill.train.trainer import train_model
+
+    examples = [
+        TrainingExample(
+            problem_id=p.id, task=p.task, messages=p.messages, completion=f"The answer is {p.answer}."
+        )
+        for p in get_task("arithmetic").sample("train", 16, seed=1)
+    ]  # a short answer the teacher does not give: the adapter's effect shows
+    adapter = tmp_path / "adapter"
+    train_model(testbed / "teacher", examples, adapter, Hyperparameters(epochs=2, batch_size=4, learning_rate=1e-2,
+                max_length=256), lora=LoraOptions(r=8))  # fmt: skip
+    merged = HFGenerator(adapter)  # the hf backend merges the adapter when it loads
+    served = VLLMGenerator(adapter, max_logprobs=20, engine_args=EAGER)
+    try:
+        prompts = problems(6)
+        greedy = SamplingParams(n=1, temperature=0, max_new_tokens=40, top_logprobs=5)
+        results, reference = served.generate(prompts, greedy), merged.generate(prompts, greedy)
+        assert [r[0].text for r in results] == [r[0].text for r in reference]
+        assert all(r[0].text.startswith("The answer is") for r in results)  # not the teacher's <think>
+        for row, expected in zip(results, reference, strict=True):
+            assert_same_distribution(row[0].logprobs, expected[0].logprobs)
+        assert served.describe()["adapter_of"] == str(testbed / "teacher")
+    finally:
+        served.close()
+
+
 # ---- the stages, offline -------------------------------------------------------------------------
 
 

@@ -11,6 +11,9 @@ Scoring a given completion is one prefill with `prompt_logprobs=k` over prompt +
 returns, at every position i ≥ 1, the candidates for token i given tokens < i (the token itself
 and the top k), so the completion's distribution is the slice from len(prompt) on.
 
+A LoRA adapter folder (a `train` step with `lora`) is served as vLLM serves adapters: the engine loads
+its base model with LoRA enabled and every request carries the adapter (`LoRARequest`).
+
 On vLLM's CPU platform the engine runs in float32 unless `dtype` says otherwise (bfloat16 logprobs
 there differ from the model's by up to 0.18 nats), and without chunked prefill, which per-request
 seeds do not survive on CPU ("CPU Generator does not use offset" once a step splits a prompt).
@@ -19,6 +22,7 @@ seeds do not survive on CPU ("CPU Generator does not use offset" once a step spl
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -113,14 +117,11 @@ class VLLMGenerator(TokenIdGenerator):
             ) from err
         if not colocate:  # (colocated: the model being trained, checked when it was loaded)
             check_model_folder(path)  # before vLLM starts its engine: seconds to minutes
-            if adapter_base(path) is not None:
-                raise UserError(
-                    f"{path}: a LoRA adapter; the vllm backend loads full models: train with lora.merge: true, "
-                    "or use the hf backend (it merges the adapter when it loads)"
-                )
         self._vllm = vllm
         self._tokens_prompt = TokensPrompt
         self.path = str(path)
+        self.base = base = None if colocate else adapter_base(path)
+        self._adapter = None  # a LoRA adapter folder: its base is served, the adapter applied per request
         self.max_logprobs = max_logprobs
         options: dict[str, Any] = {
             "tensor_parallel_size": tensor_parallel_size,
@@ -132,6 +133,11 @@ class VLLMGenerator(TokenIdGenerator):
             # parameters are the step's, whatever the model folder suggests
             "generation_config": "vllm",
         }
+        if base is not None:
+            from vllm.lora.request import LoRARequest
+
+            options |= {"enable_lora": True, "max_lora_rank": _lora_rank_bound(path)}
+            self._adapter = LoRARequest(Path(path).name, 1, self.path)
         if current_platform.is_cpu():
             options["enable_chunked_prefill"] = False
             options["dtype"] = "float32" if dtype == "auto" else dtype
@@ -149,7 +155,7 @@ class VLLMGenerator(TokenIdGenerator):
                                 ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29533")):  # fmt: skip
                 os.environ.setdefault(name, value)
         self.llm = vllm.LLM(
-            model=self.path,
+            model=base or self.path,
             trust_remote_code=trust_remote_code(),
             max_logprobs=max_logprobs,
             # The model's own distribution, before temperature / top-k / top-p (vLLM's default since the
@@ -165,6 +171,7 @@ class VLLMGenerator(TokenIdGenerator):
         return {
             "backend": self.backend,
             "model": self.path,
+            **({"adapter_of": self.base} if self.base else {}),
             "vllm": getattr(self._vllm, "__version__", "unknown"),
         }
 
@@ -350,6 +357,7 @@ class VLLMGenerator(TokenIdGenerator):
             [self._tokens_prompt(prompt_token_ids=list(p)) for p in prompts],
             [self._vllm.SamplingParams(**kwargs) for kwargs in params],
             use_tqdm=False,
+            **({"lora_request": self._adapter} if self._adapter else {}),
         )
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
@@ -377,6 +385,18 @@ def _distribution(token_ids: list[int], positions: Sequence[Mapping[int, Any]], 
         [{candidate: logprob.logprob for candidate, logprob in position.items()} for position in positions],
         k,
     )
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def _lora_rank_bound(adapter: Path | str) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds the adapter's rank."""
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16)
+    for bound in LORA_RANKS:
+        if bound >= rank:
+            return bound
+    raise UserError(f"{adapter}: LoRA rank {rank} is above the {LORA_RANKS[-1]} vLLM serves")
 
 
 def _engine_max_model_len(llm: Any) -> int | None:
