@@ -152,14 +152,14 @@ class Usage:
         for name, value in asdict(other).items():
             if name == "servers":
                 for url, counts in value.items():
-                    mine = self.servers.setdefault(url, dict.fromkeys(SERVER_COUNTS, 0))
-                    for key, count in counts.items():
-                        mine[key] = mine.get(key, 0) + sign * count
+                    self.count_server(url, **{key: sign * count for key, count in counts.items()})
             else:
                 setattr(self, name, getattr(self, name) + sign * value)
 
     def count_server(self, url: str, **counts: int) -> None:
-        self.add(Usage(servers={url: counts}))
+        mine = self.servers.setdefault(url, dict.fromkeys(SERVER_COUNTS, 0))
+        for key, count in counts.items():
+            mine[key] = mine.get(key, 0) + count
 
 
 SERVER_COUNTS = ("requests", "completion_tokens", "errors", "rests")

@@ -81,8 +81,9 @@ class StudentGatedGenerator(HFGenerator):
     def _generate_batch(
         self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
     ) -> list[list[GatedCompletion]]:
-        if seeds is not None:  # `seed_rows` is HFGenerator's on-policy sampler's, not this backend's
-            raise NotImplementedError("the rsd backend samples its batch from one random stream")
+        # HFGenerator passes seeds with `seed_rows` only (its on-policy sampler), never set here: this
+        # backend samples its batch from one random stream
+        assert seeds is None, "the rsd backend takes no per-row seeds"
         rows = [prompt for prompt in prompts for _ in range(sampling.n)]  # as num_return_sequences
         inputs = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
         tokens, rejected = self._decode(inputs["input_ids"], inputs["attention_mask"], sampling)
