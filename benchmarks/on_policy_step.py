@@ -46,9 +46,13 @@ the teacher, the student's forward and backward, and the optimizer. `--accumulat
 both with one sampling call of `batch` prompts per step. `--teacher-hidden` / `--teacher-layers`
 size the teacher up (intermediate size 4 × hidden, as the testbed's).
 
+`--compile` samples ours with `on_policy.compile` (the decoding steps through torch.compile with
+dynamic shapes, `generate/decoding.py`): the first warm-up step compiles (about 10 s here), which
+the timed steps leave out as they leave out the warm-up; TRL's side is unchanged.
+
     .venv/bin/python benchmarks/on_policy_step.py [--steps 10] [--batch-size 8] [--accumulation 2]
         [--max-new-tokens 64] [--teacher-hidden 128] [--teacher-layers 3] [--threads 1] [--repeats 5]
-        [--quick]
+        [--compile] [--quick]
 """
 
 from __future__ import annotations
@@ -98,7 +102,12 @@ def arguments(args: argparse.Namespace, output_dir: str) -> dict:
 
 def on_policy_options(args: argparse.Namespace) -> OnPolicyOptions:
     return OnPolicyOptions(
-        fraction=1.0, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens
+        fraction=1.0,
+        temperature=TEMPERATURE,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        compile=args.compile,
     )
 
 
@@ -214,6 +223,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch")
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="sampled tokens per prompt")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours samples with on_policy.compile (torch.compile'd decoding steps; compiled in the warm-up steps)",
+    )
     add_shared_options(parser)
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 1 + 2 steps, batch 2, 8 new tokens, 1 repeat"

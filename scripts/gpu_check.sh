@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Issue 21's GPU checks. Models are built from a config (no download); a few minutes in all.
+# Issue 21's and 22's GPU checks. Models are built from a config (no download); a few minutes in all.
+#  0. (1 GPU) the hf backend's decoding loop on CUDA: tests/test_hf_backend.py (its generators pick the
+#     GPU: greedy equal to model.generate, seeded rows independent of their batch, the KV buffer, the
+#     compiled steps) and benchmarks/hf_decode.py (tokens/s against model.generate, compile included).
 #  1. (1 GPU, bitsandbytes installed) QLoRA: a student loaded in 4 bits trains its adapters only.
 #  2. (2 GPUs) 1 process against 2 with the same global batch, for plain data parallel (DDP), FSDP2
 #     (accelerate's plugin, which it enables on GPUs only) and LoRA, with SFT, forward KL from an
@@ -17,6 +20,10 @@ if [ "$GPUS" -lt 1 ]; then
     exit 3
 fi
 rm -rf "$OUT" && mkdir -p "$OUT/one" "$OUT/two"
+CUDA_VISIBLE_DEVICES=0 $PY -m pytest -q -p no:cacheprovider tests/test_hf_backend.py 2>&1 | tail -3 | tee "$OUT/hf_backend.txt" \
+    || echo "gpu_check: hf backend tests FAILED (above)"
+CUDA_VISIBLE_DEVICES=0 $PY benchmarks/hf_decode.py --device cuda --repeats 3 2>&1 | grep -v Warning | tee "$OUT/hf_decode.txt" \
+    || echo "gpu_check: benchmarks/hf_decode.py FAILED (above)"
 if $PY -c "import bitsandbytes" 2>/dev/null; then
     CUDA_VISIBLE_DEVICES=0 $PY - "$OUT" <<'PYTHON'
 import sys

@@ -264,6 +264,22 @@ def test_on_policy_step_benchmark_times_both_trainers_and_prints_their_ratio(cap
     assert ratio and float(ratio.group(1)) > 0, out
 
 
+def test_hf_decode_benchmark_times_every_side_in_both_scenarios(capsys):
+    """benchmarks/hf_decode.py --quick: both scenarios print a row per side, with tokens/s, a mean
+    completion length within --quick's 16 new tokens, and the ratio to plain `model.generate`."""
+    benchmark, out = run_quick("hf_decode", capsys)
+    for scenario in ("trained", "full-length"):
+        section = out.split(f"\n{scenario}: ")[1].split("\n\n")[0]
+        rows = {
+            label: section.split(f"\n{label} ")[1].split("\n")[0].split()
+            for label in (benchmark.BASELINE, benchmark.STREAMS, benchmark.OURS)
+        }
+        for seconds, rate, length, ratio in rows.values():
+            assert float(seconds) > 0 and float(rate.replace(",", "")) > 0, out
+            assert 0 < float(length) <= 16 and float(ratio.rstrip("x")) > 0, out
+        assert rows[benchmark.BASELINE][-1] == "1.00x", out
+
+
 def test_packing_benchmark_compares_padded_and_packed_batches(capsys):
     """benchmarks/packing.py --quick: three ways over the same examples, the same loss, no padding packed."""
     _, out = run_quick("packing", capsys)

@@ -9,7 +9,9 @@ import torch
 from reasondistill.chat import completion_ids, prompt_ids
 from reasondistill.cli import main
 from reasondistill.generate.base import SamplingParams
-from reasondistill.generate.hf import HFGenerator, RowSeededSampling
+from reasondistill.generate import decoding
+from reasondistill.generate.decoding import KVBuffer, TokenPicker, row_uniforms
+from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.logprobs import read_logprobs
 from reasondistill.records import Trace, read_records
 from reasondistill.rundir import RunDir
@@ -37,17 +39,100 @@ def test_greedy_completions_do_not_depend_on_batching_or_left_padding(testbed, t
     assert all("The answer is" in text for text in batched)
 
 
-def test_row_seeded_samples_depend_on_their_seed_and_prompt_only(testbed, prompts):
-    """With `seed_rows` (the on-policy sampler, split over processes) a prompt's samples are the same
-    whichever prompts are decoded with it, in whatever batch size; other seeds give other samples."""
+def test_greedy_completions_equal_model_generate_token_for_token(testbed, teacher, prompts):
+    """The decoding loop (KV buffer, rows leaving the batch as they end) is `model.generate`'s greedy
+    search: the same tokens, the end token included, for every row of a left-padded batch."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=120)
+    ours = [c[0] for c in teacher.generate(prompts, greedy)]
+    assert len({c.completion_tokens for c in ours}) > 1  # rows end at different steps
+    rows = prompt_ids(teacher.tokenizer, prompts)
+    inputs = teacher.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    with torch.inference_mode():
+        output = teacher.model.generate(
+            **inputs, do_sample=False, max_new_tokens=120, pad_token_id=teacher.tokenizer.pad_token_id
+        )
+    eos = teacher.tokenizer.eos_token_id
+    for completion, ids in zip(ours, output[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
+        assert completion.token_ids == (ids[: ids.index(eos) + 1] if eos in ids else ids)
+
+
+def test_compiled_decoding_steps_give_the_eager_tokens_and_compile_once(
+    testbed, teacher, prompts, monkeypatch
+):
+    """`compile`: the one-token steps run through torch.compile with dynamic shapes; the tokens are
+    the eager ones, and another batch size and other lengths reuse the captured graph.
+
+    Through dynamo's "eager" backend (capture, guards, recompiles), not inductor's code generation,
+    which costs 20-50 s on a cold cache here: `benchmarks/hf_decode.py` runs that (its `compiled` side)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(decoding, "COMPILE_BACKEND", "eager")
+
+    compiled = HFGenerator(testbed / "teacher", batch_size=8, compile=True)
+    greedy = SamplingParams(temperature=0, max_new_tokens=120)
+    assert [c[0].token_ids for c in compiled.generate(prompts, greedy)] == [
+        c[0].token_ids for c in teacher.generate(prompts, greedy)
+    ]
+    graphs = counters["stats"]["unique_graphs"]
+    sampled = SamplingParams(n=3, temperature=1.0, max_new_tokens=60, seed=2)
+    assert [[c.token_ids for c in row] for row in compiled.generate(prompts[:2], sampled)] == [
+        [c.token_ids for c in row] for row in teacher.generate(prompts[:2], sampled)
+    ]
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+
+
+def test_compile_is_refused_off_the_hf_backend_and_the_hf_sampler():
+    from reasondistill.generate.backends import BackendOptions
+    from reasondistill.train.on_policy_options import OnPolicyOptions
+
+    assert BackendOptions(compile=True).compile and OnPolicyOptions(compile=True).compile
+    with pytest.raises(ValueError, match="compile: for the hf backend only \\(backend vllm"):
+        BackendOptions(backend="vllm", compile=True)
+    with pytest.raises(ValueError, match="compile: for the hf sampler only"):
+        OnPolicyOptions(sampler="vllm", compile=True)
+
+
+def test_the_kv_buffer_gives_the_dynamic_caches_logits_as_it_grows_and_drops_rows(teacher, prompts):
+    """Written in place, grown past its reserve several times and cut to fewer rows, the buffer
+    gives the logits transformers' own cache gives."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    rows = prompt_ids(teacher.tokenizer, prompts[:3])
+    inputs = teacher.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    model, layers = teacher.model, teacher.model.config.num_hidden_layers
+    caches = [Cache(layers=[KVBuffer(reserve=3) for _ in range(layers)]), DynamicCache(config=model.config)]
+    with torch.inference_mode():
+        logits = []
+        for cache in caches:
+            ids, mask, steps = inputs["input_ids"], inputs["attention_mask"], []
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            for t in range(12):
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+                steps.append(out.logits[:, -1])
+                ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(ids)], 1)
+                positions = positions[:, -1:] + 1
+                if t == 5:  # the middle row leaves
+                    kept = torch.tensor([0, 2])
+                    cache.batch_select_indices(kept)
+                    ids, mask, positions = ids[kept], mask[kept], positions[kept]
+            logits.append(steps)
+    buffer = caches[0].layers[0].key_buffer
+    assert buffer.shape[0] == 2 and buffer.shape[-2] > inputs["input_ids"].shape[1] + 3  # cut, and grown
+    for buffered, dynamic in zip(*logits, strict=True):
+        torch.testing.assert_close(buffered, dynamic, rtol=0, atol=1e-5)
+
+
+def test_samples_depend_on_their_seed_and_prompt_only(testbed, prompts):
+    """A prompt's samples are the same whichever prompts are decoded with it, in whatever batch
+    size (so N processes sample what one does); other seeds give other samples."""
     sampling = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=40, seed=5)
     # the untrained student, whose samples vary (the teacher is sure of nearly every token)
     together = HFGenerator(testbed / "student", batch_size=12)
-    together.seed_rows = True
     seeds = [101, 202, 303, 404, 505, 606]
     batched = [[c.token_ids for c in row] for row in together.generate(prompts, sampling, seeds=seeds)]
     alone = HFGenerator(testbed / "student", batch_size=2)
-    alone.seed_rows = True
     for i in (4, 1):  # in another order, one prompt at a time
         assert [c.token_ids for c in alone.generate([prompts[i]], sampling, seeds=[seeds[i]])[0]] == batched[
             i
@@ -55,20 +140,58 @@ def test_row_seeded_samples_depend_on_their_seed_and_prompt_only(testbed, prompt
     assert all(first != second for first, second in batched)  # a prompt's samples: seeds 101 and 102 …
     other = together.generate(prompts, sampling, seeds=[s + 7 for s in seeds])
     assert all(row != [c.token_ids for c in o] for row, o in zip(batched, other, strict=True))
+    # without seeds, prompt i's samples come from seed 5 + 2i (`prompt_seeds`)
+    unseeded = together.generate(prompts, sampling)
+    assert [[c.token_ids for c in row] for row in unseeded][3] == [
+        c.token_ids for c in alone.generate([prompts[3]], sampling, seeds=[5 + 2 * 3])[0]
+    ]
 
 
-def test_row_seeded_sampling_draws_from_the_warped_softmax():
-    """Gumbel-max over the temperature-scaled logits is a draw from their softmax; top-k keeps the k
-    best tokens only."""
+def test_row_uniforms_are_uniform_and_each_rows_own():
+    """Counter-based: a row's draws do not depend on the rows computed with it, streams and seeds
+    differ, and the values are uniform on [0, 1) (pinned: a change would silently change every trace)."""
+    table = row_uniforms(range(2_000), 50)
+    assert table.shape == (2_000, 50) and table.min() >= 0 and table.max() < 1
+    assert np.array_equal(row_uniforms([7, 1_234], 50)[1], table[1_234])
+    assert row_uniforms([0, 2**40 + 3], 3, stream=2).tolist() == [
+        _splitmix64(s, 3, 2) for s in (0, 2**40 + 3)
+    ]
+    assert not np.array_equal(row_uniforms([5], 50, stream=1), row_uniforms([5], 50))
+    counts = np.histogram(table, bins=10, range=(0, 1))[0] / table.size
+    assert counts == pytest.approx([0.1] * 10, abs=0.005)
+    assert abs(np.corrcoef(table[:, :-1].ravel(), table[:, 1:].ravel())[0, 1]) < 0.01  # step to step
+
+
+def _splitmix64(seed: int, steps: int, stream: int) -> list[float]:
+    """The reference, in Python integers: SplitMix64's next() (state += φ; output mix(state)) from the
+    state mix(seed + stream·φ), each output's top 53 bits as a fraction."""
+    mask, golden = 2**64 - 1, 0x9E3779B97F4A7C15
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    state, outputs = mix((seed + stream * golden) & mask), []
+    for _ in range(steps):
+        state = (state + golden) & mask
+        outputs.append((mix(state) >> 11) * 2.0**-53)
+    return outputs
+
+
+def test_the_token_picker_draws_from_the_warped_softmax():
+    """Inverse CDF at the row's uniform is a draw from the softmax of the temperature-scaled logits;
+    top-k keeps the k best tokens only; a token of probability 0 is never drawn, even at u = 0."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(20_000, 1)
-    processor = RowSeededSampling(range(20_000), SamplingParams(temperature=0.7), torch.device("cpu"))
-    chosen = processor(torch.zeros((20_000, 1), dtype=torch.long), logits.clone())
-    assert bool((chosen.isfinite().sum(dim=1) == 1).all())  # one finite score per row: greedy takes it
-    frequencies = torch.bincount(chosen.argmax(dim=1), minlength=5) / 20_000
+    uniforms = torch.from_numpy(row_uniforms(range(20_000), 1)[:, 0])
+    drawn = TokenPicker(SamplingParams(temperature=0.7))(logits, uniforms)
+    frequencies = torch.bincount(drawn, minlength=5) / 20_000
     assert frequencies.tolist() == pytest.approx(torch.softmax(logits[0] / 0.7, -1).tolist(), abs=0.01)
-    top2 = RowSeededSampling(range(2_000), SamplingParams(temperature=1.0, top_k=2), torch.device("cpu"))
-    drawn = top2(torch.zeros((2_000, 1), dtype=torch.long), logits[:2_000].clone()).argmax(dim=1)
-    assert set(drawn.tolist()) == {0, 1}
+    top2 = TokenPicker(SamplingParams(temperature=1.0, top_k=2))(logits[:2_000], uniforms[:2_000])
+    assert set(top2.tolist()) == {0, 1}
+    masked = torch.tensor([[float("-inf"), 0.0, float("-inf"), 0.0]] * 3)
+    edges = TokenPicker(SamplingParams(temperature=1.0))(masked, torch.tensor([0.0, 0.5, 1 - 2**-53]))
+    assert edges.tolist() == [1, 3, 3]
 
 
 def test_the_model_runs_in_the_dtype_and_attention_kernel_asked_for(testbed, teacher, prompts):

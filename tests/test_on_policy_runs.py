@@ -162,6 +162,38 @@ def test_samples_come_from_the_current_weights(bench, monkeypatch):
     assert first.keys() == last.keys() and first != last
 
 
+def test_a_served_teacher_behind_two_servers_teaches_what_one_server_does(bench, testbed):
+    """The served teacher scores the samples through the multi-server client (as `score` does): with
+    its requests spread over two servers the student ends with the weights one server gives."""
+    examples = bench["examples"][:8]
+    weights = []
+    with (
+        serve_in_thread(testbed / "teacher", served_name="teacher") as first,
+        serve_in_thread(testbed / "teacher", served_name="teacher") as second,
+    ):
+        for name, urls in (("one", [first.base_url]), ("two", [first.base_url, second.base_url])):
+            scorer = OpenAIGenerator(
+                "teacher", urls, endpoint="completions", tokenizer=str(testbed / "teacher")
+            )
+            teachers = Teachers()
+            teachers.scorer, teachers.scorer_top_k = scorer, 20
+            output = bench["root"] / f"served-{name}"
+            train_model(
+                bench["student"],
+                examples,
+                output,
+                hyperparameters("forward_kl", {}, 3e-4, 8, 2, examples),
+                teachers=teachers,
+                on_policy=OnPolicyOptions(**SAMPLING),
+                description=f"served by {name}",
+            )
+            asked = {url: counts["requests"] for url, counts in scorer.usage.servers.items()}
+            assert len(asked) == len(urls) and all(asked.values()), asked
+            scorer.close()
+            weights.append(AutoModelForCausalLM.from_pretrained(output).state_dict())
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_reverse_kl_against_itself_leaves_the_student_unchanged(bench):
     """teacher == student: the reverse-KL advantage is 0 on every token, so no weight moves."""
     examples = bench["examples"][:8]

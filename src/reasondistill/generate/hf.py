@@ -1,47 +1,29 @@
-"""The `hf` backend: a local transformers model; batched, left-padded, KV-cached `model.generate`.
+"""The `hf` backend: a local transformers model, decoded in batches by `decoding.decode` (a KV
+cache written in place, finished rows leaving the batch, each sequence sampled from its own seeded
+stream).
+
+Seeds: sample j of prompt i is drawn from seed seeds[i] + j (`prompt_seeds`, as the openai and vllm
+backends seed a request), so a prompt's completions depend on its seed, the prompt and the model
+only: not on the prompts decoded with it, the batch size or the process. Before 2026-12-07 this
+backend sampled through `model.generate`, one random stream per call; traces sampled then are not
+reproduced by the same seed now.
 
 Logprobs come from one teacher-forced forward pass over prompt + completion after decoding, so they
 are the model's own distribution (temperature 1, no top-k/top-p filter), as vLLM's raw logprobs are,
 and the [T, V] logits are projected in chunks of positions instead of being kept for every step
 (`scoring.teacher_forced`).
-
-Seeds: `model.generate` samples a whole batch with one draw from torch's global random stream per
-step, so rows cannot be seeded one by one. A call seeds that stream once with `sampling.seed` and
-its batches follow one another: the same call (same prompts, order and batch size) gives the same
-completions, but a prompt's completions depend on the prompts sent with it, and per-prompt `seeds`
-are not used. (Sharded `generate` jobs stay exact on resumption all the same: this backend has no
-per-row failures, so an unfinished shard is always redone whole.)
-
-With `seed_rows` (the on-policy sampler, whose prompts are split over the processes of a job) each
-sequence instead draws from its own stream, seeded as the openai and vllm backends seed a request
-(`prompt_seeds`: sample j of prompt i from seeds[i] + j), by Gumbel-max (`RowSeededSampling`): a
-prompt's completions then do not depend on the prompts decoded with it. The generate stage keeps
-the one-stream sampling for now: every trace it has made, and the numbers measured on them, would
-change.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StopStringCriteria
 
 from ..models import load_causal_lm, load_tokenizer, loading_kwargs, sampling_defaults
 from .base import (
@@ -54,54 +36,15 @@ from .base import (
     notify_each,
     prompt_seeds,
 )
+from .decoding import Chooser, TokenPicker, compiled_steps, decode, row_uniforms
 from .logprobs import TokenLogprobs, from_logits
 from .scoring import teacher_forced
 
 log = logging.getLogger(__name__)
 
 
-class RealTokensOnly(LogitsProcessor):
-    """Head rows beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936 or 152,064 rows) are
-    never sampled: they are not tokens, and a trained model gives them next to nothing anyway."""
-
-    def __init__(self, tokens: int):
-        self.tokens = tokens
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores[:, self.tokens :] = float("-inf")
-        return scores
-
-
-class RowSeededSampling(LogitsProcessor):
-    """Draws each row's next token from that row's own random stream (Gumbel-max over the warped
-    logits: argmax(logits + G), G ~ Gumbel(0, 1), is a draw from their softmax), and leaves it the
-    only finite score, so that greedy decoding takes it.
-
-    A row's t-th token uses the t-th draw of its stream whatever else is in the batch, so its
-    completion depends on its seed, prompt and the model alone."""
-
-    def __init__(self, seeds: Sequence[int], sampling: SamplingParams, device: torch.device):
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        warpers = [TemperatureLogitsWarper(sampling.temperature)]
-        if sampling.top_k:
-            warpers.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1:
-            warpers.append(TopPLogitsWarper(sampling.top_p))
-        self.warpers = LogitsProcessorList(warpers)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = self.warpers(input_ids, scores).float()
-        uniform = torch.stack(
-            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
-        )
-        gumbel = -torch.log(-torch.log(uniform.clamp(torch.finfo(uniform.dtype).tiny, 1.0)))
-        chosen = (scores + gumbel).argmax(dim=-1, keepdim=True)
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
-
-
 class HFGenerator(TokenIdGenerator):
     backend = "hf"
-    seed_rows = False  # True: each sequence samples from its own seeded stream (see the module docstring)
 
     def __init__(
         self,
@@ -111,31 +54,45 @@ class HFGenerator(TokenIdGenerator):
         device: str | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = None,
+        compile: bool = False,
     ):
         """`batch_size` counts sequences (prompts × n) decoded or scored together; `dtype` and
-        `attn_implementation` as `models.ModelLoading` describes them."""
+        `attn_implementation` as `models.ModelLoading` describes them; `compile`: decoding steps
+        through `torch.compile` (`decoding.compiled_steps`)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, **loading_kwargs(dtype, attn_implementation, device))
-        self._attach(str(path), model.to(device).eval(), tokenizer, batch_size)
+        self._attach(str(path), model.to(device).eval(), tokenizer, batch_size, compile)
 
     @classmethod
     def around(
-        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 64,
+        compile: bool = False,
     ) -> HFGenerator:
         """A generator over a model in memory: the student being trained samples its rollouts through it."""
         generator = cls.__new__(cls)
         # a copy: left padding for decoding must not leak into the trainer's tokenizer
-        generator._attach(model.config.name_or_path, model, copy.deepcopy(tokenizer), batch_size)
+        generator._attach(model.config.name_or_path, model, copy.deepcopy(tokenizer), batch_size, compile)
         return generator
 
-    def _attach(self, path: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int):
+    def _attach(
+        self,
+        path: str,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        compile: bool,
+    ):
         self.path, self.model, self.tokenizer, self.batch_size = path, model, tokenizer, batch_size
+        self.compile, self._compiled = compile, None
         self.tokenizer.padding_side = "left"
         self.usage = Usage()
-        # transformers fills every option a generate() call leaves unset from the model's own
-        # generation_config.json (a repetition penalty, top-k, min-p …): a clean config stands in for it
-        # while this backend decodes, so the step's sampling options are all that is used
+        # `model.generate` would fill every option a call leaves unset from the model's own
+        # generation_config.json (a repetition penalty, top-k, min-p …); this backend decodes with the
+        # step's sampling options only (`decoding`), and says which of the model's it leaves out
         self.not_applied = sampling_defaults(model.generation_config)
         if self.not_applied:
             log.warning(
@@ -143,21 +100,9 @@ class HFGenerator(TokenIdGenerator):
                 path,
                 ", ".join(f"{k}={v}" for k, v in self.not_applied.items()),
             )
-        padded = model.get_output_embeddings().weight.shape[0] > len(tokenizer)
-        self._logits_processors = LogitsProcessorList([RealTokensOnly(len(tokenizer))] if padded else [])
-        self._clean_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-
-    @contextlib.contextmanager
-    def _own_settings_only(self) -> Iterator[None]:
-        own, self.model.generation_config = self.model.generation_config, self._clean_config
-        try:
-            yield
-        finally:
-            self.model.generation_config = own
+        # head rows beyond the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936 or 152,064 rows) are
+        # not tokens: never sampled
+        self.vocab_size = len(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -188,61 +133,74 @@ class HFGenerator(TokenIdGenerator):
         progress: ProgressCallback | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """Completions of prompts given as token ids (the chat template already applied). `seeds`
-        (one per prompt) are used with `seed_rows` only (see the module docstring)."""
-        torch.manual_seed(sampling.seed)
-        row_seeds = prompt_seeds(sampling, len(prompts), seeds) if self.seed_rows else None
+        """Completions of prompts given as token ids (the chat template already applied); prompt i's
+        samples are drawn from seeds[i], seeds[i] + 1, … (`prompt_seeds`)."""
+        prompt_seeds_ = prompt_seeds(sampling, len(prompts), seeds)
         prompts_per_batch = max(1, self.batch_size // sampling.n)
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), prompts_per_batch):
             batch = prompts[start : start + prompts_per_batch]
-            batch_seeds = None if row_seeds is None else row_seeds[start : start + prompts_per_batch]
-            results.extend(self._generate_batch(batch, sampling, batch_seeds))
+            results.extend(
+                self._generate_batch(batch, sampling, prompt_seeds_[start : start + prompts_per_batch])
+            )
             if progress:
                 progress(len(batch) * sampling.n)
         return results
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int] | None = None
+        self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int]
     ) -> list[list[Completion]]:
         owners = [prompt for prompt in prompts for _ in range(sampling.n)]  # the prompt of each sequence
-        row_seeded = seeds is not None and not sampling.greedy
-        # seeded rows are decoded as given (each prompt already n times), their tokens drawn by the processor
-        padded = self.tokenizer.pad(
-            {"input_ids": owners if row_seeded else list(prompts)}, return_tensors="pt"
+        uniforms = self._uniforms(seeds, sampling)
+        pick = TokenPicker(sampling)
+        tokens = self._decode(
+            [self], owners, sampling, lambda logits, live, t: pick.at(logits[0], uniforms, live, t)
         )
-        inputs = padded.to(self.device)
-        processors, sampling_kwargs = self._logits_processors, {"do_sample": False}
-        if row_seeded:  # prompt i's j-th sequence from seeds[i] + j
-            rows = [seed + j for seed in seeds for j in range(sampling.n)]
-            processors = LogitsProcessorList([*processors, RowSeededSampling(rows, sampling, self.device)])
-        elif not sampling.greedy:
-            sampling_kwargs = {
-                "do_sample": True,
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "top_k": sampling.top_k,
-                "num_return_sequences": sampling.n,
-            }
-        stop_kwargs = (
-            {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}
-        )
-        with self._own_settings_only():
-            output = self.model.generate(
-                **inputs,
-                logits_processor=processors,
-                max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **sampling_kwargs,
-                **stop_kwargs,
-            )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         completions = [
-            self._completion(ids, len(p), sampling.stop) for ids, p in zip(new_tokens, owners, strict=True)
+            self._completion(ids, len(p), sampling.stop) for ids, p in zip(tokens, owners, strict=True)
         ]
         return self._finish_batch(owners, completions, sampling)
+
+    def _uniforms(
+        self, seeds: Sequence[int], sampling: SamplingParams, stream: int = 0
+    ) -> torch.Tensor | None:
+        """[sequences, max_new_tokens] uniforms of prompt i's j-th sequence from seeds[i] + j (None: greedy)."""
+        if sampling.greedy:
+            return None
+        rows = [seed + j for seed in seeds for j in range(sampling.n)]
+        return torch.from_numpy(row_uniforms(rows, sampling.max_new_tokens, stream)).to(self.device)
+
+    def _decode(
+        self,
+        generators: Sequence[HFGenerator],
+        rows: Sequence[list[int]],
+        sampling: SamplingParams,
+        choose: Chooser,
+    ) -> list[list[int]]:
+        """The new tokens of each row (`decoding.decode`) from the generators' models read together,
+        the logits cut to the tokenizer's tokens."""
+        inputs = self.tokenizer.pad({"input_ids": list(rows)}, return_tensors="pt").to(self.device)
+        vocab = self.vocab_size
+        return decode(
+            [g.model for g in generators],
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            lambda logits, live, t: choose([each[:, :vocab] for each in logits], live, t),
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop=StopStringCriteria(self.tokenizer, list(sampling.stop)) if sampling.stop else None,
+            step_forwards=[g._step_forward() for g in generators],
+        )
+
+    def _step_forward(self) -> Callable | None:
+        """The compiled forward of the current model with `compile` (compiled once per model object)."""
+        if not self.compile:
+            return None
+        if self._compiled is None or self._compiled[0] is not self.model:
+            self._compiled = (self.model, compiled_steps(self.model))
+        return self._compiled[1]
 
     def _finish_batch(
         self, prompts: Sequence[list[int]], completions: list[Completion], sampling: SamplingParams

@@ -223,8 +223,7 @@ class StepBatches:
             completions = self._vllm_sampler(model).generate_ids(prompts, sampling, seeds=seeds)
         else:
             if self.sampler is None:
-                self.sampler = HFGenerator.around(model, self.tokenizer)
-                self.sampler.seed_rows = True
+                self.sampler = HFGenerator.around(model, self.tokenizer, compile=self.options.compile)
             self.sampler.model = model
             self.sampler.batch_size = len(prompts) * sampling.n  # the whole step in one generate call
             was_training = model.training
