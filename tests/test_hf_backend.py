@@ -8,8 +8,8 @@ import torch
 
 from reasondistill.chat import completion_ids, prompt_ids
 from reasondistill.cli import main
-from reasondistill.generate.base import SamplingParams
 from reasondistill.generate import decoding
+from reasondistill.generate.base import SamplingParams
 from reasondistill.generate.decoding import KVBuffer, TokenPicker, row_uniforms
 from reasondistill.generate.hf import HFGenerator
 from reasondistill.generate.logprobs import read_logprobs
