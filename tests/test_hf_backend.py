@@ -108,7 +108,7 @@ def test_the_kv_buffer_gives_the_dynamic_caches_logits_as_it_grows_and_drops_row
             ids, mask, steps = inputs["input_ids"], inputs["attention_mask"], []
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             for t in range(12):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
                 steps.append(out.logits[:, -1])
                 ids = out.logits[:, -1].argmax(-1, keepdim=True)
                 mask = torch.cat([mask, torch.ones_like(ids)], 1)

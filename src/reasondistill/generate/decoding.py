@@ -81,8 +81,8 @@ def warpers(sampling: SamplingParams) -> LogitsProcessorList:
 class TokenPicker:
     """Next tokens from logits [rows, V]: the argmax when greedy, else a draw from the softmax of the
     warped logits by inverse CDF at each row's uniform u: the first token whose cumulative
-    probability exceeds u · total. The CDF is summed in float64 (as `torch.multinomial` does on a CPU),
-    so a token's chance is its probability to ~1e-16, however large the vocabulary."""
+    probability exceeds u · total. The CDF is summed in float64, so the sum adds no error to the float32
+    probabilities however large the vocabulary, and a token of probability 0 is never drawn."""
 
     def __init__(self, sampling: SamplingParams):
         self.greedy = sampling.greedy
@@ -108,9 +108,9 @@ class TokenPicker:
 
 class KVBuffer(DynamicLayer):
     """A full-attention layer's keys and values in a buffer written in place: `update` copies the new
-    tokens only and returns views of the filled part; the buffer doubles when full (amortised O(1)
-    per token) and starts at the prompt plus `reserve` tokens, so memory follows the longest row
-    still decoding, as a `DynamicLayer`'s does, not `max_new_tokens`."""
+    tokens only and returns views of the filled part; the buffer starts at the prompt plus `reserve`
+    tokens and doubles when full (amortised O(1) per token), so memory follows the length decoded so
+    far (at most twice it), as a `DynamicLayer`'s does, not `max_new_tokens`."""
 
     def __init__(self, reserve: int = 256):
         super().__init__()
@@ -152,7 +152,7 @@ class KVBuffer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.key_buffer is not None:  # a copy of the rows kept, at the filled length
+        if self.key_buffer is not None:  # a copy of the rows kept, up to the filled length + reserve
             self.key_buffer = self.key_buffer[indices, :, : self.length + self.reserve]
             self.value_buffer = self.value_buffer[indices, :, : self.length + self.reserve]
             self._view()
@@ -167,7 +167,8 @@ class KVBuffer(DynamicLayer):
 
 def new_cache(model: PreTrainedModel) -> Cache:
     """`KVBuffer`s when every layer is plain full attention (the usual decoder), else the model's own
-    `DynamicCache` (sliding windows, linear attention …), whose rows can be dropped the same way."""
+    `DynamicCache` (sliding windows, linear attention …), from which `Decoder` drops rows where its
+    layers allow."""
     cache = DynamicCache(config=model.config)
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
         return Cache(layers=[KVBuffer() for _ in cache.layers])

@@ -135,16 +135,14 @@ class HFGenerator(TokenIdGenerator):
     ) -> list[list[Completion]]:
         """Completions of prompts given as token ids (the chat template already applied); prompt i's
         samples are drawn from seeds[i], seeds[i] + 1, … (`prompt_seeds`)."""
-        prompt_seeds_ = prompt_seeds(sampling, len(prompts), seeds)
+        seeds = prompt_seeds(sampling, len(prompts), seeds)
         prompts_per_batch = max(1, self.batch_size // sampling.n)
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), prompts_per_batch):
-            batch = prompts[start : start + prompts_per_batch]
-            results.extend(
-                self._generate_batch(batch, sampling, prompt_seeds_[start : start + prompts_per_batch])
-            )
+            batch = slice(start, start + prompts_per_batch)
+            results.extend(self._generate_batch(prompts[batch], sampling, seeds[batch]))
             if progress:
-                progress(len(batch) * sampling.n)
+                progress(len(prompts[batch]) * sampling.n)
         return results
 
     @torch.inference_mode()

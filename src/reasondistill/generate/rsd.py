@@ -74,13 +74,10 @@ class StudentGatedGenerator(HFGenerator):
         self, prompts: Sequence[list[int]], sampling: SamplingParams, seeds: Sequence[int]
     ) -> list[list[GatedCompletion]]:
         rows = [prompt for prompt in prompts for _ in range(sampling.n)]  # as num_return_sequences
+        # the teacher proposes from each row's stream 0, as the hf backend samples; the student from stream 1
         uniforms = self._uniforms(seeds, sampling), self._uniforms(seeds, sampling, stream=1)
-        gate = _Gate(
-            self.threshold,
-            sampling,
-            torch.zeros(len(rows), sampling.max_new_tokens, dtype=torch.bool, device=self.device),
-            *uniforms,
-        )
+        rejected = torch.zeros(len(rows), sampling.max_new_tokens, dtype=torch.bool, device=self.device)
+        gate = _Gate(self.threshold, sampling, rejected, *uniforms)
         tokens = self._decode([self, self.student], rows, sampling, gate)
         completions = []
         for prompt, ids, flags in zip(rows, tokens, gate.rejected.tolist(), strict=True):
