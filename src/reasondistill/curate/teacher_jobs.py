@@ -28,7 +28,7 @@ from ..generate.base import (
     row_seed,
 )
 from ..generate.sampling import SamplingOptions
-from ..generate.shards import RowCodec, ShardedJob, ShardIndex, finish_sharded_step, shard_seed
+from ..generate.shards import RowCodec, ShardedJob, ShardIndex, finish_sharded_step
 from ..modelref import ResolvedModel, resolve_model, trained_in_run
 from ..records import Message, Problem, Trace, read_records, write_records
 from ..rundir import RunDir
@@ -88,7 +88,7 @@ def run_teacher_job(
         raise UserError(f"{step_key}: two rows share a (problem_id, sample_idx); each row needs its own")
 
     def process(generator: Generator, shard: int, batch: Sequence[PromptRow], progress, on_result) -> list:
-        sampling = cfg.sampling(1, cfg.temperature, shard_seed(cfg.seed, shard))
+        sampling = cfg.sampling(1, cfg.temperature, cfg.seed)
         seeds = [row_seed(cfg.seed, r.problem.id, r.sample_idx) for r in batch]  # a rerun redraws the same
         replies = generator.generate(
             [r.messages for r in batch], sampling, progress, seeds=seeds, on_result=on_result

@@ -207,8 +207,8 @@ class Generator(ABC):
     ) -> list[list[Completion | Failure]]:
         """`sampling.n` completions (or failures) for each chat prompt, in prompt order.
 
-        `seeds`: one per prompt (see `prompt_seeds`), for backends that seed each request (openai,
-        vllm); the hf backend samples a call from one random stream seeded by `sampling.seed`."""
+        `seeds`: one per prompt (see `prompt_seeds`); every backend seeds each sequence alone (a
+        hosted API may ignore seeds)."""
 
     def score(
         self,

@@ -34,7 +34,6 @@ from pydantic import Field, model_validator
 from ..config import StageConfig
 from ..errors import UserError
 from ..records import atomic_write_json
-from ..rundir import fingerprint
 from ..ui import note, progress_bar
 from .base import Failure, Generator, ProgressCallback, ResultCallback, Usage
 
@@ -503,7 +502,3 @@ def finish_sharded_step(key: str, index: ShardIndex, allow_failures: bool) -> No
     if not allow_failures:
         raise UserError(f"{message}; rerun the same command to retry them, or set allow_failures")
     note(f"[yellow]warning:[/] {message}; kept out of the output (allow_failures)")
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    return int(fingerprint([seed, shard]), 16) % 2**31

@@ -41,7 +41,6 @@ from ..generate.shards import (
     WorkerOptions,
     finish_sharded_step,
     run_as_worker,
-    shard_seed,
     usage_stats,
     usage_totals,
 )
@@ -133,8 +132,8 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
     rows: list[Sample] = [(p, j) for p in problems for j in range(cfg.n)]
 
     def process(generator: Generator, shard: int, samples, progress, on_result) -> list:
-        # the shard's seed drives the hf backend's one random stream; the others seed every row alone
-        sampling = _row_sampling(cfg, shard_seed(cfg.seed, shard))
+        # every backend seeds each row alone, so a row's completion depends on neither its shard nor its batch
+        sampling = _row_sampling(cfg, cfg.seed)
         seeds = [row_seed(cfg.seed, p.id, j) for p, j in samples]
         results = generator.generate(
             [p.messages for p, _ in samples], sampling, progress, seeds=seeds, on_result=on_result
