@@ -56,6 +56,22 @@ def test_greedy_completions_equal_model_generate_token_for_token(testbed, teache
         assert completion.token_ids == (ids[: ids.index(eos) + 1] if eos in ids else ids)
 
 
+def test_rows_leave_the_batch_at_the_step_they_end(teacher, prompts):
+    """After the prefill of every row, step t runs only the rows whose completion is longer than t
+    tokens: an ended row is not decoded further (`model.generate` would run it to the batch's end)."""
+    sizes = []
+    hook = teacher.model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        completions = teacher.generate(prompts, SamplingParams(temperature=0, max_new_tokens=120))
+    finally:
+        hook.remove()
+    lengths = [c[0].completion_tokens for c in completions]
+    assert len(set(lengths)) > 1
+    assert sizes == [len(prompts)] + [sum(n > t for n in lengths) for t in range(1, max(lengths))]
+
+
 def test_compiled_decoding_steps_give_the_eager_tokens_and_compile_once(
     testbed, teacher, prompts, monkeypatch
 ):
