@@ -249,14 +249,15 @@ def decode(
     forwards = step_forwards or [None] * len(models)
     decoders = [Decoder(model, forward) for model, forward in zip(models, forwards, strict=True)]
     droppable = all(d.droppable for d in decoders)
-    # the attention mask and the sequences (for stop strings) of the rows still live, at full length
+    # the attention mask and the sequences (for stop strings) of the batch's rows, at full length
     mask = torch.zeros(rows, prompt_length + max_new_tokens, dtype=attention.dtype, device=device)
     mask[:, :prompt_length] = attention
     sequences = torch.cat([input_ids, input_ids.new_full((rows, max_new_tokens), pad_token_id)], 1)
     new = input_ids.new_full((rows, max_new_tokens), pad_token_id)
     lengths = [max_new_tokens] * rows
     live = torch.arange(rows, device=device)
-    open_rows = torch.ones(rows, dtype=torch.bool, device=device)  # live rows not yet ended (undropped)
+    # the batch's rows that have not ended (an ended row stays in it only if a cache cannot drop rows)
+    open_rows = torch.ones(rows, dtype=torch.bool, device=device)
     # left padding: real tokens at positions 0, 1, …; pads get 0 and are masked out anyway
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     step_ids = input_ids
