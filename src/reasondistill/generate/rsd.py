@@ -119,9 +119,7 @@ class _Gate:
         if not rejected.any():
             return proposal
         replaced = live[rejected]
-        own = self.pick(
-            student[rejected], None if self.replacements is None else self.replacements[replaced, t]
-        )
+        own = self.pick.at(student[rejected], self.replacements, replaced, t)
         return proposal.masked_scatter(rejected, own)
 
 
