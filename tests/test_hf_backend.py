@@ -138,6 +138,10 @@ def test_the_kv_buffer_gives_the_dynamic_caches_logits_as_it_grows_and_drops_row
     assert buffer.shape[0] == 2 and buffer.shape[-2] > inputs["input_ids"].shape[1] + 3  # cut, and grown
     for buffered, dynamic in zip(*logits, strict=True):
         torch.testing.assert_close(buffered, dynamic, rtol=0, atol=1e-5)
+    caches[0].crop(-2)  # forgets the last 2 tokens, as the dynamic cache does
+    caches[1].crop(-2)
+    assert caches[0].layers[0].keys.shape == caches[1].layers[0].keys.shape
+    assert caches[0].get_seq_length() == caches[1].get_seq_length()
 
 
 def test_samples_depend_on_their_seed_and_prompt_only(testbed, prompts):

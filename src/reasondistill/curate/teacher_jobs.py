@@ -87,8 +87,9 @@ def run_teacher_job(
     if len({row.key for row in rows}) != len(rows):
         raise UserError(f"{step_key}: two rows share a (problem_id, sample_idx); each row needs its own")
 
+    sampling = cfg.sampling(1, cfg.temperature, cfg.seed)  # each row is seeded alone (`row_seed`)
+
     def process(generator: Generator, shard: int, batch: Sequence[PromptRow], progress, on_result) -> list:
-        sampling = cfg.sampling(1, cfg.temperature, cfg.seed)
         seeds = [row_seed(cfg.seed, r.problem.id, r.sample_idx) for r in batch]  # a rerun redraws the same
         replies = generator.generate(
             [r.messages for r in batch], sampling, progress, seeds=seeds, on_result=on_result

@@ -158,7 +158,12 @@ class KVBuffer(DynamicLayer):
             self._view()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("KVBuffer caches are decoded forward only")
+        """Forget the last |tokens_to_remove| tokens (a negative count, as `DynamicLayer.crop` takes)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.key_buffer is not None:
+            self._view()
 
     def reset(self) -> None:
         self.key_buffer = self.value_buffer = self.keys = self.values = None

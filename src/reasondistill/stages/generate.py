@@ -131,9 +131,10 @@ def run_generate(cfg: GenerateConfig, run: RunDir, overwrite: bool) -> None:
     out = run.traces(name)
     rows: list[Sample] = [(p, j) for p in problems for j in range(cfg.n)]
 
+    # every backend seeds each row alone, so a row's completion depends on neither its shard nor its batch
+    sampling = _row_sampling(cfg)
+
     def process(generator: Generator, shard: int, samples, progress, on_result) -> list:
-        # every backend seeds each row alone, so a row's completion depends on neither its shard nor its batch
-        sampling = _row_sampling(cfg, cfg.seed)
         seeds = [row_seed(cfg.seed, p.id, j) for p, j in samples]
         results = generator.generate(
             [p.messages for p, _ in samples], sampling, progress, seeds=seeds, on_result=on_result
@@ -230,10 +231,10 @@ def warn_cut(step: str, cut: int, traces: int, max_new_tokens: int) -> None:
         )  # fmt: skip
 
 
-def _row_sampling(cfg: GenerateConfig, seed: int) -> SamplingParams:
-    """One completion per row: rows of the same problem differ by their place in the batch."""
+def _row_sampling(cfg: GenerateConfig) -> SamplingParams:
+    """One completion per row: rows of the same problem differ by their row seeds (`row_seed`)."""
     return replace(
-        cfg.sampling(1, cfg.temperature, seed), logprobs=cfg.logprobs, top_logprobs=cfg.top_logprobs
+        cfg.sampling(1, cfg.temperature, cfg.seed), logprobs=cfg.logprobs, top_logprobs=cfg.top_logprobs
     )
 
 
