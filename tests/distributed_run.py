@@ -133,6 +133,8 @@ def main() -> None:
         runs[name] = train(out_dir, name, objective, int(batch), int(accumulation))
     rank = int(os.environ.get("RANK", 0))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(runs))
+    if torch.distributed.is_initialized():  # before interpreter shutdown, where gloo's threads may abort
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

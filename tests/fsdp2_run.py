@@ -9,7 +9,6 @@ parameter's gradient relative to that parameter's largest gradient.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -104,16 +103,14 @@ def run(case: str, rank: int, world: int) -> float:
 
 def run_cases(run_case) -> None:
     """`run_case(case, rank, world)` for every case, its results written to OUT_DIR/rank<R>.json; then
-    the process leaves (the process group already made)."""
+    the process group (already made) is destroyed."""
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {case: run_case(case, rank, world) for case in CASES}
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(results))
-    # Both processes are done; leave without tearing the process group down: its gloo threads
-    # sometimes abort the interpreter's exit ("terminate called without an active exception",
-    # SIGABRT), which would fail a run whose results are written.
-    dist.barrier()
-    os._exit(0)
+    # Left to interpreter shutdown, gloo's threads sometimes abort the exit ("terminate called without
+    # an active exception", SIGABRT), which would fail a run whose results are written.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import click
 from pydantic import AliasChoices, BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from . import processes
 from .errors import UserError, describe_validation_error
 from .stages import Stage, all_stages
 from .ui import console
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         console.print("interrupted; rerun the same command to continue where it stopped")
         sys.exit(130)
+    processes.finish()
 
 
 if __name__ == "__main__":

@@ -104,6 +104,23 @@ def _share_outcome(failure: str | None, what: str) -> None:
         raise UserError(f"{what} failed on process 0 ({outcome[0]}); this process {rank()} stops too")
 
 
+def finish() -> None:
+    """The last act of a job that ended well: its process groups are destroyed while the
+    interpreter is still whole (no-op for a job of one).
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the Python objects they hold,
+    and the process aborts (SIGABRT, "terminate called without an active exception") after its
+    work is done, failing the launch. Not called on failure: the launcher stops the processes, and
+    tearing down a group that another process still uses could hang."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()  # every group, the waiting one included
+    _waiting_group.cache_clear()
+
+
 def cpu_processes() -> bool:
     """Several processes and no accelerator: accelerate must be told to join them on CPU (gloo),
     or each would train alone."""
