@@ -11,7 +11,7 @@ size and thread count, in one process.
   run on every batch, as TRL does: the like-for-like comparison (target: at least 1.3x TRL).
 * reasondistill, offline top-k store — the same, but the teacher's top-k log-probabilities
   (k = `--top-k`) and tail mass are computed once before timing with the scoring stage's own
-  functions (`from_logits`, `sparse_teacher_rows`) and arrive with each batch from
+  functions (`from_logits`, `write_teacher_rows`) and arrive with each batch from
   `CompletionCollator`: no teacher runs during training. Not like for like: it skips the teacher's
   forward pass, which TRL cannot do (the scoring happens once, outside the timed steps).
 * TRL — `GKDTrainer` (trl.experimental.gkd) at λ = 0 (no on-policy generation) and β = 0 (forward
@@ -58,7 +58,8 @@ from reasondistill.records import TrainingExample
 from reasondistill.tasks import TASKS
 from reasondistill.testbed.models import STUDENT_SHAPE, TEACHER_SHAPE, ModelShape, _model_config
 from reasondistill.testbed.tokenizer import build_tokenizer
-from reasondistill.train.data import CompletionCollator, sparse_teacher_rows, tokenize_examples
+from reasondistill.train.data import CompletionCollator, tokenize_examples
+from reasondistill.train.stored_teacher import StoredTeacher, TeacherRows, write_teacher_rows
 from reasondistill.train.trainer import DistillationTrainer
 
 BASELINE = "TRL GKDTrainer λ=0, online teacher"
@@ -92,16 +93,18 @@ def training_examples(count: int) -> list[TrainingExample]:
 
 
 @torch.no_grad()
-def score(teacher, examples, tokenized, k: int, vocab: int):
+def score(teacher, examples, tokenized, k: int, vocab: int, path: Path) -> TeacherRows:
     """The offline store: the teacher's top-k per completion token over the tokenizer's `vocab` tokens
-    (not padded head rows), as `score` writes it, aligned to the rows."""
+    (not padded head rows), as `score` writes it, laid out for the rows in the file `path` as the
+    train stage lays it out."""
     store = {}
     for example, tokens in zip(examples, tokenized, strict=True):
         start = next(j for j, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
         ids = torch.tensor(tokens.input_ids)
         logits = teacher(input_ids=ids[None]).logits[0, start - 1 : -1, :vocab]
         store[(example.problem_id, 0)] = from_logits(logits, ids[start:], k)
-    return sparse_teacher_rows(examples, tokenized, store, "benchmark store")
+    write_teacher_rows(examples, tokenized, StoredTeacher.from_rows(store, "benchmark store"), path)
+    return TeacherRows(path)
 
 
 def shared_arguments(args: argparse.Namespace, output_dir: str) -> dict:
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         examples = training_examples((args.warmup + args.steps) * args.batch_size)
         tokenized = tokenize_examples(tokenizer, examples, max_length=1024)
         started = time.perf_counter()
-        rows = score(teacher, examples, tokenized, args.top_k, len(tokenizer))
+        rows = score(teacher, examples, tokenized, args.top_k, len(tokenizer), Path(tmp) / "rows.arrow")
         scoring = time.perf_counter() - started
         parameters = {
             name: sum(p.numel() for p in model.parameters())

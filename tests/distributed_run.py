@@ -134,6 +134,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(runs))
     if torch.distributed.is_initialized():  # before interpreter shutdown, where gloo's threads may abort
+        torch.distributed.barrier()  # no process tears down a connection another is still using
         torch.distributed.destroy_process_group()
 
 

@@ -110,6 +110,7 @@ def run_cases(run_case) -> None:
     (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(results))
     # Left to interpreter shutdown, gloo's threads sometimes abort the exit ("terminate called without
     # an active exception", SIGABRT), which would fail a run whose results are written.
+    dist.barrier()  # no process tears down a connection another is still using
     dist.destroy_process_group()
 
 

@@ -291,3 +291,15 @@ def test_packing_benchmark_compares_padded_and_packed_batches(capsys):
     assert set(rows) == {"padded, random", "padded, sorted within step", "packed"}
     assert rows["packed"][1] == "0.0%" and float(rows["padded, random"][1].rstrip("%")) > 0
     assert len({row[-1] for row in rows.values()}) == 1  # the same training loss every way
+
+
+def test_stored_teacher_memory_benchmark_runs_both_ways(capsys):
+    """benchmarks/stored_teacher_memory.py --quick: both ways lay out and read every row, each in a
+    process of its own, and report their memory and times."""
+    benchmark, out = run_quick("stored_teacher_memory", capsys)
+    rows = {}
+    for label in (benchmark.OURS, benchmark.BASELINE):
+        (line,) = [line for line in out.splitlines() if line.startswith(label)]
+        rows[label] = [float(value) for value in line[len(label) :].split()]
+    assert all(len(row) == 4 and row[2] > 0 for row in rows.values()), out
+    assert "private memory:" in out

@@ -102,3 +102,4 @@ def test_training_data_other_than_the_scored_traces_is_one_clear_error(run, caps
         "changed since scoring)"
     )
     assert not run.checkpoint("answer-only-kd").exists()
+    assert not any(p.name.startswith(".answer-only-kd") for p in run.checkpoint("x").parent.iterdir())

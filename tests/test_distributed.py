@@ -199,7 +199,9 @@ def test_the_train_stage_on_two_processes_writes_once_and_trains_as_one(testbed,
     proxy = manifests["two"]["steps"]["select_teacher:pick"]["stats"]
     assert proxy == manifests["one"]["steps"]["select_teacher:pick"]["stats"]
     checkpoints = tmp_path / "two" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(TRAINED)  # no .work, .tokens, .final
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(
+        TRAINED
+    )  # no .work, .tokens, .teacher, .final
     for name in TRAINED:
         stats = {run: manifests[run]["steps"][f"train:{name}"]["stats"] for run in recipes}
         assert stats["one"]["processes"] == 1 and stats["two"]["processes"] == 2, name

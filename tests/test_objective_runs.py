@@ -23,6 +23,7 @@ from reasondistill.objectives import OBJECTIVES, make_objective
 from reasondistill.records import PairExample, TrainingExample
 from reasondistill.tasks import TASKS
 from reasondistill.train.hyperparameters import Hyperparameters
+from reasondistill.train.stored_teacher import StoredTeacher
 from reasondistill.train.trainer import Teachers, train_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.training_sensitive]
@@ -72,7 +73,7 @@ def train(name: str, bench: dict) -> Path:
     )
     teachers = Teachers()
     if name == "first":
-        teachers.stored, teachers.stored_source = bench["store"], "teacher top-20"
+        teachers.stored = StoredTeacher.from_rows(bench["store"], "teacher top-20")
     elif objective.needs_teacher:
         teachers.model = bench["teacher"]
     if name == "adaspec":

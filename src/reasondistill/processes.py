@@ -117,6 +117,7 @@ def finish() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        barrier()  # no process tears down a connection another is still using
         dist.destroy_process_group()  # every group, the waiting one included
     _waiting_group.cache_clear()
 

@@ -166,7 +166,7 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
         inputs["teacher_logprobs"] = run.finished_step(writer)["fingerprint"]
 
     def body(step_fingerprint: str) -> dict:
-        from ..generate.logprobs import read_logprobs  # imports torch
+        from ..train.stored_teacher import StoredTeacher  # imports torch
         from ..train.trainer import Efficiency, Teachers, train_model  # imports torch and transformers
 
         examples = read_examples(cfg, run, data_path)
@@ -179,12 +179,7 @@ def run_train(cfg: TrainConfig, run: RunDir, overwrite: bool) -> None:
             reference=reference.path if reference else None,
         )
         if stored_dir is not None:
-            teachers.stored = {
-                (problem_id, sample_idx): row
-                for path in logprob_shards(stored_dir)
-                for problem_id, sample_idx, row in read_logprobs(path)
-            }
-            teachers.stored_source = str(stored_dir)
+            teachers.stored = StoredTeacher.from_files(logprob_shards(stored_dir), str(stored_dir))
         hyperparameters = Hyperparameters(**cfg.model_dump(include=set(Hyperparameters.model_fields)))
         note(
             f"train:{cfg.name}: {len(examples)} examples from {data_path or 'the train problems'}, "

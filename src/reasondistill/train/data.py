@@ -133,20 +133,39 @@ class SparseTeacherRows:
     token_logprob: np.ndarray  # [L] float32: log p_T of token j itself
 
     @staticmethod
-    def on_positions(scored: TokenLogprobs, prompt_length: int, completion_length: int) -> SparseTeacherRows:
-        """The first `completion_length` scored tokens placed after a prompt of `prompt_length` tokens."""
-        length, k = prompt_length + completion_length, scored.k
+    def placed(
+        start: int,
+        topk_ids: np.ndarray,
+        topk_logprobs: np.ndarray,
+        tail_logprob: np.ndarray,
+        token_logprob: np.ndarray,
+    ) -> SparseTeacherRows:
+        """The rows of n completion tokens ([n, k] and [n] arrays) placed after a prompt of `start`
+        tokens."""
+        length, k = start + len(tail_logprob), topk_ids.shape[1]
         rows = SparseTeacherRows(
             np.zeros((length, k), dtype=np.int64),
             np.zeros((length, k), dtype=np.float32),
             np.zeros(length, dtype=np.float32),
             np.zeros(length, dtype=np.float32),
         )
-        rows.topk_ids[prompt_length:] = scored.topk_ids[:completion_length]
-        rows.topk_logprobs[prompt_length:] = scored.topk_logprobs[:completion_length]
-        rows.tail_logprob[prompt_length:] = scored.tail_logprob[:completion_length]
-        rows.token_logprob[prompt_length:] = scored.logprobs[:completion_length]
+        rows.topk_ids[start:] = topk_ids
+        rows.topk_logprobs[start:] = topk_logprobs
+        rows.tail_logprob[start:] = tail_logprob
+        rows.token_logprob[start:] = token_logprob
         return rows
+
+    @staticmethod
+    def on_positions(scored: TokenLogprobs, prompt_length: int, completion_length: int) -> SparseTeacherRows:
+        """The first `completion_length` scored tokens placed after a prompt of `prompt_length` tokens."""
+        n = completion_length
+        return SparseTeacherRows.placed(
+            prompt_length,
+            scored.topk_ids[:n],
+            scored.topk_logprobs[:n],
+            scored.tail_logprob[:n],
+            scored.logprobs[:n],
+        )
 
     @staticmethod
     def joined(rows: Sequence[SparseTeacherRows]) -> SparseTeacherRows:
@@ -171,46 +190,6 @@ def sparse_teacher_batch(rows: Sequence[SparseTeacherRows], width: int) -> dict[
         batch["teacher_tail_logprob"][i, :length] = torch.from_numpy(row.tail_logprob)
         batch["teacher_token_logprob"][i, :length] = torch.from_numpy(row.token_logprob)
     return batch
-
-
-def sparse_teacher_rows(
-    examples: Sequence[TrainingExample],
-    tokenized: Sequence[TokenizedExample],
-    store: dict[tuple[str, int], TokenLogprobs],
-    source: str,
-) -> list[SparseTeacherRows]:
-    """Align stored teacher log-probabilities with the student's tokens, refusing any mismatch.
-
-    The store's `token_ids` are the completion tokens the teacher was scored on; they must be the
-    student's completion tokens exactly, or teacher and student would disagree about which token each
-    row describes.
-    """
-    rows = []
-    for example, tokens in zip(examples, tokenized, strict=True):
-        where = f"{source}: problem {example.problem_id!r} sample {example.sample_idx}"
-        if example.sample_idx is None or (example.problem_id, example.sample_idx) not in store:
-            raise UserError(f"{where}: no stored teacher log-probabilities for this training example")
-        stored = store[(example.problem_id, example.sample_idx)]
-        start = next(i for i, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
-        completion = tokens.input_ids[start:]
-        if stored.token_ids[: len(completion)].tolist() != completion or (
-            not tokens.truncated and len(stored) != len(completion)
-        ):
-            raise UserError(
-                f"{where}: the stored token ids differ from the student's tokenization of the completion "
-                "(training data other than the scored traces, another tokenizer or chat template, or traces "
-                "changed since scoring)"
-            )
-        k = stored.k
-        if k == 0 or (rows and k != rows[0].topk_ids.shape[1]):
-            expected = (
-                "top-k log-probabilities (generate --top-logprobs K, or score)"
-                if k == 0
-                else f"k={rows[0].topk_ids.shape[1]} like the other rows"
-            )
-            raise UserError(f"{where}: stored with k={k}; expected {expected}")
-        rows.append(SparseTeacherRows.on_positions(stored, start, len(completion)))
-    return rows
 
 
 @dataclass

@@ -24,12 +24,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..chat import reasoning_preflight
 from ..errors import UserError
 from ..generate.base import Generator
-from ..generate.logprobs import TokenLogprobs
 from ..models import load_causal_lm, load_config, load_tokenizer, loading_kwargs
 from ..objectives import Objective, build_objective
 from ..objectives.base import IGNORE_INDEX, ObjectiveInputs
 from ..objectives.heads import Head, SparseTargets
-from ..processes import cpu_processes, on_main
+from ..processes import cpu_processes, is_main, on_main
 from ..records import PairExample, Problem, TrainingExample
 from ..tasks import default_grader
 from ..verify.graders import Grader
@@ -37,7 +36,6 @@ from .data import (
     CompletionCollator,
     SharedTokenIds,
     SortedStepSampler,
-    sparse_teacher_rows,
     tokenize_examples,
     tokenize_pairs,
 )
@@ -46,6 +44,7 @@ from .lora import LoraOptions, check_targets, quantized_loading, trainable_param
 from .on_policy import StepBatches, collate_indices, merged_history, on_policy_stats, prompt_rows
 from .on_policy_options import TEACHER_SELF, OnPolicyOptions, on_policy_problem
 from .sharding import check_sharding
+from .stored_teacher import StoredTeacher, TeacherRows, write_teacher_rows
 from .teachers import (
     causal_lm,
     check_head,
@@ -297,8 +296,7 @@ class Teachers:
     """What a training run distils from, besides its data."""
 
     model: Path | str | None = None  # online teacher run on the same token ids, or TEACHER_SELF
-    stored: dict[tuple[str, int], TokenLogprobs] | None = None  # offline top-k, by (problem, sample)
-    stored_source: str = ""  # where `stored` was read, for error messages
+    stored: StoredTeacher | None = None  # offline top-k of the examples' completions
     reference: Path | str | None = None  # frozen reference policy (DPO, AdaSPEC); default: init
     scorer: Generator | None = None  # served teacher (on-policy): top-k of the samples via its scoring API
     scorer_top_k: int = 20
@@ -320,8 +318,10 @@ def _build_dataset(
     teachers: Teachers,
     description: str,
     shared: SharedTokenIds,
-) -> tuple[Dataset, list | None, dict, int]:
-    """(dataset, stored teacher rows, truncation statistics, completion tokens)."""
+    teacher_rows: Path,
+) -> tuple[Dataset, TeacherRows | None, dict, int]:
+    """(dataset, stored teacher rows, truncation statistics, completion tokens); the stored teacher's
+    rows are laid out in the file `teacher_rows`."""
     wanted = PairExample if objective.data == "pairs" else TrainingExample
     if not all(isinstance(e, wanted) for e in examples):
         raise UserError(
@@ -362,11 +362,13 @@ def _build_dataset(
             {"input_ids": t.input_ids, "labels": t.labels, "length": len(t.input_ids), "index": i}
             for i, t in enumerate(tokenized)
         ]
-        stored_rows = (
-            sparse_teacher_rows(examples, tokenized, teachers.stored, teachers.stored_source)
-            if teachers.stored is not None
-            else None
-        )
+        stored_rows = None
+        if teachers.stored is not None:
+            on_main(
+                lambda: write_teacher_rows(examples, tokenized, teachers.stored, teacher_rows),
+                "reading the stored teacher",
+            )
+            stored_rows = TeacherRows(teacher_rows)
     if not rows:
         raise UserError(
             f"{description}: all {truncation['dropped']} examples are longer than max_length={hp.max_length} and "
@@ -441,7 +443,7 @@ class _TrainingData:
 
     dataset: Dataset
     collator: Callable
-    stored_rows: list | None = None  # stored teacher top-k, row by row of `dataset`
+    stored_rows: TeacherRows | None = None  # stored teacher top-k, row by row of `dataset`
     truncation: dict | None = None  # on-policy: samples are cut to fit as they are drawn
     completion_tokens: int | None = None
     step_batches: StepBatches | None = None  # on-policy: the student's samples, step by step
@@ -489,65 +491,64 @@ def train_model(
     objective.setup(tokenizer)
     # process 0 tokenizes and the others read its token ids; the folder goes when training ends
     shared = SharedTokenIds(output_dir.with_name(f".{output_dir.name}.tokens"))
+    # process 0 lays out the stored teacher's rows there and every process maps them, until the end
+    teacher_dir = output_dir.with_name(f".{output_dir.name}.teacher")
     try:
-        if on_policy is None:
-            data = _example_data(
-                objective, tokenizer, examples, hp, teachers, description, shared, efficiency.packing
-            )
-        else:
-            data = _on_policy_data(
-                objective,
-                tokenizer,
-                examples,
-                hp,
-                teachers,
-                on_policy,
-                problems,
-                grader_for,
-                description,
-                shared,
-            )
+        try:
+            if on_policy is None:
+                data = _example_data(
+                    objective, tokenizer, examples, hp, teachers, description, shared,
+                    teacher_dir / "rows.arrow", efficiency.packing,
+                )  # fmt: skip
+            else:
+                data = _on_policy_data(
+                    objective, tokenizer, examples, hp, teachers, on_policy, problems, grader_for,
+                    description, shared,
+                )  # fmt: skip
+        finally:
+            on_main(lambda: shutil.rmtree(shared.folder, ignore_errors=True), "removing the token ids")
+        work_dir = output_dir.with_name(f".{output_dir.name}.work")
+        args = _training_arguments(hp, work_dir, description, list(report_to), efficiency)
+        model = load_causal_lm(
+            init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device), **quantized_loading(lora)
+        )
+        frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
+        if lora is not None:
+            model = with_lora(model, lora, hp.seed)
+        vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
+        _check_stored_ids(data.stored_rows, vocab_size, teachers.stored)
+        # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
+        on_main(lambda: _open_work_dir(work_dir, resume_key, description), "opening the checkpoint folder")
+        trainer = DistillationTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.dataset,
+            data_collator=data.collator,
+            processing_class=tokenizer,
+            objective=objective,
+            teacher=frozen.get("teacher"),
+            reference=frozen.get("reference"),
+            vocab_size=vocab_size,
+            logit_chunk_size=hp.logit_chunk_size,
+            sort_within_step=hp.sort_within_step and on_policy is None,
+            teacher_is_student=teachers.model == TEACHER_SELF,
+            step_batches=data.step_batches,
+            callbacks=tracker_callbacks(
+                report_to, logging_dir or output_dir.with_name(f"{output_dir.name}.tensorboard"), args
+            ),
+        )
+        result = _train(trainer, work_dir, data.step_batches, description)
+        stats = {
+            **_training_stats(init, model, hp, objective, data, trainer, result),
+            "reasoning_template": template,
+        }
+        if lora is not None:
+            stats["lora"] = {**lora.model_dump(), "trainable_parameters": trainable_parameters(model)}
+        _save_atomically(trainer, tokenizer, stats, output_dir, work_dir, lora, init)
+        return stats
     finally:
-        on_main(lambda: shutil.rmtree(shared.folder, ignore_errors=True), "removing the token ids")
-    work_dir = output_dir.with_name(f".{output_dir.name}.work")
-    args = _training_arguments(hp, work_dir, description, list(report_to), efficiency)
-    model = load_causal_lm(
-        init, **loading_kwargs(hp.dtype, hp.attn_implementation, args.device), **quantized_loading(lora)
-    )
-    frozen, vocab_size = _load_frozen(init, model, tokenizer, objective, teachers, args.device, hp)
-    if lora is not None:
-        model = with_lora(model, lora, hp.seed)
-    vocab_size = _served_vocabulary(tokenizer, teachers.scorer, head_rows(model), vocab_size, description)
-    _check_stored_ids(data.stored_rows, vocab_size, teachers.stored_source)
-    # teachers are checked and loaded before a work folder exists: a refused run leaves nothing behind
-    on_main(lambda: _open_work_dir(work_dir, resume_key, description), "opening the checkpoint folder")
-    trainer = DistillationTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.dataset,
-        data_collator=data.collator,
-        processing_class=tokenizer,
-        objective=objective,
-        teacher=frozen.get("teacher"),
-        reference=frozen.get("reference"),
-        vocab_size=vocab_size,
-        logit_chunk_size=hp.logit_chunk_size,
-        sort_within_step=hp.sort_within_step and on_policy is None,
-        teacher_is_student=teachers.model == TEACHER_SELF,
-        step_batches=data.step_batches,
-        callbacks=tracker_callbacks(
-            report_to, logging_dir or output_dir.with_name(f"{output_dir.name}.tensorboard"), args
-        ),
-    )
-    result = _train(trainer, work_dir, data.step_batches, description)
-    stats = {
-        **_training_stats(init, model, hp, objective, data, trainer, result),
-        "reasoning_template": template,
-    }
-    if lora is not None:
-        stats["lora"] = {**lora.model_dump(), "trainable_parameters": trainable_parameters(model)}
-    _save_atomically(trainer, tokenizer, stats, output_dir, work_dir, lora, init)
-    return stats
+        if is_main():  # a map keeps what it holds after the file goes: nobody needs to wait for this
+            shutil.rmtree(teacher_dir, ignore_errors=True)
 
 
 def _check_reasoning_template(tokenizer, teachers: Teachers, description: str) -> dict:
@@ -592,11 +593,13 @@ def _example_data(
     teachers: Teachers,
     description: str,
     shared: SharedTokenIds,
+    teacher_rows: Path,
     packed: bool = False,
 ) -> _TrainingData:
-    """Off-policy: the examples' own completions, tokenized, with their stored teacher rows if any."""
+    """Off-policy: the examples' own completions, tokenized, with their stored teacher rows if any
+    (laid out in the file `teacher_rows`)."""
     dataset, stored_rows, truncation, completion_tokens = _build_dataset(
-        objective, tokenizer, examples, hp, teachers, description, shared
+        objective, tokenizer, examples, hp, teachers, description, shared, teacher_rows
     )
     warn_truncation(truncation, len(examples), description)
     collator = CompletionCollator(tokenizer.pad_token_id, objective, stored_rows, packed)
@@ -750,10 +753,12 @@ def _served_vocabulary(
     )
 
 
-def _check_stored_ids(stored_rows: list | None, vocab_size: int, source: str) -> None:
+def _check_stored_ids(stored_rows: TeacherRows | None, vocab_size: int, stored: StoredTeacher | None) -> None:
     """Refuse stored teacher distributions naming tokens beyond the vocabulary shared with the student."""
-    if stored_rows is not None and max(int(r.topk_ids.max(initial=0)) for r in stored_rows) >= vocab_size:
-        raise UserError(f"{source}: stored token ids exceed the student's {vocab_size} vocabulary rows")
+    if stored_rows is not None and stored_rows.max_id >= vocab_size:
+        raise UserError(
+            f"{stored.source}: stored token ids exceed the student's {vocab_size} vocabulary rows"
+        )
 
 
 def _open_work_dir(work_dir: Path, resume_key: str, description: str) -> None:
