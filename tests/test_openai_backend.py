@@ -148,6 +148,33 @@ def test_logprobs_after_the_temperature_are_refused_before_any_row_is_generated(
         assert at_one[0][0].logprobs.k == 3 and server.requests == 3
 
 
+def test_every_server_of_a_pool_is_probed_for_raw_logprobs(testbed, prompts):
+    """Among several servers, one started with processed logprobs is caught wherever it stands in the
+    list: each server gets the two probes itself (the pool would otherwise send them wherever it
+    likes), and the line names that server. Servers that all pass are each probed once, then used."""
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=4, top_logprobs=3)
+    with (
+        serve_in_thread(testbed / "teacher", served_name=SERVED) as raw,
+        serve_in_thread(testbed / "teacher", served_name=SERVED) as other_raw,
+        serve_in_thread(
+            testbed / "teacher", served_name=SERVED, logprobs_mode="processed_logprobs"
+        ) as processed,
+    ):
+        for raw_first in (True, False):
+            before = (raw.requests, processed.requests)
+            urls = [raw.base_url, processed.base_url] if raw_first else [processed.base_url, raw.base_url]
+            with pytest.raises(UserError, match=f"^{processed.base_url}: the server's logprobs change"):
+                OpenAIGenerator(SERVED, urls).generate(prompts, sampling)
+            sent = (raw.requests - before[0], processed.requests - before[1])
+            assert sent == ((2, 2) if raw_first else (0, 2)), (raw_first, sent)  # no row was sent
+        before = (raw.requests, other_raw.requests)
+        client = OpenAIGenerator(SERVED, [raw.base_url, other_raw.base_url])
+        samples = client.generate(prompts, sampling)
+        assert all(s[0].logprobs.k == 3 for s in samples)
+        assert raw.requests - before[0] + other_raw.requests - before[1] == 4 + len(prompts)
+        assert raw.requests - before[0] >= 2 and other_raw.requests - before[1] >= 2
+
+
 def test_values_that_are_not_log_probabilities_are_refused():
     distribution = TokenLogprobs.build([5], [-0.7], [[5, 9]], [[-0.7, -1.2]])
     assert check_distribution(distribution) is distribution

@@ -59,7 +59,7 @@ from .base import (
     whole_replies,
 )
 from .logprobs import TokenLogprobs, from_candidates
-from .servers import ServerPool
+from .servers import Server, ServerPool
 
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
 FATAL_STATUSES = {401, 403, 404}  # wrong key, wrong URL or model name: no request can succeed
@@ -281,8 +281,9 @@ class OpenAIGenerator(Generator):
         The first generated position's top-k depends on the prompt alone, so it is asked for twice
         (one token each): with this call's settings and with neutral ones (temperature 1, no top-k or
         top-p, where processed and raw values coincide); raw values agree, processed ones differ.
-        Settings that are neutral already need no check. Once per generator and settings, on a fixed
-        prompt and seed (`PROBE`), so the probe is the same whichever call of a job makes it."""
+        Settings that are neutral already need no check. Once per generator and settings, on every
+        server of the pool (one started with other flags would store another distribution), on a
+        fixed prompt and seed (`PROBE`), so the probe is the same whichever call of a job makes it."""
         settings = (sampling.temperature, sampling.top_p, sampling.top_k)
         if settings == (1.0, 1.0, 0) or settings in self._raw_logprobs_checked:
             return
@@ -290,15 +291,20 @@ class OpenAIGenerator(Generator):
         probe = replace(sampling, n=1, max_new_tokens=1, stop=(), logprobs=True, top_logprobs=k)
         neutral = replace(probe, temperature=1.0, top_p=1.0, top_k=0)
         prompt = PROBE if self.endpoint == "chat" else prompt_ids(self.tokenizer, [PROBE])[0]
-        answers = self._run(
-            [(self._completion_body(prompt, s, 0), self._parser(s)) for s in (neutral, probe)],
-            self._path,
-            None,
-        )
+        requests = [(self._completion_body(prompt, s, 0), self._parser(s)) for s in (neutral, probe)]
+        for server in self.pool.servers:
+            self._check_raw_answers(
+                server.url, self._run(requests, self._path, None, server=server), sampling
+            )
+        self._raw_logprobs_checked.add(settings)
+
+    @staticmethod
+    def _check_raw_answers(url: str, answers: list, sampling: SamplingParams) -> None:
+        """The probe's two answers from the server at `url`: (neutral, with the call's settings)."""
         failed = [a for a in answers if isinstance(a, Failure)]
         if failed:
             note(
-                f"[yellow]warning:[/] {self.base_url}: could not check that the server's logprobs are "
+                f"[yellow]warning:[/] {url}: could not check that the server's logprobs are "
                 f"the model's raw distribution ({failed[0].error}); vLLM must run with "
                 "--logprobs-mode raw_logprobs (its default)"
             )
@@ -307,12 +313,11 @@ class OpenAIGenerator(Generator):
         for token in raw.keys() & used.keys():
             if abs(raw[token] - used[token]) > RAW_CHECK_TOLERANCE + RAW_CHECK_RELATIVE * abs(raw[token]):
                 raise UserError(
-                    f"{self.base_url}: the server's logprobs change with the sampling settings (token "
+                    f"{url}: the server's logprobs change with the sampling settings (token "
                     f"{token}: {raw[token]:.3f} at temperature 1, {used[token]:.3f} at temperature "
                     f"{sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}), so they are "
                     "not the model's raw distribution; start vLLM with --logprobs-mode raw_logprobs (its default)"
                 )
-        self._raw_logprobs_checked.add(settings)
 
     def _check_vocabulary(self, url: str, completion: Completion) -> None:
         """Stop if a server's token ids are not the local tokenizer's (another model, another revision):
@@ -419,15 +424,17 @@ class OpenAIGenerator(Generator):
         path: str,
         progress: ProgressCallback | None,
         on_result: ResultCallback | None = None,
+        server: Server | None = None,
     ) -> list:
         """Send every (body, parse) request; the parsed answer or a Failure for each, in order.
-        `on_result(i, result)` is called as request i finishes (from the client's loop thread)."""
+        `on_result(i, result)` is called as request i finishes (from the client's loop thread).
+        With `server`, every attempt goes to that server of the pool, not to the one it picks."""
         with self._loop_lock:
             if self._loop is None:
                 self._loop = LoopThread("openai-client")
-        return self._loop.run(self._run_async(requests, path, progress, on_result))
+        return self._loop.run(self._run_async(requests, path, progress, on_result, server))
 
-    async def _run_async(self, requests, path: str, progress, on_result) -> list:
+    async def _run_async(self, requests, path: str, progress, on_result, server: Server | None) -> list:
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(self.api_key_env)
         if api_key:
@@ -442,7 +449,9 @@ class OpenAIGenerator(Generator):
         ) as session:
 
             async def one(position: int, body: dict, parse: Callable[[dict], object]):
-                result = await self._with_retries(lambda: self._attempt(session, slots, path, body, parse))
+                result = await self._with_retries(
+                    lambda: self._attempt(session, slots, path, body, parse, server)
+                )
                 if on_result:
                     on_result(position, result)
                 if progress:
@@ -463,12 +472,18 @@ class OpenAIGenerator(Generator):
             loop.close()
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, slots: asyncio.Semaphore, path: str, body: dict, parse
+        self,
+        session: aiohttp.ClientSession,
+        slots: asyncio.Semaphore,
+        path: str,
+        body: dict,
+        parse,
+        pinned: Server | None = None,
     ):
-        """One attempt, on the server the pool picks: it is told whether the server failed (a retry is
-        placed afresh, so it may go to another)."""
+        """One attempt, on the server the pool picks (or on `pinned`): it is told whether the server
+        failed (a retry is placed afresh, so it may go to another)."""
         async with slots:
-            server = await self.pool.acquire()
+            server = await self.pool.acquire(pinned)
             try:
                 result, tokens = await self._send(session, f"{server.url}{path}", body, parse)
             except (RetryableError, RequestFailed) as err:

@@ -51,17 +51,19 @@ class ServerPool:
             raise ValueError(f"a server URL is given twice: {urls}")
         self.servers = [Server(url.rstrip("/")) for url in urls]
 
-    async def acquire(self) -> Server:
-        """The server for the next attempt (waiting while none is available); `release` it after."""
+    async def acquire(self, only: Server | None = None) -> Server:
+        """The server for the next attempt (waiting while none is available), or `only` (waiting
+        while it is not); `release` it after."""
+        candidates = self.servers if only is None else [only]
         while True:
             now = time.monotonic()
-            ready = [s for s in self.servers if s.available(now)]
+            ready = [s for s in candidates if s.available(now)]
             if ready:
                 server = min(ready, key=lambda s: (s.in_flight, s.used))
                 server.in_flight += 1
                 server.used += 1
                 return server
-            resting = [s.back_in - now for s in self.servers if s.resting(now)]
+            resting = [s.back_in - now for s in candidates if s.resting(now)]
             await asyncio.sleep(min(resting) if resting else PROBE_POLL_SECONDS)
 
     def release(self, server: Server, failed: bool) -> bool:
