@@ -109,28 +109,30 @@ def test_compile_is_refused_off_the_hf_backend_and_the_hf_sampler():
 
 
 def test_the_kv_buffer_gives_the_dynamic_caches_logits_as_it_grows_and_drops_rows(teacher, prompts):
-    """Written in place, grown past its reserve several times and cut to fewer rows, the buffer
-    gives the logits transformers' own cache gives."""
+    """Written in place, grown past its reserve several times and cut to fewer rows (the first row
+    leaving, compacted in place; then a middle one; then a selection that reorders, gathered anew),
+    the buffer gives the logits transformers' own cache gives."""
     from transformers import DynamicCache
     from transformers.cache_utils import Cache
 
-    rows = prompt_ids(teacher.tokenizer, prompts[:3])
+    rows = prompt_ids(teacher.tokenizer, prompts[:4])
     inputs = teacher.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
     model, layers = teacher.model, teacher.model.config.num_hidden_layers
     caches = [Cache(layers=[KVBuffer(reserve=3) for _ in range(layers)]), DynamicCache(config=model.config)]
+    selections = {3: [1, 2, 3], 6: [0, 2], 9: [1, 0]}  # after step t, the rows kept
     with torch.inference_mode():
         logits = []
         for cache in caches:
             ids, mask, steps = inputs["input_ids"], inputs["attention_mask"], []
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            for t in range(12):
+            for t in range(14):
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
                 steps.append(out.logits[:, -1])
                 ids = out.logits[:, -1].argmax(-1, keepdim=True)
                 mask = torch.cat([mask, torch.ones_like(ids)], 1)
                 positions = positions[:, -1:] + 1
-                if t == 5:  # the middle row leaves
-                    kept = torch.tensor([0, 2])
+                if t in selections:
+                    kept = torch.tensor(selections[t])
                     cache.batch_select_indices(kept)
                     ids, mask, positions = ids[kept], mask[kept], positions[kept]
             logits.append(steps)

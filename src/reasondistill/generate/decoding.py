@@ -152,10 +152,23 @@ class KVBuffer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.key_buffer is not None:  # a copy of the rows kept, up to the filled length + reserve
+        """Keep the rows `indices`. Rows leaving a decoding batch (increasing indices) are compacted
+        in place: each kept row moves down to its new place, so only the rows after the first one to
+        leave are copied, and only their filled part; any other selection is gathered anew."""
+        if self.key_buffer is None:
+            return
+        kept = len(indices)
+        if kept and bool((indices[1:] > indices[:-1]).all()) and int(indices[-1]) < len(self.key_buffer):
+            moves = indices != torch.arange(kept, device=indices.device)
+            if moves.any():
+                source, target = indices[moves], moves.nonzero()[:, 0]
+                for buffer in (self.key_buffer, self.value_buffer):  # the sources are gathered first
+                    buffer[target, :, : self.length] = buffer[source, :, : self.length]
+            self.key_buffer, self.value_buffer = self.key_buffer[:kept], self.value_buffer[:kept]
+        else:
             self.key_buffer = self.key_buffer[indices, :, : self.length + self.reserve]
             self.value_buffer = self.value_buffer[indices, :, : self.length + self.reserve]
-            self._view()
+        self._view()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last |tokens_to_remove| tokens (a negative count, as `DynamicLayer.crop` takes)."""
