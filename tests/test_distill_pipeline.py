@@ -86,7 +86,8 @@ def test_the_kd_loss_decreases_over_the_run(run):
 
 def test_training_data_other_than_the_scored_traces_is_one_clear_error(run, capsys):
     """Curated with reasoning dropped, the completions are no longer the token ids the teacher scored."""
-    first = read_records(run.curated("answer-only"), TrainingExample)[0]
+    curated = read_records(run.curated("answer-only"), TrainingExample)
+    first = curated[0]
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -99,7 +100,7 @@ def test_training_data_other_than_the_scored_traces_is_one_clear_error(run, caps
         f"error: {run.logprobs('top20')}: problem {first.problem_id!r} sample {first.sample_idx}: "
         "the stored token ids differ from the student's tokenization of the completion "
         "(training data other than the scored traces, another tokenizer or chat template, or traces "
-        "changed since scoring)"
+        f"changed since scoring) ({len(curated) - 1} more of the {len(curated)} examples fail too)"
     )
     assert not run.checkpoint("answer-only-kd").exists()
     assert not any(p.name.startswith(".answer-only-kd") for p in run.checkpoint("x").parent.iterdir())

@@ -159,7 +159,7 @@ def test_a_store_that_does_not_fit_the_examples_is_one_line_naming_the_earliest_
     assert message == (
         f"the store: problem {keys[3][0]!r} sample {keys[3][1]}: the stored token ids differ from the "
         "student's tokenization of the completion (training data other than the scored traces, another "
-        "tokenizer or chat template, or traces changed since scoring)"
+        "tokenizer or chat template, or traces changed since scoring) (1 more of the 5 examples fail too)"
     )
     assert refused([example("missing"), *examples[1:]], fine) == (
         "the store: problem 'missing' sample 0: no stored teacher log-probabilities for this training example"

@@ -79,7 +79,7 @@ def write_teacher_rows(
     A trace's `token_ids` are the completion tokens the teacher was scored on; they must be the
     student's completion tokens exactly, or teacher and student would disagree about which token each
     row describes. The store is read one part at a time; of several failures, the one of the earliest
-    example is reported. A trace stored twice is taken from its first part.
+    example is reported, with how many there are. A trace stored twice is taken from its first part.
     """
     wanted: dict[tuple[str, int], list[int]] = {}
     for i, example in enumerate(examples):
@@ -124,8 +124,13 @@ def write_teacher_rows(
         if failures:
             first = min(failures)
             example = examples[first]
+            others = (
+                f" ({len(failures) - 1} more of the {len(examples)} examples fail too)"
+                if len(failures) > 1
+                else ""
+            )
             raise UserError(
-                f"{stored.source}: problem {example.problem_id!r} sample {example.sample_idx}: {failures[first]}"
+                f"{stored.source}: problem {example.problem_id!r} sample {example.sample_idx}: {failures[first]}{others}"
             )
         _facts_path(path).write_text(json.dumps({"k": k, "max_id": max_id, "examples": len(examples)}))
         os.replace(tmp, path)
