@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from statistics import median
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import PrinterCallback, Qwen2ForCausalLM, TrainerCallback, TrainingArguments
@@ -99,8 +100,8 @@ def score(teacher, examples, tokenized, k: int, vocab: int, path: Path) -> Teach
     train stage lays it out."""
     store = {}
     for example, tokens in zip(examples, tokenized, strict=True):
-        start = next(j for j, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
-        ids = torch.tensor(tokens.input_ids)
+        start = tokens.prompt_length
+        ids = torch.tensor(tokens.input_ids, dtype=torch.long)
         logits = teacher(input_ids=ids[None]).logits[0, start - 1 : -1, :vocab]
         store[(example.problem_id, 0)] = from_logits(logits, ids[start:], k)
     write_teacher_rows(examples, tokenized, StoredTeacher.from_rows(store, "benchmark store"), path)
@@ -160,7 +161,7 @@ def trl_dataset(tokenizer, examples, tokenized) -> Dataset:
                     [m.model_dump() for m in e.messages], add_generation_prompt=True, tokenize=False
                 ),
                 "input_ids": t.input_ids,
-                "completion_mask": [int(label != IGNORE_INDEX) for label in t.labels],
+                "completion_mask": (t.labels != IGNORE_INDEX).astype(np.int64),
             }
             for e, t in zip(examples, tokenized, strict=True)
         ]
@@ -192,7 +193,7 @@ def throughput(ends: list[float], tokenized, args) -> dict:
     """Seconds and tokens/s of the timed steps (the batches after the warm-up ones)."""
     timed = tokenized[args.warmup * args.batch_size : (args.warmup + args.steps) * args.batch_size]
     seconds = ends[-1] - ends[args.warmup - 1]
-    completion = sum(sum(label != IGNORE_INDEX for label in t.labels) for t in timed)
+    completion = sum(int((t.labels != IGNORE_INDEX).sum()) for t in timed)
     total = sum(len(t.input_ids) for t in timed)
     return {"seconds": seconds, "completion/s": completion / seconds, "tokens/s": total / seconds}
 

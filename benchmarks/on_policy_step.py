@@ -111,11 +111,6 @@ def on_policy_options(args: argparse.Namespace) -> OnPolicyOptions:
     )
 
 
-def prompt_length(tokens) -> int:
-    """Tokens before the first completion token of a tokenized example."""
-    return next(j for j, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
-
-
 def ours(args, student, teacher, tokenizer, rows, output_dir) -> DistillationTrainer:
     options = on_policy_options(args)
     step_batches = StepBatches(rows, options, tokenizer, MAX_LENGTH, seed=0, grader_for=default_grader)
@@ -248,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, model in (("teacher", teacher), ("student", initial_student))
         }
         rows = prompt_rows(tokenizer, examples, None, on_policy_options(args), False, "benchmark")
-        if [r.prompt_ids for r in rows] != [t.input_ids[: prompt_length(t)] for t in tokenized]:
+        if [r.prompt_ids for r in rows] != [t.input_ids[: t.prompt_length].tolist() for t in tokenized]:
             raise RuntimeError("reasondistill's prompts differ from the ones TRL is given")
         prompt_tokens = sum(len(r.prompt_ids) for r in rows)
         print(

@@ -86,7 +86,7 @@ def previous_layout(examples, tokenized, files):
     store = {(p, s): d for path in files for p, s, d in read_logprobs(path)}
     rows = []
     for example, tokens in zip(examples, tokenized, strict=True):
-        start = tokens.labels.count(IGNORE_INDEX)
+        start = tokens.prompt_length
         rows.append(
             SparseTeacherRows.on_positions(
                 store[(example.problem_id, 0)], start, len(tokens.input_ids) - start

@@ -303,3 +303,13 @@ def test_stored_teacher_memory_benchmark_runs_both_ways(capsys):
         rows[label] = [float(value) for value in line[len(label) :].split()]
     assert all(len(row) == 4 and row[2] > 0 for row in rows.values()), out
     assert "private memory:" in out
+
+
+def test_tokenized_memory_benchmark_runs_both_ways(capsys):
+    """benchmarks/tokenized_memory.py --quick: both ways tokenize the same tokens, each in a process
+    of its own, and report their memory."""
+    benchmark, out = run_quick("tokenized_memory", capsys)
+    for label in (benchmark.OURS, benchmark.BASELINE):
+        (line,) = [line for line in out.splitlines() if line.startswith(label)]
+        assert len(line[len(label) :].split()) == 2, out
+    assert "tokens: 327,530;" in out

@@ -250,6 +250,6 @@ def test_a_pipeline_with_the_r1_reasoning_template(real):
     examples = [TrainingExample(problem_id=t.problem_id, task=t.task, messages=[Message(role="user", content="q")],
                                 completion=t.completion) for t in traces]  # fmt: skip
     for tokenized in tokenize_examples(tokenizer, examples, 512):
-        assert tokenized.input_ids.count(151648) == 1  # the prompt's opener, not a second one
+        assert tokenized.input_ids.tolist().count(151648) == 1  # the prompt's opener, not a second one
     result = json.loads((run.eval_dir("sft") / "gsm.json").read_text())
     assert result["greedy"]["problems"] == 3 and result["greedy"]["labels"] == {"unparseable": 3}

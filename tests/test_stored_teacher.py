@@ -76,7 +76,7 @@ def test_each_example_gets_the_rows_of_its_trace_after_its_prompt(store, tmp_pat
     assert len(rows) == len(examples) and rows.k == K
     assert rows.max_id == max(int(d.topk_ids.max()) for d in decoded.values())
     for i, (ex, tokens) in enumerate(zip(examples, tokenized, strict=True)):
-        trace, start = decoded[(ex.problem_id, ex.sample_idx)], tokens.labels.count(IGNORE_INDEX)
+        trace, start = decoded[(ex.problem_id, ex.sample_idx)], tokens.prompt_length
         n = len(tokens.input_ids) - start
         row = rows[i]
         assert row.topk_ids.shape == (start + n, K) and row.topk_ids.dtype == np.int64

@@ -40,6 +40,39 @@ def test_batched_prompt_ids_equal_the_chat_template_ids(tokenizer_dir):
     assert prompt_ids(tokenizer, prompts) == expected
 
 
+def test_training_examples_are_tokenized_in_chunks_into_int32_arrays(tokenizer_dir, monkeypatch):
+    """Chunks of 3 (7 examples: 3, 3, 1) give what one chunk gives: the prompt's chat-template ids
+    with ignored labels, then the completion's ids and end of turn as labels, cut at max_length (120: some are cut, some not)."""
+    import numpy as np
+
+    from reasondistill.chat import completion_ids
+    from reasondistill.objectives.base import IGNORE_INDEX
+    from reasondistill.records import TrainingExample
+    from reasondistill.train import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    problems = [p for task in TASKS.values() for p in task.sample("train", 3, seed=4)][:7]
+    examples = [
+        TrainingExample(problem_id=p.id, task=p.task, messages=p.messages, completion=p.solution)
+        for p in problems
+    ]
+    whole = data.tokenize_examples(tokenizer, examples, max_length=120)
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 3)
+    chunked = data.tokenize_examples(tokenizer, examples, max_length=120)
+    assert len(chunked) == len(whole) == 7
+    for example, one, other in zip(examples, whole, chunked, strict=True):
+        assert one.input_ids.dtype == one.labels.dtype == np.int32
+        np.testing.assert_array_equal(one.input_ids, other.input_ids)
+        np.testing.assert_array_equal(one.labels, other.labels)
+        prompt = prompt_ids(tokenizer, [example.messages])[0]
+        completion = completion_ids(tokenizer, [example.completion])[0]
+        assert one.full_length == other.full_length == len(prompt) + len(completion)
+        assert one.input_ids.tolist() == (prompt + completion)[:120] and one.prompt_length == len(prompt)
+        assert one.labels.tolist() == ([IGNORE_INDEX] * len(prompt) + completion)[:120]
+        assert one.truncated == (len(prompt) + len(completion) > 120)
+    assert any(t.truncated for t in whole) and not all(t.truncated for t in whole)
+
+
 def test_every_task_text_round_trips(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for task in TASKS.values():

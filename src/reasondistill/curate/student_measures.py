@@ -22,7 +22,6 @@ from ..evaluate.harness import EvalOptions, evaluate_model
 from ..generate.scoring import teacher_forced
 from ..modelref import ResolvedModel
 from ..models import ModelLoading, load_tokenizer, torch_dtype
-from ..objectives.base import IGNORE_INDEX
 from ..records import GradedTrace, Problem, TrainingExample, atomic_write_json
 from ..rundir import RunDir
 from ..tasks.selection import GraderChoice
@@ -56,11 +55,8 @@ def completion_nll(
     """
     prompts, completions = [], []
     for example in tokenize_examples(tokenizer, examples, max_length):
-        # the labels ignore the prompt and repeat the completion's ids
-        labels = example.labels
-        prompt_length = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-        prompts.append(example.input_ids[:prompt_length])
-        completions.append(example.input_ids[prompt_length:])
+        prompts.append(example.input_ids[: example.prompt_length].tolist())
+        completions.append(example.input_ids[example.prompt_length :].tolist())
     chunks = teacher_forced(
         model, prompts, completions, _token_nll, batch_size=batch_size, vocab_size=None,
         chunk_size=chunk_size, by_length=True, progress=progress,

@@ -29,7 +29,6 @@ import pyarrow as pa
 
 from ..errors import UserError
 from ..generate.logprobs import TokenLogprobs, read_logprobs
-from ..objectives.base import IGNORE_INDEX
 from ..records import TrainingExample
 from .data import SparseTeacherRows, TokenizedExample
 
@@ -138,14 +137,14 @@ def write_teacher_rows(
         tmp.unlink(missing_ok=True)
 
 
-def _completion(tokens: TokenizedExample) -> tuple[int, list[int]]:
-    start = next(i for i, label in enumerate(tokens.labels) if label != IGNORE_INDEX)
+def _completion(tokens: TokenizedExample) -> tuple[int, np.ndarray]:
+    start = tokens.prompt_length
     return start, tokens.input_ids[start:]
 
 
-def _mismatch(stored: TokenLogprobs, completion: list[int], truncated: bool, k: int | None) -> str | None:
+def _mismatch(stored: TokenLogprobs, completion: np.ndarray, truncated: bool, k: int | None) -> str | None:
     """Why a stored trace cannot teach this completion (None if it can); `k` that of the traces so far."""
-    if stored.token_ids[: len(completion)].tolist() != completion or (
+    if not np.array_equal(stored.token_ids[: len(completion)], completion) or (
         not truncated and len(stored) != len(completion)
     ):
         return (

@@ -374,7 +374,7 @@ def _build_dataset(
             f"{description}: all {truncation['dropped']} examples are longer than max_length={hp.max_length} and "
             "truncation is drop: raise max_length"
         )
-    completion_tokens = sum(sum(label != IGNORE_INDEX for label in t.labels) for t in tokenized)
+    completion_tokens = sum(int((t.labels != IGNORE_INDEX).sum()) for t in tokenized)
     return Dataset.from_list(rows), stored_rows, truncation, completion_tokens
 
 
