@@ -110,7 +110,7 @@ def tokenize_examples(
                     f"problem {example.problem_id!r}: the prompt alone has {len(prompt)} tokens, "
                     f"max_length is {max_length}; raise max_length or leave the problem out"
                 )
-            input_ids = np.asarray(prompt + completion, dtype=np.int32)[:max_length]
+            input_ids = np.asarray((prompt + completion)[:max_length], dtype=np.int32)
             labels = input_ids.copy()
             labels[: len(prompt)] = IGNORE_INDEX
             tokenized.append(TokenizedExample(input_ids, labels, full_length=len(prompt) + len(completion)))
