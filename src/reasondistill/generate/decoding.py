@@ -158,7 +158,7 @@ class KVBuffer(DynamicLayer):
         if self.key_buffer is None:
             return
         kept = len(indices)
-        if kept and bool((indices[1:] > indices[:-1]).all()) and int(indices[-1]) < len(self.key_buffer):
+        if kept and bool((indices[1:] > indices[:-1]).all()):
             moves = indices != torch.arange(kept, device=indices.device)
             if moves.any():
                 source, target = indices[moves], moves.nonzero()[:, 0]
